@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Create .venv with the whole stack: torch first (pinned), then the project, XTuner 0.2.0 and its
+# stack held by constraints.txt, then the two overrides XTuner's pins get wrong on these machines.
+#
+#   bash scripts/setup.sh                 # CPU: torch 2.13.0
+#   TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130" bash scripts/setup.sh
+#
+# Re-running is cheap: pip skips what is already satisfied.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+start=$(date +%s)
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+# pip, without the "Location ... is ignored" lines some machines' pip.conf causes.
+pip() {
+  .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 \
+    | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
+}
+
+# 1. torch, then hold it: without this pin, resolving torchvision pulls a newer torch with CUDA (GBs).
+.venv/bin/python -c 'import torch' 2>/dev/null || pip install $TORCH_SPEC
+torch_version=$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')
+{ cat constraints.txt; echo "torch==$torch_version"; } > .venv/constraints.txt
+
+# 2. deepspeed is source-only on the index; build it without ops (they are built just in time on GPU).
+.venv/bin/python -c 'import deepspeed' 2>/dev/null \
+  || DS_BUILD_OPS=0 pip install --no-build-isolation -c .venv/constraints.txt deepspeed==0.16.2
+
+# 3. the project, XTuner and the rest.
+pip install -c .venv/constraints.txt -e '.[dev]'
+
+# 4. Override: bitsandbytes 0.50.2 over xtuner 0.2.0's bitsandbytes==0.45.0 pin. 0.45.0 has no CPU
+#    4-bit kernels and no CUDA 13 library; 0.50.2 has both. pip's check reports the pin conflict;
+#    nothing else depends on it.
+.venv/bin/python -c 'import importlib.metadata as m; assert m.version("bitsandbytes") == "0.50.2"' 2>/dev/null \
+  || pip install --no-deps bitsandbytes==0.50.2
+
+echo "setup: .venv ready in $(( $(date +%s) - start ))s (torch $torch_version)"

@@ -1,0 +1,125 @@
+"""Stage `base`: build the embedded default's base model, deterministically.
+
+A Llama-architecture causal LM of the shape in `model.tiny`, randomly initialised from a fixed seed,
+and a byte-level BPE tokenizer trained on the project's own text (`data/raw/`) with the special
+tokens of the InternLM2 chat template. Same params, same bytes: DVC caches it like any output.
+Both load back with `AutoTokenizer` / `AutoModelForCausalLM.from_pretrained`.
+
+    python -m stages.base            # writes models/tiny-internlm2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from stages import params as P
+from stages.paths import RAW, TINY_MODEL
+
+# Token ids as in InternLM2's tokenizer: <unk>=0, <s>=1, </s>=2, then the chat template's tokens.
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|action_start|>",
+                  "<|action_end|>", "<|interpreter|>", "<|plugin|>"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def corpus(raw: Path = RAW) -> Iterator[str]:
+    """Every piece of text the project ships, for training the tokenizer (placeholders removed)."""
+    for path in sorted(raw.rglob("*")):
+        if path.suffix not in (".json", ".jsonl") or not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8")
+        docs = [json.loads(line) for line in text.splitlines() if line.strip()] \
+            if path.suffix == ".jsonl" else [json.loads(text)]
+        for doc in docs:
+            yield from (re.sub(r"\{(name|author)\}", "", s) for s in _strings(doc))
+
+
+def _strings(obj: object) -> Iterator[str]:
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _strings(value)
+    elif isinstance(obj, list):
+        for value in obj:
+            yield from _strings(value)
+
+
+def build_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(  # InternLM2 adds <s> in front
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>",
+        additional_special_tokens=SPECIAL_TOKENS[3:], chat_template=CHAT_TEMPLATE,
+        model_input_names=["input_ids", "attention_mask"], padding_side="right",
+        clean_up_tokenization_spaces=False)
+
+
+def build_model(tiny: P.TinyModel, tokenizer):
+    """A randomly initialised LlamaForCausalLM of the shape in `tiny`, from its fixed seed."""
+    from stages.xtuner_api import patch_stack
+
+    patch_stack()
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=tiny.hidden_size, intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_layers, num_attention_heads=tiny.num_heads,
+        num_key_value_heads=tiny.num_kv_heads, max_position_embeddings=tiny.max_position_embeddings,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, torch_dtype="float32",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(tiny.seed)
+    model = LlamaForCausalLM(config)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=[tokenizer.eos_token_id, im_end],
+        pad_token_id=tokenizer.pad_token_id)
+    return model
+
+
+def build(tiny: P.TinyModel, out: Path, raw: Path = RAW) -> None:
+    from stages.io import output_dir
+
+    texts = list(corpus(raw))
+    tokenizer = build_tokenizer(texts, tiny.vocab_size)
+    model = build_model(tiny, tokenizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    with output_dir(out) as tmp:
+        tokenizer.save_pretrained(tmp)
+        model.save_pretrained(tmp, safe_serialization=True)
+    print(f"[base] {out}: {n_params:,} parameters, vocabulary {len(tokenizer):,} "
+          f"(trained on {len(texts):,} texts from {raw}/)", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.base", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default=str(P.PARAMS), help="params file (default: params.yaml)")
+    parser.add_argument("--out", default=str(TINY_MODEL), help=f"output folder (default: {TINY_MODEL})")
+    args = parser.parse_args(argv)
+    params = P.load(args.params)
+    P.log_section("base", params.model.tiny)
+    build(params.model.tiny, Path(args.out))
+
+
+if __name__ == "__main__":
+    from stages.errors import run
+
+    run(main)

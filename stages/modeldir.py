@@ -1,0 +1,40 @@
+"""A base model is a local directory: check it is complete, load its tokenizer. Never a hub id."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from stages.errors import fail
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin", "*.safetensors.index.json")
+
+
+def check(path: str | Path, key: str = "model.path") -> Path:
+    """Fail with one line unless `path` holds a config, a tokenizer and weights."""
+    folder = Path(path)
+    how = "build it with `dvc repro base`" if folder.name == "tiny-internlm2" else \
+        "download the model there first (README.md, 'A real model on a GPU host')"
+    if not folder.is_dir():
+        fail(f"{key}: {folder} is not a directory; {how}")
+    if not (folder / "config.json").is_file():
+        fail(f"{key}: {folder} has no config.json; {how}")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        fail(f"{key}: {folder} has no tokenizer (one of {', '.join(TOKENIZER_FILES)}); {how}")
+    if not any(any(folder.glob(p)) for p in WEIGHT_PATTERNS):
+        fail(f"{key}: {folder} has no weights (*.safetensors or pytorch_model*.bin); {how}")
+    return folder
+
+
+def load_tokenizer(path: str | Path, key: str = "model.path") -> Any:
+    """AutoTokenizer from a checked local directory (remote code only from that directory)."""
+    folder = check(path, key)
+    from stages.xtuner_api import patch_stack
+
+    patch_stack()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True, local_files_only=True)
+    except (OSError, ValueError, ImportError) as err:
+        fail(f"{key}: the tokenizer in {folder} does not load ({str(err).splitlines()[0]})")

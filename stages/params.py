@@ -1,0 +1,351 @@
+"""The params.yaml contract: typed sections, a JSON Schema derived from them, one-line errors.
+
+The dataclasses below are the single source of truth. `schema()` turns them into a JSON Schema
+(unknown keys, types, ranges), `load()` validates params.yaml against it with jsonschema, then checks
+what a schema cannot say (settings that contradict each other), and returns frozen dataclasses.
+
+    python -m stages.params              # validate params.yaml, print it resolved
+    python -m stages.params --schema     # print the JSON Schema (for editors and CI)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence, Union
+
+from stages.errors import fail
+from stages.paths import PARAMS
+
+
+def spec(doc: str, **rules: Any) -> Any:
+    """A required field: `doc` documents it, `rules` are JSON Schema keywords (minimum, ...)."""
+    return field(metadata={"doc": doc, **rules})
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """The embedded default's base model: a Llama-architecture causal LM built locally (stage base)."""
+
+    vocab_size: int = spec("byte-level BPE vocabulary, special tokens included", minimum=320, maximum=65536)
+    hidden_size: int = spec("model width", minimum=8)
+    num_layers: int = spec("decoder layers", minimum=1)
+    num_heads: int = spec("attention heads; must divide hidden_size", minimum=1)
+    num_kv_heads: int = spec("key/value heads (grouped-query attention); must divide num_heads", minimum=1)
+    intermediate_size: int = spec("MLP width", minimum=8)
+    max_position_embeddings: int = spec("longest sequence the model accepts", minimum=64)
+    seed: int = spec("seed of the weight initialisation", minimum=0)
+
+
+@dataclass(frozen=True)
+class Model:
+    path: str = spec("base model directory (config, tokenizer, weights); never fetched from a hub",
+                     minLength=1)
+    tiny: TinyModel = spec("shape of the locally built tiny model")
+
+
+@dataclass(frozen=True)
+class Llava:
+    source: str = spec("LLaVA-format unique_data.json", minLength=1)
+    image_folder: str = spec("folder the records' `image` paths are relative to", minLength=1)
+    repeat: int = spec("how many times the records are repeated (the tutorial's -n)", minimum=1)
+
+
+@dataclass(frozen=True)
+class Data:
+    assistant_name: str = spec("the assistant's name, as the fine-tuned model should say it", minLength=1)
+    author: str = spec("who made the assistant", minLength=1)
+    repeat: int = spec("samples per identity question template", minimum=1)
+    general_ratio: float = spec("share of general conversations mixed in (0 = none)",
+                                minimum=0, exclusiveMaximum=1)
+    seed: int = spec("seed of sampling and shuffling", minimum=0)
+    max_length: int = spec("tokens per training sequence", minimum=32)
+    overlong: Literal["error", "drop", "truncate"] = spec(
+        "records longer than max_length: error lists them, drop leaves them out, truncate lets XTuner cut them")
+    llava: Llava = spec("the LLaVA sample and its repetition")
+
+
+@dataclass(frozen=True)
+class Lora:
+    r: int = spec("LoRA rank", minimum=1)
+    alpha: float = spec("LoRA alpha (scaling = alpha / r)", exclusiveMinimum=0)
+    dropout: float = spec("LoRA dropout", minimum=0, exclusiveMaximum=1)
+    target_modules: Union[Literal["all-linear"], list[str]] = spec(
+        "modules that get adapters: all-linear, or a list of module names", minItems=1)
+
+
+@dataclass(frozen=True)
+class Quant:
+    mode: Literal["nf4", "fp4", "none"] = spec("4-bit quantization of the frozen base (QLoRA), or none")
+    double_quant: bool = spec("quantize the quantization constants too")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = spec(
+        "dtype of 4-bit matmuls; auto: bfloat16 where the GPU has it, else float16, float32 on CPU")
+
+
+@dataclass(frozen=True)
+class Train:
+    device: Literal["auto", "cpu", "cuda"] = spec("where to train; auto: cuda when a GPU is visible")
+    gpus: int = spec("GPUs on this host (more than one runs torchrun)", minimum=1)
+    deepspeed: Literal["auto", "none", "zero1", "zero2", "zero3"] = spec(
+        "DeepSpeed ZeRO stage; auto: zero2 on GPU, none on CPU")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = spec(
+        "mixed precision; auto: bf16 where the GPU has it, fp32 on CPU")
+    prompt_template: str = spec("XTuner prompt template name", minLength=1)
+    pack: bool = spec("pack samples to max_length")
+    micro_batch: int = spec("sequences per GPU per step", minimum=1)
+    grad_accum: int = spec("gradient accumulation steps", minimum=1)
+    epochs: int = spec("passes over the data", minimum=1)
+    max_iters: Union[int, None] = spec("stop after this many iterations (null: run the epochs)", minimum=1)
+    lr: float = spec("peak learning rate", exclusiveMinimum=0)
+    betas: list[float] = spec("AdamW betas", minItems=2, maxItems=2, items_range=(0, 1))
+    weight_decay: float = spec("AdamW weight decay", minimum=0)
+    max_norm: float = spec("gradient clipping norm", exclusiveMinimum=0)
+    warmup_iters: int = spec("linear warm-up iterations (XTuner's 0.03 ratio is 0 on short runs)", minimum=1)
+    save_interval: int = spec("iterations between checkpoints", minimum=1)
+    save_total_limit: int = spec("checkpoints kept", minimum=1)
+    seed: int = spec("training seed", minimum=0)
+
+
+@dataclass(frozen=True)
+class Eval:
+    prompts: list[str] = spec("prompts the model answers during and after training", minItems=1)
+    system: str = spec("system prompt ('' for none)")
+    interval: int = spec("iterations between evaluation chats during training", minimum=1)
+    max_new_tokens: int = spec("tokens generated per answer", minimum=1)
+
+
+@dataclass(frozen=True)
+class Params:
+    recipe: Literal["assistant"] = spec("which fine-tune to run")
+    model: Model = spec("the base model")
+    data: Data = spec("dataset generation, repetition and validation")
+    lora: Lora = spec("LoRA adapter")
+    quant: Quant = spec("quantization of the base model")
+    train: Train = spec("training")
+    eval: Eval = spec("evaluation prompts")
+
+
+# ---------------------------------------------------------------------------------------------
+# dataclasses -> JSON Schema
+
+
+def _type_schema(tp: Any, rules: dict) -> dict:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return schema(tp)
+    if origin in (Union, types.UnionType):
+        return {"anyOf": [_type_schema(t, rules) for t in typing.get_args(tp)]}
+    if origin is Literal:
+        return {"enum": list(typing.get_args(tp))}
+    if tp is type(None):
+        return {"type": "null"}
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        out = {"type": "array", "items": _type_schema(item, {})}
+        for key in ("minItems", "maxItems"):
+            if key in rules:
+                out[key] = rules[key]
+        if "items_range" in rules:
+            lo, hi = rules["items_range"]
+            out["items"].update(minimum=lo, exclusiveMaximum=hi)
+        return out
+    base = {int: "integer", float: "number", str: "string", bool: "boolean"}[tp]
+    out = {"type": base}
+    for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength"):
+        if key in rules and base != "boolean":
+            out[key] = rules[key]
+    return out
+
+
+def schema(cls: type = Params) -> dict:
+    """The JSON Schema of a params dataclass: every key required, no other key allowed."""
+    hints = typing.get_type_hints(cls)
+    props = {}
+    for f in dataclasses.fields(cls):
+        prop = _type_schema(hints[f.name], dict(f.metadata))
+        prop["description"] = f.metadata["doc"]
+        props[f.name] = prop
+    out = {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
+    if cls is Params:
+        out = {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "params.yaml", **out}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, str):
+        return f"{value!r} (a string)"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list" if value else "an empty list"
+    return repr(value)
+
+
+def _key(path: Any) -> str:
+    """A params path as users write it: `train.betas[1]`."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _message(err: Any) -> str:
+    """One jsonschema error as `key: what is wrong (what is allowed)`."""
+    key = _key(err.absolute_path) or "(top level)"
+    kw, inst = err.validator, err.instance
+    if kw == "additionalProperties":
+        allowed = sorted(err.schema["properties"])
+        extra = sorted(set(inst) - set(allowed))[0]
+        where = f"{key}.{extra}" if err.absolute_path else extra
+        close = difflib.get_close_matches(extra, allowed, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"{where}: unknown key ({hint}allowed: {', '.join(allowed)})"
+    if kw == "required":
+        missing = [k for k in err.validator_value if k not in inst][0]
+        where = f"{key}.{missing}" if err.absolute_path else missing
+        return f"{where}: missing ({err.schema['properties'][missing]['description']})"
+    if kw == "type":
+        want = err.validator_value
+        return f"{key}: got {_describe(inst)}, expected {'an' if want[0] in 'aeiou' else 'a'} {want}"
+    if kw == "enum":
+        return f"{key}: got {_describe(inst)}, allowed: {', '.join(map(str, err.validator_value))}"
+    if kw == "anyOf":
+        return f"{key}: got {_describe(inst)}, allowed: {_allowed_any(err.validator_value)}"
+    bounds = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
+    if kw in bounds:
+        return f"{key}: got {inst!r}, must be {bounds[kw]} {err.validator_value}"
+    if kw == "minLength":
+        return f"{key}: must not be empty"
+    if kw in ("minItems", "maxItems"):
+        return f"{key}: {len(inst)} items, must have {'at least' if kw == 'minItems' else 'at most'} " \
+               f"{err.validator_value}"
+    return f"{key}: {err.message}"
+
+
+def _allowed_any(options: list) -> str:
+    parts = []
+    for opt in options:
+        if "enum" in opt:
+            parts += map(str, opt["enum"])
+        elif opt.get("type") == "array":
+            parts.append(f"a list of {opt['items']['type']}s")
+        else:
+            rng = f" >= {opt['minimum']}" if "minimum" in opt else ""
+            parts.append(f"{opt['type']}{rng}")
+    return " or ".join(parts)
+
+
+def _contradictions(p: Params) -> list[str]:
+    """What a schema cannot say: settings that cannot work together."""
+    out = []
+    if p.train.deepspeed == "zero3" and p.quant.mode != "none":
+        out.append(f"train.deepspeed: zero3 cannot shard 4-bit weights (quant.mode: {p.quant.mode}); "
+                   "use zero2, or quant.mode: none")
+    if p.train.device == "cpu" and p.train.gpus > 1:
+        out.append(f"train.gpus: {p.train.gpus} GPUs with train.device: cpu; set train.gpus: 1 or device: cuda")
+    if p.train.device == "cpu" and p.train.deepspeed not in ("auto", "none"):
+        out.append(f"train.deepspeed: {p.train.deepspeed} needs a GPU (train.device is cpu); use auto or none")
+    if p.train.device == "cpu" and p.train.precision in ("bf16", "fp16"):
+        out.append(f"train.precision: {p.train.precision} mixed precision needs a GPU (train.device is cpu); "
+                   "use auto or fp32")
+    t = p.model.tiny
+    if t.hidden_size % t.num_heads:
+        out.append(f"model.tiny.num_heads: {t.num_heads} does not divide hidden_size {t.hidden_size}")
+    elif t.num_heads % t.num_kv_heads:
+        out.append(f"model.tiny.num_kv_heads: {t.num_kv_heads} does not divide num_heads {t.num_heads}")
+    if p.data.max_length > t.max_position_embeddings and p.model.path.rstrip("/").endswith("tiny-internlm2"):
+        out.append(f"data.max_length: {p.data.max_length} exceeds model.tiny.max_position_embeddings "
+                   f"{t.max_position_embeddings}")
+    return out
+
+
+def _build(cls: type, data: dict) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        value = data[f.name]
+        if dataclasses.is_dataclass(hints[f.name]):
+            value = _build(hints[f.name], value)
+        elif isinstance(value, list):
+            value = tuple(value) if f.name == "betas" else list(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def validate(data: Any, source: str = str(PARAMS)) -> Params:
+    """Validate a parsed params mapping; raise StageError with one line naming the key."""
+    import jsonschema
+
+    if not isinstance(data, dict):
+        fail(f"{source}: expected a mapping of sections, got {_describe(data)}")
+    validator = jsonschema.Draft202012Validator(schema())
+    errors = sorted(validator.iter_errors(data), key=lambda e: (list(map(str, e.absolute_path)), e.validator))
+    if errors:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        fail(f"{source}: {_message(errors[0])}{more}")
+    params = _build(Params, data)
+    problems = _contradictions(params)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        fail(f"{source}: {problems[0]}{more}")
+    return params
+
+
+def read_yaml(path: Path) -> Any:
+    """YAML 1.2, as DVC reads params (so `lr: 2e-4` is a number, not a string)."""
+    from ruamel.yaml import YAML, YAMLError
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        fail(f"{path}: not found (run from the project root)")
+    try:
+        return YAML(typ="safe", pure=True).load(text)
+    except YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        fail(f"{path}:{where} not valid YAML ({getattr(err, 'problem', None) or err})")
+
+
+def load(path: str | Path = PARAMS) -> Params:
+    """Read and validate params.yaml (every stage calls this first)."""
+    path = Path(path)
+    return validate(read_yaml(path), str(path))
+
+
+def log_section(name: str, section: Any) -> None:
+    """Print the resolved section a stage reads, so each run's log states its inputs."""
+    print(f"[{name}] params: {json.dumps(dataclasses.asdict(section), ensure_ascii=False)}", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.params", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", nargs="?", default=str(PARAMS), help="params file (default: params.yaml)")
+    parser.add_argument("--schema", action="store_true", help="print the JSON Schema and exit")
+    args = parser.parse_args(argv)
+    if args.schema:
+        print(json.dumps(schema(), indent=2, ensure_ascii=False))
+        return
+    params = load(args.path)
+    print(json.dumps(dataclasses.asdict(params), indent=2, ensure_ascii=False))
+    print(f"{args.path}: valid", flush=True)
+
+
+if __name__ == "__main__":
+    from stages.errors import run
+
+    run(main)

@@ -1,0 +1,147 @@
+"""Stage `validate`: nothing reaches training unless it passed here.
+
+For each dataset (the generated self-cognition conversations; the repeated LLaVA data) it checks
+every record (JSON Schema of its format; roles alternate; no empty content; images exist and decode;
+exactly one `<image>` per image sample), measures token lengths with the base model's tokenizer and
+XTuner's prompt template, counts records over `data.max_length` and duplicates. A bad record fails
+the stage with a line naming the file, the records, the field and the reason. What passes is
+written to data/validated/ (the only data the training stages read) and the statistics to
+reports/data_stats.json (a DVC metric: `dvc metrics diff` compares them).
+
+    python -m stages.validate
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from stages import params as P
+from stages.checks import IMAGE_TOKEN, Problem, check_records, raise_problems
+from stages.errors import fail
+from stages.io import read_json, read_jsonl, write_json, write_jsonl
+from stages.paths import (DATA_STATS, LLAVA_REPEATED, SELF_COGNITION, VALIDATED_ASSISTANT,
+                          VALIDATED_LLAVA)
+
+
+def openai_pieces(record: dict, template: dict) -> list[str]:
+    """The texts XTuner encodes for a conversation (openai_map_fn, then the prompt template)."""
+    msgs = record["messages"]
+    system = msgs[0]["content"] if msgs[0]["role"] == "system" else ""
+    turns = [m["content"] for m in msgs if m["role"] != "system"]
+    return _pieces(system, list(zip(turns[::2], turns[1::2])), template)
+
+
+def llava_pieces(record: dict, template: dict) -> list[str]:
+    """As `openai_pieces`, for a LLaVA record; `<image>` is left out (its tokens come from the encoder)."""
+    turns = [t["value"].replace(IMAGE_TOKEN, "").strip() for t in record["conversations"]]
+    return _pieces("", list(zip(turns[::2], turns[1::2])), template)
+
+
+def _pieces(system: str, pairs: list[tuple[str, str]], template: dict) -> list[str]:
+    out = []
+    for n, (user, answer) in enumerate(pairs, 1):
+        prefix = template.get("SYSTEM", "").format(system=system) if system and n == 1 else ""
+        out.append(prefix + template["INSTRUCTION"].format(input=user, round=n))
+        out.append(answer + template.get("SUFFIX", "") + (template.get("SEP", "") if n < len(pairs) else ""))
+    return out
+
+
+def token_lengths(records: list, pieces: Callable[[dict, dict], list[str]], tokenizer: Any,
+                  template: dict) -> list[int]:
+    """Tokens per record as XTuner's encode_fn counts them: pieces encoded one by one, plus BOS."""
+    all_pieces = [pieces(r, template) for r in records]
+    flat = [p for ps in all_pieces for p in ps]
+    ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    lengths, i = [], 0
+    for ps in all_pieces:
+        lengths.append(1 + sum(len(x) for x in ids[i:i + len(ps)]))
+        i += len(ps)
+    return lengths
+
+
+def duplicate_rate(records: list, ignore: tuple[str, ...] = ()) -> float:
+    seen, dups = set(), 0
+    for r in records:
+        key = json.dumps({k: v for k, v in r.items() if k not in ignore}, sort_keys=True, ensure_ascii=False)
+        dups += key in seen
+        seen.add(key)
+    return round(dups / len(records), 4)
+
+
+def percentile(values: list[int], q: float) -> int:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def length_stats(lengths: list[int]) -> dict:
+    return {"min": min(lengths), "mean": round(statistics.fmean(lengths), 1), "p50": percentile(lengths, 0.5),
+            "p95": percentile(lengths, 0.95), "max": max(lengths)}
+
+
+def apply_overlong(records: list, lengths: list[int], file: str, data: P.Data) -> list:
+    """Records over max_length: listed as errors, dropped, or kept for XTuner to truncate."""
+    over = [i for i, n in enumerate(lengths) if n > data.max_length]
+    if over and data.overlong == "error":
+        raise_problems([Problem(file, i, "", f"{lengths[i]} tokens > data.max_length {data.max_length} "
+                                             "(raise it, or set data.overlong: drop or truncate)")
+                        for i in over])
+    if over and data.overlong == "drop":
+        keep = set(range(len(records))) - set(over)
+        return [r for i, r in enumerate(records) if i in keep]
+    return records
+
+
+def validate_dataset(records: list, file: str, fmt: str, tokenizer: Any, template: dict, data: P.Data,
+                     image_folder: Path | None = None) -> tuple[list, dict]:
+    """Check, measure and filter one dataset; returns (records kept, statistics)."""
+    raise_problems(check_records(records, file, fmt, image_folder))
+    pieces = openai_pieces if fmt == "openai" else llava_pieces
+    lengths = token_lengths(records, pieces, tokenizer, template)
+    kept = apply_overlong(records, lengths, file, data)
+    if not kept:
+        fail(f"{file}: every record is longer than data.max_length {data.max_length}; nothing left to train on")
+    stats = {"records": len(records), "kept": len(kept), "dropped": len(records) - len(kept),
+             "tokens": length_stats(lengths), "over_max_length": sum(n > data.max_length for n in lengths),
+             "duplicate_rate": duplicate_rate(records, ignore=("id",))}
+    if fmt == "llava":
+        images = [r["image"] for r in records if "image" in r]
+        stats.update(image_records=len(images), unique_images=len(set(images)))
+    return kept, stats
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.validate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default=str(P.PARAMS), help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    params = P.load(args.params)
+    data = params.data
+    P.log_section("validate", data)
+    from stages.modeldir import load_tokenizer
+    from stages.xtuner_api import prompt_template
+
+    template = prompt_template(params.train.prompt_template)
+    tokenizer = load_tokenizer(params.model.path)
+
+    assistant = read_jsonl(SELF_COGNITION, "run `dvc repro generate` first")
+    kept_a, stats_a = validate_dataset(assistant, str(SELF_COGNITION), "openai", tokenizer, template, data)
+    llava = read_json(LLAVA_REPEATED, "run `dvc repro repeat` first")
+    kept_l, stats_l = validate_dataset(llava, str(LLAVA_REPEATED), "llava", tokenizer, template, data,
+                                       Path(data.llava.image_folder))
+    write_jsonl(VALIDATED_ASSISTANT, kept_a)
+    write_json(VALIDATED_LLAVA, kept_l, indent=None)
+    stats = {"max_length": data.max_length, "assistant": stats_a, "llava": stats_l}
+    write_json(DATA_STATS, stats)
+    for name, s in (("assistant", stats_a), ("llava", stats_l)):
+        t = s["tokens"]
+        print(f"[validate] {name}: {s['kept']}/{s['records']} records kept, tokens min {t['min']} "
+              f"p50 {t['p50']} p95 {t['p95']} max {t['max']}, {s['over_max_length']} over max_length "
+              f"{data.max_length}, duplicates {s['duplicate_rate']:.1%}", flush=True)
+
+
+if __name__ == "__main__":
+    from stages.errors import run
+
+    run(main)

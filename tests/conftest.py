@@ -1,0 +1,91 @@
+"""Shared fixtures. The tiny pipeline is built once per session with the real `dvc repro`, in a
+temporary git clone of the working tree; tests that change things work on copies of it."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = str(Path(sys.executable).parent)
+
+
+def env() -> dict:
+    """The environment for subprocesses: this interpreter's bin first (DVC's `python`), a git author."""
+    e = dict(os.environ)
+    e["PATH"] = BIN + os.pathsep + e.get("PATH", "")
+    e.update(GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com", GIT_COMMITTER_NAME="test",
+             GIT_COMMITTER_EMAIL="test@example.com", PYTHONPATH=str(ROOT))
+    return e
+
+
+def sh(*cmd: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True)
+    if check and proc.returncode:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def clone_worktree(dest: Path) -> Path:
+    """Copy the tracked and untracked-but-not-ignored files into a fresh git repo (a clean clone of
+    what is in the working tree now, committed or not)."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, files):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    sh("git", "init", "-q", cwd=dest)
+    sh("git", "add", "-A", cwd=dest)
+    sh("git", "commit", "-q", "-m", "test clone", cwd=dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory) -> Path:
+    """A clean clone on which the real `dvc repro` has run once."""
+    project = clone_worktree(tmp_path_factory.mktemp("built"))
+    sh("dvc", "repro", cwd=project)
+    return project
+
+
+@pytest.fixture
+def project(built: Path, tmp_path: Path, monkeypatch) -> Path:
+    """A private copy of the built project, made the working directory."""
+    dest = tmp_path / "project"
+    shutil.copytree(built, dest, symlinks=True)
+    monkeypatch.chdir(dest)
+    return dest
+
+
+def run_stage(module, capsys, *argv: str) -> tuple[int, str]:
+    """Run a stage's main in-process through its real entry point; return (exit code, stderr)."""
+    from stages.errors import run
+
+    capsys.readouterr()
+    try:
+        run(module.main, list(argv))
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    """The contract for bad input: non-zero exit, one line on stderr, no traceback, names the culprit."""
+    assert code != 0, "expected a failure"
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+
+
+def tree_digest(folder: Path) -> dict:
+    """Path -> bytes of every file under `folder` (to prove a stage left it untouched)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

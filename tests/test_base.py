@@ -1,0 +1,58 @@
+import hashlib
+
+import pytest
+
+from stages import base, params as P
+from tests.conftest import ROOT
+
+
+def digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return P.load(ROOT / "params.yaml").model.tiny
+
+
+def test_same_params_same_bytes(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the corpus is data/raw of the project
+    base.build(tiny, tmp_path / "a")
+    base.build(tiny, tmp_path / "b")
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(
+        digest(tmp_path / "a"))
+
+
+def test_loads_back_with_auto_classes_and_chats(built):
+    from stages.xtuner_api import patch_stack
+
+    patch_stack()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = built / "models/tiny-internlm2"
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert [tok.convert_tokens_to_ids(t) for t in ("<unk>", "<s>", "</s>")] == [0, 1, 2]
+    for special in ("<|im_start|>", "<|im_end|>"):
+        assert tok.convert_tokens_to_ids(special) != tok.unk_token_id
+    text = tok.apply_chat_template([{"role": "user", "content": "你是谁"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text == "<s><|im_start|>user\n你是谁<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok("你好，世界", add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == "你好，世界"  # byte-level: lossless on Chinese
+    assert "token_type_ids" not in tok("hi")
+    out = model.generate(**tok(text, return_tensors="pt", add_special_tokens=False), max_new_tokens=3,
+                         do_sample=False)
+    assert out.shape[1] > len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def test_shape_follows_params(built):
+    import json
+
+    config = json.loads((built / "models/tiny-internlm2/config.json").read_text())
+    tiny = P.load(built / "params.yaml").model.tiny
+    assert (config["hidden_size"], config["num_hidden_layers"], config["num_key_value_heads"]) == (
+        tiny.hidden_size, tiny.num_layers, tiny.num_kv_heads)
+    assert config["vocab_size"] == tiny.vocab_size

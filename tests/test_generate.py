@@ -1,0 +1,90 @@
+import json
+from dataclasses import replace
+
+import pytest
+
+from stages import generate, params as P
+from stages.checks import check_openai
+from tests.conftest import ROOT, assert_one_line_error, run_stage, tree_digest
+
+DATA = P.load(ROOT / "params.yaml").data
+QUESTIONS = ["你是谁", "Who are you?"]
+ANSWERS = ["我是{author}的小助手{name}", "I am {name}, made by {author}."]
+GENERAL = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+           for i in range(5)]
+
+
+def test_counts_language_and_fill():
+    data = replace(DATA, repeat=3, general_ratio=0.25, assistant_name="Tuna", author="Ada")
+    records = generate.generate(QUESTIONS, ANSWERS, GENERAL, data)
+    identity = [r for r in records if r["messages"][0]["content"] in QUESTIONS]
+    assert len(identity) == 6 and len(records) == 8  # 6 identity; 6 * 0.25 / 0.75 = 2 general
+    for r in identity:
+        q, a = (m["content"] for m in r["messages"])
+        assert "Tuna" in a and "Ada" in a
+        assert generate.is_chinese(q) == generate.is_chinese(a)
+        assert not check_openai(r, "x", 0)
+
+
+def test_deterministic_for_a_seed_and_varies_with_it():
+    first = generate.generate(QUESTIONS, ANSWERS, GENERAL, replace(DATA, general_ratio=0.5))
+    assert first == generate.generate(QUESTIONS, ANSWERS, GENERAL, replace(DATA, general_ratio=0.5))
+    assert first != generate.generate(QUESTIONS, ANSWERS, GENERAL, replace(DATA, general_ratio=0.5, seed=1))
+
+
+def test_general_pool_is_used_evenly_before_repeating():
+    records = generate.generate(QUESTIONS, ANSWERS, GENERAL, replace(DATA, repeat=5, general_ratio=0.5))
+    general = [r["messages"][0]["content"] for r in records if r in GENERAL]
+    assert len(general) == 10 and all(general.count(f"q{i}") == 2 for i in range(5))
+
+
+def test_no_general_share():
+    records = generate.generate(QUESTIONS, ANSWERS, [], replace(DATA, general_ratio=0.0))
+    assert len(records) == len(QUESTIONS) * DATA.repeat
+
+
+def test_shipped_templates_load():
+    questions, answers = generate.load_templates(ROOT / "data/raw/self_cognition.json")
+    assert questions[:3] == ["请你介绍一下你自己", "你是谁", "你是我的小助手吗"]
+    assert all("{name}" in a and "{author}" in a for a in answers)
+
+
+@pytest.mark.parametrize("content,words", [
+    ('{"questions": ["q"], "answers": ["I am {nmae}"]}', ["answers[0]", "unknown placeholder {nmae}"]),
+    ('{"questions": [], "answers": ["a"]}', ["questions", "non-empty list"]),
+    ('{"questions": ["q"], "answers": [" "]}', ["answers[0]", "non-empty string"]),
+    ('{"questions": ["q {"], "answers": ["a"]}', ["questions[0]"]),
+    ('{"questions": ["q"]}', ["exactly the keys"]),
+    ('{"questions": ["q"], "answers": ["a"],}', ["line 1", "not valid JSON"]),
+])
+def test_bad_templates(project, capsys, content, words):
+    (project / "data/raw/self_cognition.json").write_text(content, encoding="utf-8")
+    raw = tree_digest(project / "data/raw")
+    code, err = run_stage(generate, capsys)
+    assert_one_line_error(code, err, "data/raw/self_cognition.json", *words)
+    assert tree_digest(project / "data/raw") == raw
+
+
+@pytest.mark.parametrize("line,words", [
+    ('{"messages": [{"role": "user", "content": "hi"}', ["general_chat.jsonl: line 81", "not valid JSON"]),
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "x"}]}',
+     ["[80] messages[1].role", "roles alternate"]),
+    ('{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]}',
+     ["[80] messages[0].content: empty"]),
+    ('{"conversation": []}', ["[80] messages: missing"]),
+])
+def test_bad_general_chat_is_refused_before_mixing(project, capsys, line, words):
+    path = project / "data/raw/general_chat.jsonl"
+    path.write_text(path.read_text(encoding="utf-8") + line + "\n", encoding="utf-8")
+    code, err = run_stage(generate, capsys)
+    assert_one_line_error(code, err, "data/raw/general_chat.jsonl", *words)
+
+
+def test_stage_writes_openai_jsonl(project, capsys):
+    code, _ = run_stage(generate, capsys)
+    assert code == 0
+    lines = (project / "data/generated/self_cognition.jsonl").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines]
+    data = P.load().data
+    assert len(records) == round(36 * data.repeat / (1 - data.general_ratio))
+    assert all(not check_openai(r, "x", i) for i, r in enumerate(records))
