@@ -1,7 +1,9 @@
 """Stage `base`: build the embedded default's base model, deterministically.
 
-A Llama-architecture causal LM of the shape in `model.tiny`, randomly initialised from a fixed seed,
-and a byte-level BPE tokenizer trained on the project's own text (`data/raw/`) with the special
+A Llama-architecture causal LM of the shape in `model.tiny`, initialised from a fixed seed and
+pretrained for `model.tiny.pretrain_steps` on the general conversations of data/raw/ (so it is a tiny
+chat model, not noise: a fine-tune then has something to change and something to forget), and a
+byte-level BPE tokenizer trained on the project's own text (`data/raw/`) with the special
 tokens of the InternLM2 chat template. Same params, same bytes: DVC caches it like any output.
 Both load back with `AutoTokenizer` / `AutoModelForCausalLM.from_pretrained`.
 
@@ -95,12 +97,56 @@ def build_model(tiny: P.TinyModel, tokenizer):
     return model
 
 
+def chat_corpus(raw: Path = RAW) -> list[list[dict]]:
+    """The general conversations the base model is pretrained on (never the identity data)."""
+    path = raw / "general_chat.jsonl"
+    return [json.loads(line)["messages"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def pretrain(model, tokenizer, chats: list[list[dict]], steps: int, seed: int, seq: int = 128,
+             batch: int = 8, lr: float = 3e-3) -> list[float]:
+    """A short full-parameter pretraining on chat-formatted text, so the base model is a (tiny) language
+    model that chats, not noise. One thread and a fixed seed: the same bytes on every run."""
+    import random
+
+    import torch
+
+    if steps == 0:
+        return []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    ids = [t for chat in chats for t in tokenizer.apply_chat_template(chat) + [tokenizer.eos_token_id]]
+    blocks = [ids[i:i + seq] for i in range(0, len(ids) - seq, seq)]
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * (1 - s / steps))
+    model.train()
+    losses = []
+    try:
+        for _ in range(steps):
+            x = torch.tensor(rng.sample(blocks, min(batch, len(blocks))))
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    return losses
+
+
 def build(tiny: P.TinyModel, out: Path, raw: Path = RAW) -> None:
     from stages.io import output_dir
 
     texts = list(corpus(raw))
     tokenizer = build_tokenizer(texts, tiny.vocab_size)
     model = build_model(tiny, tokenizer)
+    losses = pretrain(model, tokenizer, chat_corpus(raw), tiny.pretrain_steps, tiny.seed)
+    if losses:
+        print(f"[base] pretrained {len(losses)} steps on {raw / 'general_chat.jsonl'}: loss "
+              f"{losses[0]:.2f} -> {sum(losses[-10:]) / len(losses[-10:]):.2f}", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     with output_dir(out) as tmp:
         tokenizer.save_pretrained(tmp)

@@ -39,7 +39,9 @@ class TinyModel:
     num_kv_heads: int = spec("key/value heads (grouped-query attention); must divide num_heads", minimum=1)
     intermediate_size: int = spec("MLP width", minimum=8)
     max_position_embeddings: int = spec("longest sequence the model accepts", minimum=64)
-    seed: int = spec("seed of the weight initialisation", minimum=0)
+    seed: int = spec("seed of the weight initialisation and pretraining", minimum=0)
+    pretrain_steps: int = spec("steps of pretraining on data/raw/general_chat.jsonl (0: random weights)",
+                               minimum=0)
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,14 @@ class Train:
 
 
 @dataclass(frozen=True)
+class Merge:
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = spec(
+        "dtype of the merged model; auto: the training precision (float32 on CPU)")
+    tolerance: float = spec("largest allowed |logit| difference between base+adapter and the merged "
+                            "model (computed in float32)", exclusiveMinimum=0)
+
+
+@dataclass(frozen=True)
 class Eval:
     prompts: list[str] = spec("prompts the model answers during and after training", minItems=1)
     system: str = spec("system prompt ('' for none)")
@@ -127,6 +137,7 @@ class Params:
     lora: Lora = spec("LoRA adapter")
     quant: Quant = spec("quantization of the base model")
     train: Train = spec("training")
+    merge: Merge = spec("merging the adapter into the base model")
     eval: Eval = spec("evaluation prompts")
 
 
@@ -266,6 +277,14 @@ def _contradictions(p: Params) -> list[str]:
         out.append(f"model.tiny.num_heads: {t.num_heads} does not divide hidden_size {t.hidden_size}")
     elif t.num_heads % t.num_kv_heads:
         out.append(f"model.tiny.num_kv_heads: {t.num_kv_heads} does not divide num_heads {t.num_heads}")
+    elif p.quant.mode != "none":  # bitsandbytes' CPU 4-bit kernels pack output rows in blocks of 32
+        kv_dim = t.hidden_size // t.num_heads * t.num_kv_heads
+        for key, value in (("hidden_size", t.hidden_size), ("intermediate_size", t.intermediate_size),
+                           ("num_kv_heads x head size", kv_dim)):
+            if value % 32:
+                out.append(f"model.tiny.{key}: {value} is not a multiple of 32, which 4-bit quantization "
+                           f"(quant.mode: {p.quant.mode}) needs on CPU")
+                break
     if p.data.max_length > t.max_position_embeddings and p.model.path.rstrip("/").endswith("tiny-internlm2"):
         out.append(f"data.max_length: {p.data.max_length} exceeds model.tiny.max_position_embeddings "
                    f"{t.max_position_embeddings}")

@@ -23,8 +23,18 @@ VALIDATED_ASSISTANT = VALIDATED / "assistant.jsonl"
 VALIDATED_LLAVA = VALIDATED / "llava.json"
 
 TINY_MODEL = Path("models/tiny-internlm2")  # stage base
+CONFIG_DIR = Path("models/config")  # stage render: xtuner_config.py [+ deepspeed.json]
+CONFIG = CONFIG_DIR / "xtuner_config.py"
+TRAIN_WORK = Path("models/work")  # stage train: XTuner's work dir (checkpoints for resume; not cached)
+ADAPTER_PTH = Path("models/adapter.pth")  # stage train: final adapter weights, no optimizer state
+ADAPTER = Path("models/adapter")  # stage convert: HF/peft adapter (safetensors)
+MERGED = Path("models/merged")  # stage merge: base + adapter, safetensors
+
+TEMPLATES = ROOT / "stages" / "templates"
 
 REPORTS = Path("reports")
 DATA_STATS = REPORTS / "data_stats.json"  # stage validate (a DVC metric)
+TRAIN_LIVE = REPORTS / "train"  # stage train: DVCLive folder (metrics.json, plots/metrics/*.tsv)
+MERGE_METRICS = REPORTS / "merge.json"  # stage merge: the logits check
 
 CACHE = Path(".cache")  # Hugging Face and dataset caches stay inside the project

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,48 @@ from stages.errors import fail
 def patch_stack() -> None:
     """Apply every compatibility fix once, before xtuner is imported."""
     _torchvision_without_c_ops()
+    _torch_cpu_bf16_query()
+    _bnb_backend_check()
+    # Prevents `UnpicklingError: Weights only load failed ... HistoryBuffer` when mmengine resumes
+    # from its own checkpoint on torch >= 2.6 (they hold mmengine objects, not only tensors).
+    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+
+
+def _torch_cpu_bf16_query() -> None:
+    """Prevents `AttributeError: module 'torch.cpu' has no attribute 'is_bf16_supported'` when XTuner
+    builds a model on CPU (its device helper asks the current device module for bf16 support)."""
+    import torch
+
+    if not hasattr(torch.cpu, "is_bf16_supported"):
+        torch.cpu.is_bf16_supported = lambda *args, **kwargs: False
+
+
+def _bnb_backend_check() -> None:
+    """Prevents `AttributeError: 'frozenset' object has no attribute 'discard'` from transformers
+    4.48's bitsandbytes backend check with bitsandbytes 0.50.2 (4-bit loading then fails on CPU).
+    The real check runs first; only when it trips over that bug does a direct probe of
+    bitsandbytes' 4-bit kernels decide."""
+    import transformers.integrations as integrations
+
+    original = integrations.validate_bnb_backend_availability
+    if getattr(original, "_pipeline_patched", False):
+        return
+
+    def validate(raise_exception: bool = False) -> bool:
+        try:
+            return original(raise_exception=raise_exception)
+        except AttributeError as err:
+            if "discard" not in str(err):
+                raise
+        import bitsandbytes.functional as F
+        import torch
+
+        weight = torch.randn(64, 64)
+        packed, state = F.quantize_4bit(weight, quant_type="nf4")
+        return F.dequantize_4bit(packed, state).shape == weight.shape
+
+    validate._pipeline_patched = True
+    integrations.validate_bnb_backend_availability = validate
 
 
 def _torchvision_without_c_ops() -> None:
@@ -63,3 +107,74 @@ def prompt_template(name: str) -> dict:
         fail(f"train.prompt_template: {name!r} is not an XTuner template "
              f"(for example: {', '.join(close or list(PROMPT_TEMPLATE)[:6])})")
     return dict(PROMPT_TEMPLATE[name])
+
+
+def load_config(path: str | Path) -> Any:
+    """Parse an XTuner config with mmengine, as `xtuner train` does; a broken one is one line."""
+    patch_stack()
+    from mmengine.config import Config
+
+    try:
+        return Config.fromfile(str(path))
+    except Exception as err:  # mmengine raises anything from SyntaxError to its own errors
+        fail(f"{path}: mmengine cannot load the rendered config ({type(err).__name__}: "
+             f"{str(err).splitlines()[0] if str(err) else ''})")
+
+
+def run_trainer(config: Path, work_dir: Path, deepspeed: Path | None, resume: Path | None,
+                launcher: str = "none") -> None:
+    """XTuner's trainer (xtuner/tools/train.py), in this process. Not the `xtuner` command: it
+    exits 0 when training fails, and a SIGTERM to it leaves the trainer running."""
+    patch_stack()
+    if deepspeed is not None and launcher == "none":
+        # One process, no launcher: DeepSpeed reads its rank from these instead of asking MPI.
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
+            os.environ.setdefault(key, value)
+    argv = [str(config), "--work-dir", str(work_dir), "--launcher", launcher]
+    if deepspeed is not None:
+        argv += ["--deepspeed", str(deepspeed)]
+    if resume is not None:
+        argv += ["--resume", str(resume)]
+    from xtuner.tools import train
+
+    saved, sys.argv = sys.argv, ["xtuner-train", *argv]
+    try:
+        train.main()
+    finally:
+        sys.argv = saved
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_checkpoint_weights(path: Path) -> dict:
+    """The model weights of an XTuner checkpoint (a .pth file, or a DeepSpeed checkpoint folder);
+    for a LoRA run these are the adapter's weights only."""
+    patch_stack()
+    from xtuner.model.utils import guess_load_checkpoint
+
+    try:
+        return dict(guess_load_checkpoint(str(path)))
+    except Exception as err:  # torch and DeepSpeed raise many kinds on a damaged file
+        fail(f"{path}: not a readable XTuner checkpoint ({type(err).__name__}: "
+             f"{str(err).splitlines()[0] if str(err) else ''})")
+
+
+def pth_to_hf(config: Path, pth: Path, out: Path, fp32: bool) -> None:
+    """XTuner's pth_to_hf converter, in this process, from the same rendered config as training
+    (never other options: it rebuilds the model from the config)."""
+    patch_stack()
+    from xtuner.tools.model_converters import pth_to_hf as tool
+
+    argv = [str(config), str(pth), str(out), "--safe-serialization"] + (["--fp32"] if fp32 else [])
+    saved, sys.argv = sys.argv, ["xtuner-pth_to_hf", *argv]
+    try:
+        tool.main()
+    finally:
+        sys.argv = saved

@@ -45,3 +45,37 @@ def test_prompt_template_known_and_unknown():
     assert prompt_template("internlm2_chat")["SUFFIX"] == "<|im_end|>"
     with pytest.raises(StageError, match="train.prompt_template: 'nope' is not an XTuner template"):
         prompt_template("nope")
+
+
+BNB = ("import transformers.integrations as i; print(i.validate_bnb_backend_availability(raise_exception=True))")
+
+
+def test_bnb_backend_check_passes_after_patch():
+    proc = python("from stages.xtuner_api import patch_stack; patch_stack(); " + BNB)
+    assert proc.returncode == 0 and "True" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_without_the_bnb_fix_the_check_trips():
+    proc = python(BNB)
+    if proc.returncode == 0:
+        pytest.skip("this transformers/bitsandbytes pair needs no fix")
+    assert "'frozenset' object has no attribute 'discard'" in proc.stderr
+
+
+def test_torch_cpu_bf16_query_exists_after_patch():
+    code = "import torch; print(torch.cpu.is_bf16_supported())"
+    assert python("from stages.xtuner_api import patch_stack; patch_stack(); " + code).stdout.strip() == "False"
+    without = python(code)
+    if without.returncode == 0:
+        pytest.skip("this torch has torch.cpu.is_bf16_supported")
+    assert "has no attribute 'is_bf16_supported'" in without.stderr
+
+
+def test_mmengine_checkpoints_load_only_with_the_weights_only_fix(built):
+    ckpt = sorted((built / "models/work").glob("iter_*.pth"))[-1]
+    code = f"import torch; torch.load({str(ckpt)!r}, map_location='cpu'); print('loaded')"
+    fixed = python("from stages.xtuner_api import patch_stack; patch_stack(); import stages.paths; " + code)
+    assert "loaded" in fixed.stdout, fixed.stderr[-2000:]
+    without = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                             env={k: v for k, v in env().items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"})
+    assert without.returncode != 0 and "Weights only load failed" in without.stderr

@@ -1,0 +1,54 @@
+"""Stage `convert`: the trained adapter to Hugging Face format (peft, safetensors), with XTuner's
+pth_to_hf from the same rendered config as training.
+
+The adapter keeps the training precision: fp32 when training ran in fp32 (CPU), else XTuner's
+fp16. `target_modules` in adapter_config.json is sorted, so the file is the same on every rerun.
+
+    python -m stages.convert         # writes models/adapter/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Sequence
+
+from stages import params as P
+from stages.errors import fail
+from stages.io import output_dir, write_json
+from stages.paths import ADAPTER, ADAPTER_PTH, CONFIG
+
+
+def convert(config: Path, pth: Path, out: Path, fp32: bool) -> None:
+    from stages.xtuner_api import pth_to_hf
+
+    if not pth.is_file():
+        fail(f"{pth}: not found; run `dvc repro train` first")
+    with output_dir(out) as tmp:
+        pth_to_hf(config, pth, tmp, fp32)
+        cfg_path = tmp / "adapter_config.json"
+        if not cfg_path.is_file() or not list(tmp.glob("*.safetensors")):
+            fail(f"{pth}: pth_to_hf wrote no adapter (adapter_config.json and safetensors expected)")
+        cfg = json.loads(cfg_path.read_text())
+        if isinstance(cfg.get("target_modules"), list):
+            cfg["target_modules"] = sorted(cfg["target_modules"])
+        write_json(cfg_path, cfg)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default=str(P.PARAMS), help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    P.load(args.params)
+    from stages.xtuner_api import load_config
+
+    pipeline = load_config(CONFIG).pipeline
+    convert(CONFIG, ADAPTER_PTH, ADAPTER, fp32=pipeline["precision"] == "fp32")
+    files = sorted(p.name for p in ADAPTER.iterdir())
+    print(f"[convert] {ADAPTER}: {', '.join(files)}", flush=True)
+
+
+if __name__ == "__main__":
+    from stages.errors import run
+
+    run(main)

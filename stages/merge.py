@@ -1,0 +1,98 @@
+"""Stage `merge`: the adapter merged into the base model, saved as safetensors, then checked.
+
+The check: on fixed prompts (the evaluation prompts through the chat template), the logits of
+base+adapter (peft, unmerged) and of the merged model, both in float32, must agree within
+`merge.tolerance`. The largest difference is a metric (reports/merge.json); a mismatch fails the
+stage. The merged model is then cast to `merge.dtype` and saved with the base model's tokenizer and
+remote-code files, ready for `AutoModelForCausalLM.from_pretrained` or LMDeploy.
+
+    python -m stages.merge           # writes models/merged/, reports/merge.json
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+from typing import Sequence
+
+from stages import params as P
+from stages.errors import fail
+from stages.io import output_dir, write_json
+from stages.paths import ADAPTER, CONFIG, MERGE_METRICS, MERGED
+
+
+def prompt_batch(tokenizer, prompts: list[str], system: str) -> list[list[int]]:
+    out = []
+    for prompt in prompts:
+        messages = ([{"role": "system", "content": system}] if system else []) + \
+            [{"role": "user", "content": prompt}]
+        if getattr(tokenizer, "chat_template", None):
+            out.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        else:
+            out.append(tokenizer(prompt)["input_ids"])
+    return out
+
+
+def merge(base: Path, adapter: Path, out: Path, dtype: str, tolerance: float, prompts: list[str],
+          system: str) -> dict:
+    from stages.modeldir import load_tokenizer
+    from stages.xtuner_api import patch_stack
+
+    patch_stack()
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = load_tokenizer(base)
+    inputs = prompt_batch(tokenizer, prompts, system)
+    start = time.time()
+    model = AutoModelForCausalLM.from_pretrained(str(base), torch_dtype=torch.float32, trust_remote_code=True,
+                                                 local_files_only=True).to(device)
+    peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False).eval()
+    with torch.no_grad():
+        reference = [peft_model(torch.tensor([ids], device=device)).logits.float().cpu() for ids in inputs]
+    merged = peft_model.merge_and_unload().eval()
+    with torch.no_grad():
+        diff = max((merged(torch.tensor([ids], device=device)).logits.float().cpu() - ref).abs().max().item()
+                   for ids, ref in zip(inputs, reference))
+    if diff > tolerance:
+        fail(f"merge.tolerance: merged model's logits differ from base+adapter by {diff:.3g} "
+             f"> {tolerance:g}; the merge is wrong (adapter does not fit {base}?)")
+    merged = merged.to(getattr(torch, dtype))
+    merged.config.torch_dtype = getattr(torch, dtype)
+    with output_dir(out) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for extra in base.glob("*.py"):  # remote code (modeling_internlm2.py, ...)
+            if not (tmp / extra.name).exists():
+                shutil.copy2(extra, tmp / extra.name)
+    return {"max_logit_diff": diff, "tolerance": tolerance, "dtype": dtype, "prompts": len(inputs),
+            "merge_time_s": round(time.time() - start, 2)}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.merge", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default=str(P.PARAMS), help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    params = P.load(args.params)
+    P.log_section("merge", params.merge)
+    dtype = params.merge.dtype
+    if dtype == "auto":
+        from stages.xtuner_api import load_config
+
+        dtype = load_config(CONFIG).pipeline["torch_dtype"]
+    if not (ADAPTER / "adapter_config.json").is_file():
+        fail(f"{ADAPTER}: no adapter; run `dvc repro convert` first")
+    metrics = merge(Path(params.model.path), ADAPTER, MERGED, dtype, params.merge.tolerance,
+                    list(params.eval.prompts), params.eval.system)
+    write_json(MERGE_METRICS, metrics)
+    print(f"[merge] {MERGED}: {dtype}; base+adapter vs merged max |logit diff| {metrics['max_logit_diff']:.2e} "
+          f"(tolerance {metrics['tolerance']:g})", flush=True)
+
+
+if __name__ == "__main__":
+    from stages.errors import run
+
+    run(main)

@@ -1,0 +1,139 @@
+"""Stage `render`: the XTuner config of the recipe, rendered from params with a Jinja2 template.
+
+`auto` settings are resolved against this machine (device, precision, DeepSpeed stage, compute
+dtype) and written as literal values, with the DeepSpeed JSON beside the config when one is used.
+The rendered file is loaded back with mmengine as a check. Output: models/config/.
+
+    python -m stages.render          # writes models/config/xtuner_config.py [+ deepspeed.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from stages import params as P
+from stages.errors import fail
+from stages.io import output_dir, write_json
+from stages.paths import CONFIG_DIR, TEMPLATES, TRAIN_WORK, VALIDATED_ASSISTANT
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def machine() -> dict:
+    """What `auto` is resolved against: is a CUDA GPU visible, does it have bf16."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {"cuda": cuda, "bf16": cuda and torch.cuda.is_bf16_supported()}
+
+
+def resolve(p: P.Params, cuda: bool, bf16: bool) -> dict:
+    """Every `auto` in params made concrete for a machine; pure, so it is tested for both kinds."""
+    t = p.train
+    device = t.device if t.device != "auto" else ("cuda" if cuda else "cpu")
+    if device == "cuda" and not cuda:
+        fail("train.device: cuda, but no CUDA GPU is visible here (set train.device: auto or cpu)")
+    precision = t.precision if t.precision != "auto" else (
+        ("bf16" if bf16 else "fp16") if device == "cuda" else "fp32")
+    if precision == "bf16" and device == "cuda" and not bf16:
+        fail("train.precision: bf16, but this GPU has no bf16 (use fp16 or auto)")
+    deepspeed = t.deepspeed if t.deepspeed != "auto" else ("zero2" if device == "cuda" else "none")
+    compute = p.quant.compute_dtype if p.quant.compute_dtype != "auto" else DTYPES[precision]
+    return {"device": device, "precision": precision, "deepspeed": deepspeed, "gpus": t.gpus,
+            "torch_dtype": DTYPES[precision], "compute_dtype": compute}
+
+
+def context(p: P.Params, resolved: dict, out: Path = CONFIG_DIR) -> dict:
+    """The template's variables: params and resolved settings, as literal values."""
+    t, amp = p.train, resolved["precision"] != "fp32"
+    ds = resolved["deepspeed"]
+    command = f"python -m xtuner.tools.train {out / 'xtuner_config.py'} --work-dir {TRAIN_WORK}" + (
+        f" --deepspeed {out / 'deepspeed.json'}" if ds != "none" else "")
+    if resolved["gpus"] > 1:
+        command = f"NPROC_PER_NODE={resolved['gpus']} torchrun --nproc-per-node {resolved['gpus']} " \
+                  f"-m xtuner.tools.train ... --launcher pytorch"
+    return {
+        "header": "Rendered by `dvc repro render` (stages/render.py, stages/templates/assistant.py.j2) "
+                  "from params.yaml. Do not edit: change params.yaml.",
+        "command": command,
+        "model_path": p.model.path, "data_path": str(VALIDATED_ASSISTANT),
+        "prompt_template": t.prompt_template, "max_length": p.data.max_length, "pack": t.pack,
+        "micro_batch": t.micro_batch, "grad_accum": t.grad_accum, "gpus": t.gpus,
+        "tokens_per_step": t.micro_batch * t.grad_accum * t.gpus * p.data.max_length,
+        "lr": t.lr, "betas": tuple(t.betas), "weight_decay": t.weight_decay, "max_norm": t.max_norm,
+        "warmup_iters": t.warmup_iters, "epochs": t.epochs, "max_iters": t.max_iters,
+        "save_interval": t.save_interval, "save_total_limit": t.save_total_limit, "seed": t.seed,
+        "eval_interval": p.eval.interval, "system": p.eval.system, "prompts": list(p.eval.prompts),
+        "max_new_tokens": p.eval.max_new_tokens,
+        "torch_dtype": resolved["torch_dtype"], "compute_dtype": resolved["compute_dtype"],
+        "quant": None if p.quant.mode == "none" else p.quant.mode, "double_quant": p.quant.double_quant,
+        "lora_r": p.lora.r, "lora_alpha": p.lora.alpha, "lora_dropout": p.lora.dropout,
+        "target_modules": None if p.lora.target_modules == "all-linear" else list(p.lora.target_modules),
+        "optim_wrapper": "AmpOptimWrapper" if amp else "OptimWrapper",
+        "amp_dtype": DTYPES[resolved["precision"]] if amp else None,
+        "loss_scale": "dynamic" if resolved["precision"] == "fp16" else None,
+        "map_num_proc": 1 if resolved["device"] == "cpu" else 8,
+        "log_interval": 1 if resolved["device"] == "cpu" else 10,
+        "dist_backend": "nccl" if resolved["device"] == "cuda" else "gloo",
+        "pipeline": {**resolved, "deepspeed_config": "deepspeed.json" if ds != "none" else None},
+    }
+
+
+def render_text(recipe: str, ctx: dict) -> str:
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
+                             keep_trailing_newline=True, autoescape=False)
+    env.filters["py"] = repr
+    return env.get_template(f"{recipe}.py.j2").render(**ctx)
+
+
+def deepspeed_config(resolved: dict) -> dict:
+    """The ZeRO JSON, with precision explicit (XTuner's `auto` would decide from the GPU alone)."""
+    stage = int(resolved["deepspeed"][-1])
+    return {
+        "gradient_accumulation_steps": "auto", "train_micro_batch_size_per_gpu": "auto",
+        "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "zero_optimization": {"stage": stage, "overlap_comm": True},
+        "fp16": {"enabled": resolved["precision"] == "fp16", "initial_scale_power": 16},
+        "bf16": {"enabled": resolved["precision"] == "bf16"},
+    }
+
+
+def check_config(path: Path) -> Any:
+    """Load the rendered file the way XTuner will (mmengine, lazy imports)."""
+    from stages.xtuner_api import load_config
+
+    return load_config(path)
+
+
+def render(p: P.Params, resolved: dict, out: Path = CONFIG_DIR) -> Path:
+    text = render_text(p.recipe, context(p, resolved, out))
+    with output_dir(out) as tmp:
+        (tmp / "xtuner_config.py").write_text(text, encoding="utf-8")
+        if resolved["deepspeed"] != "none":
+            write_json(tmp / "deepspeed.json", deepspeed_config(resolved))
+        check_config(tmp / "xtuner_config.py")
+    return out / "xtuner_config.py"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.render", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default=str(P.PARAMS), help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    params = P.load(args.params)
+    resolved = resolve(params, **machine())
+    print(f"[render] resolved for this machine: {json.dumps(resolved)}", flush=True)
+    path = render(params, resolved)
+    print(f"[render] {path}: {params.recipe} recipe, LoRA r={params.lora.r}, "
+          f"quant {params.quant.mode}, {resolved['device']} {resolved['precision']}, "
+          f"deepspeed {resolved['deepspeed']}", flush=True)
+
+
+if __name__ == "__main__":
+    from stages.errors import run
+
+    run(main)

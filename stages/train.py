@@ -1,0 +1,173 @@
+"""Stage `train`: QLoRA fine-tuning with XTuner's trainer, from the rendered config.
+
+Runs the trainer in this process (several GPUs: through torchrun, XTuner's NPROC_PER_NODE way), so
+killing the stage kills the trainer. A `dvc repro` after an interruption resumes from the last
+checkpoint when the stage's inputs are unchanged and starts clean when they changed: the work dir
+remembers a fingerprint of them. Outputs at fixed paths:
+
+  models/adapter.pth          the final adapter's weights (no optimizer state)
+  models/work/                XTuner's work dir: logs and checkpoints, kept for resuming, not cached
+  reports/train/              DVCLive: per-step loss, lr, grad norm, tokens/s, memory; metrics.json
+
+    python -m stages.train
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from stages import params as P
+from stages.errors import fail
+from stages.paths import ADAPTER_PTH, CONFIG, CONFIG_DIR, TRAIN_WORK, VALIDATED_ASSISTANT
+from stages.train_log import write_live
+
+FINGERPRINT = "pipeline-inputs.json"
+
+
+def fingerprint(config_dir: Path, data: Path, model: Path) -> str:
+    """What a resume must not cross: the rendered config and data by content, the base model by
+    file names, sizes and times (hashing gigabytes of weights at every start would cost minutes)."""
+    h = hashlib.sha256()
+    for path in sorted(config_dir.rglob("*")) + [data]:
+        if path.is_file():
+            h.update(f"{path.name}\0".encode() + path.read_bytes())
+    for path in sorted(model.rglob("*")):
+        if path.is_file():
+            st = path.stat()
+            h.update(f"{path.relative_to(model)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()
+
+
+def prepare_work_dir(work: Path, print_: bool, fp: str) -> Path | None:
+    """Keep the work dir and return the checkpoint to resume from when it was made from the same
+    inputs; otherwise empty it (a changed input means a fresh run)."""
+    marker = work / FINGERPRINT
+    last = work / "last_checkpoint"
+    if marker.is_file() and json.loads(marker.read_text())["inputs"] == fp and last.is_file():
+        ckpt = Path(last.read_text().strip())
+        if ckpt.exists():
+            if print_:
+                print(f"[train] resuming from {ckpt} (inputs unchanged since it was written)", flush=True)
+            return ckpt
+    if work.exists():
+        if print_ and any(work.iterdir()):
+            print(f"[train] {work}: inputs changed or no checkpoint; starting clean", flush=True)
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    marker.write_text(json.dumps({"inputs": fp}) + "\n")
+    return None
+
+
+def final_checkpoint(work: Path) -> Path:
+    last = work / "last_checkpoint"
+    if not last.is_file():
+        fail(f"{work}: training ended without a checkpoint (see the log above)")
+    return Path(last.read_text().strip())
+
+
+def save_adapter(ckpt: Path, out: Path) -> int:
+    """The final checkpoint's model weights alone (a QLoRA run's adapter), atomically."""
+    import torch
+
+    from stages.xtuner_api import load_checkpoint_weights
+
+    weights = load_checkpoint_weights(ckpt)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    torch.save({"state_dict": dict(sorted(weights.items()))}, tmp)
+    os.replace(tmp, out)
+    return sum(t.numel() for t in weights.values())
+
+
+def run_distributed(args: argparse.Namespace, gpus: int, resume: Path | None) -> None:
+    """torchrun with one worker per GPU, in its own process group: a signal to this stage is passed
+    on, and no worker outlives it."""
+    from stages.xtuner_api import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={gpus}",
+           f"--master-port={free_port()}", "-m", "stages.train", "--worker", "--params", args.params]
+    if resume is not None:
+        cmd += ["--resume", str(resume)]
+    proc = subprocess.Popen(cmd, start_new_session=True)
+
+    def forward(signum, _frame):
+        os.killpg(proc.pid, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    try:
+        code = proc.wait()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if code:
+        fail(f"training failed on {gpus} GPUs (torchrun exited {code}; see the log above)")
+
+
+def ensure_hash_seed(argv: Sequence[str] | None) -> None:
+    """Python's hash seed decides set order, and so the order LoRA layers are created and
+    initialised: fix it, or two runs differ."""
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        args = list(sys.argv[1:] if argv is None else argv)
+        os.execve(sys.executable, [sys.executable, "-m", "stages.train", *args], env)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default=str(P.PARAMS), help="params file (default: params.yaml)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--resume", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    ensure_hash_seed(argv)
+    params = P.load(args.params)
+    from stages.xtuner_api import load_config, run_trainer
+
+    pipeline = load_config(CONFIG).pipeline
+    deepspeed = CONFIG_DIR / pipeline["deepspeed_config"] if pipeline["deepspeed_config"] else None
+    if args.worker:  # one of torchrun's processes
+        run_trainer(CONFIG, TRAIN_WORK, deepspeed, Path(args.resume) if args.resume else None, "pytorch")
+        return
+    check_machine(pipeline)
+    P.log_section("train", params.train)
+    resume = prepare_work_dir(TRAIN_WORK, True, fingerprint(CONFIG_DIR, VALIDATED_ASSISTANT,
+                                                            Path(params.model.path)))
+    start = time.time()
+    if pipeline["gpus"] > 1:
+        run_distributed(args, pipeline["gpus"], resume)
+    else:
+        run_trainer(CONFIG, TRAIN_WORK, deepspeed, resume)
+    wall = time.time() - start
+    ckpt = final_checkpoint(TRAIN_WORK)
+    n = save_adapter(ckpt, ADAPTER_PTH)
+    summary = write_live(TRAIN_WORK, wall, pipeline)
+    print(f"[train] {ADAPTER_PTH}: {n:,} adapter weights from {ckpt.name}; final loss "
+          f"{summary['final_loss']}, {summary['tokens_per_sec']} tokens/s, {wall:.0f} s", flush=True)
+
+
+def check_machine(pipeline: dict) -> None:
+    """The config was rendered for a device; refuse to train it on another kind of machine."""
+    import torch
+
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    if pipeline["device"] == "cuda" and here == "cpu":
+        fail(f"{CONFIG} was rendered for cuda but no GPU is visible here; rerun `dvc repro -f render`")
+    if pipeline["device"] == "cuda" and torch.cuda.device_count() < pipeline["gpus"]:
+        fail(f"train.gpus: {pipeline['gpus']} but {torch.cuda.device_count()} GPUs are visible")
+
+
+if __name__ == "__main__":
+    from stages.errors import run
+
+    run(main)

@@ -1,0 +1,72 @@
+"""Training scalars -> DVCLive: per-step plots and the summary metrics `dvc metrics diff` compares.
+
+mmengine writes one JSON line per logging interval to `<work>/<timestamp>/vis_data/scalars.json`,
+a new timestamped folder per run (a resumed run adds one). They are merged by step, later runs
+winning, and written with DVCLive to reports/train/ (plots/metrics/*.tsv, metrics.json).
+"""
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+from pathlib import Path
+
+from stages.paths import TRAIN_LIVE
+
+# mmengine/XTuner scalar -> DVCLive metric name
+LOGGED = {"loss": "loss", "lr": "lr", "grad_norm": "grad_norm", "tokens_per_sec": "tokens_per_sec",
+          "memory": "memory_mb", "time": "iter_time_s"}
+
+
+def read_scalars(work: Path) -> dict[int, dict]:
+    """step -> scalars, over every run in the work dir (timestamped folders sort by time)."""
+    steps: dict[int, dict] = {}
+    for path in sorted(work.glob("*/vis_data/scalars.json")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                step = int(rec.get("step", rec.get("iter", 0)))
+                steps[step] = {LOGGED[k]: float(v) for k, v in rec.items() if k in LOGGED}
+    return dict(sorted(steps.items()))
+
+
+def summarize(steps: dict[int, dict], wall: float, pipeline: dict) -> dict:
+    rows = list(steps.values())
+    losses = [r["loss"] for r in rows if "loss" in r]
+    speeds = [r["tokens_per_sec"] for r in rows if "tokens_per_sec" in r][1:]  # first includes start-up
+    gpu_mem = [r["memory_mb"] for r in rows if "memory_mb" in r]
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: kilobytes
+    return {
+        "final_loss": round(statistics.fmean(losses[-5:]), 4) if losses else None,
+        "first_loss": round(losses[0], 4) if losses else None,
+        "iters": max(steps) if steps else 0,
+        "tokens_per_sec": round(statistics.fmean(speeds), 1) if speeds else None,
+        "peak_memory_mb": round(max(gpu_mem) if gpu_mem else rss_kb / 1024, 1),
+        "peak_memory_kind": "gpu_allocated" if gpu_mem else "process_rss",
+        "wall_time_s": round(wall, 1),
+        "device": pipeline["device"], "gpus": pipeline["gpus"],
+    }
+
+
+def write_live(work: Path, wall: float, pipeline: dict, out: Path = TRAIN_LIVE) -> dict:
+    """Write every step with DVCLive and the summary into its metrics.json; return the summary."""
+    from dvclive import Live
+
+    steps = read_scalars(work)
+    summary = summarize(steps, wall, pipeline)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    # dvcyaml=None: DVCLive must not edit the project's dvc.yaml; save_dvc_exp=False: no experiment
+    # of its own (the stage may already be running inside `dvc exp run`).
+    with Live(dir=str(out), dvcyaml=None, save_dvc_exp=False, report=None) as live:
+        for step, values in steps.items():
+            live.step = step
+            for name, value in values.items():
+                live.log_metric(f"train/{name}", value)
+        for key, value in summary.items():
+            live.summary[key] = value
+    print(f"[train] {out}: {len(steps)} logged steps", file=sys.stderr if not steps else sys.stdout)
+    return summary

@@ -1,0 +1,108 @@
+"""The training chain on the tiny model, with the real XTuner and DVC: outputs, an experiment,
+resume after a kill, clean start after a change, byte-identical reruns."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import env, sh
+
+pytestmark = pytest.mark.e2e
+
+
+def test_outputs_hold_real_results(built):
+    import torch
+
+    adapter = torch.load(built / "models/adapter.pth", weights_only=True)
+    assert set(adapter) == {"state_dict"}  # weights only, no optimizer state
+    assert adapter["state_dict"] and all("lora_" in k for k in adapter["state_dict"])
+    assert (built / "models/adapter/adapter_model.safetensors").is_file()
+    metrics = json.loads((built / "reports/train/metrics.json").read_text())
+    assert metrics["iters"] > 0 and metrics["final_loss"] < metrics["first_loss"]
+    assert metrics["tokens_per_sec"] > 0 and metrics["peak_memory_mb"] > 0 and metrics["wall_time_s"] > 0
+    loss = (built / "reports/train/plots/metrics/train/loss.tsv").read_text().splitlines()
+    assert loss[0] == "step\tloss" and len(loss) == metrics["iters"] + 1
+    merge = json.loads((built / "reports/merge.json").read_text())
+    assert 0 <= merge["max_logit_diff"] <= merge["tolerance"]
+    assert not list((built / "models/work").glob("*/vis_data/*dvc*"))  # no mmengine DVCLive backend
+
+
+def test_merged_model_loads_and_answers(built):
+    from stages.xtuner_api import patch_stack
+
+    patch_stack()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(built / "models/merged")
+    model = AutoModelForCausalLM.from_pretrained(built / "models/merged")
+    ids = tok.apply_chat_template([{"role": "user", "content": "你是谁"}], add_generation_prompt=True,
+                                  return_tensors="pt")
+    out = model.generate(ids, max_new_tokens=20, do_sample=False)
+    answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert answer.strip()
+
+
+def test_lora_rank_experiment_reruns_only_the_training_chain(project):
+    sh("git", "add", "-A", cwd=project)
+    sh("git", "commit", "-q", "--allow-empty", "-m", "baseline", cwd=project)
+    out = sh("dvc", "exp", "run", "-S", "lora.r=32", "-n", "r32", cwd=project).stdout
+    import re
+
+    assert re.findall(r"Running stage '(\w+)'", out) == ["render", "train", "convert", "merge"]
+    params = json.loads(sh("dvc", "params", "diff", "--json", cwd=project).stdout)["params.yaml"]
+    assert (params["lora.r"]["old"], params["lora.r"]["new"]) == (64, 32)
+    metrics = json.loads(sh("dvc", "metrics", "diff", "--json", cwd=project).stdout)
+    assert "final_loss" in metrics["reports/train/metrics.json"]
+    plots = sh("dvc", "plots", "diff", "--json", cwd=project).stdout
+    assert "loss" in plots
+
+
+def _train(project, *extra):
+    return subprocess.Popen([sys.executable, "-m", "stages.train", *extra], cwd=project, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_training_resumes_from_its_last_checkpoint(project, sig):
+    shutil.rmtree(project / "models/work")
+    proc = _train(project)
+    deadline = time.time() + 240
+    while not (project / "models/work/last_checkpoint").exists() or \
+            "iter_50" not in (project / "models/work/last_checkpoint").read_text():
+        assert proc.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    assert not _alive(proc.pid)  # the trainer ran in the stage's process: nothing survives it
+    out = sh(sys.executable, "-m", "stages.train", cwd=project).stdout
+    assert "resuming from" in out and "iter_50.pth" in out
+    metrics = json.loads((project / "reports/train/metrics.json").read_text())
+    assert metrics["iters"] == 354
+
+
+def test_changed_inputs_start_clean(project):
+    cfg = project / "models/config/xtuner_config.py"
+    cfg.write_text(cfg.read_text().replace("lr = 0.01", "lr = 0.005"))
+    out = sh(sys.executable, "-m", "stages.train", cwd=project).stdout
+    assert "inputs changed or no checkpoint; starting clean" in out and "resuming" not in out
+
+
+def test_rerun_gives_a_byte_identical_adapter(built, project):
+    sh("dvc", "repro", "-f", "train", "convert", cwd=project)
+    for path in ("models/adapter.pth", "models/adapter/adapter_model.safetensors",
+                 "models/adapter/adapter_config.json"):
+        assert (project / path).read_bytes() == (built / path).read_bytes(), path
