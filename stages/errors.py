@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Callable, NoReturn, Sequence
 
 
@@ -20,8 +21,12 @@ def fail(message: str) -> NoReturn:
 def run(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
     """Entry point of every `python -m stages.<name>`: runs `main`, turns a StageError into one line."""
     _isolate_caches()
+    start = time.time()
     try:
         main(argv)
+        spec = getattr(sys.modules.get(main.__module__), "__spec__", None)
+        name = (spec.name if spec else main.__module__).rsplit(".", 1)[-1]
+        print(f"[{name}] done in {time.time() - start:.1f} s", file=sys.stderr, flush=True)
     except StageError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

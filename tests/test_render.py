@@ -65,3 +65,11 @@ def test_every_tuned_value_reaches_the_config():
                    "max_iters=77", "warmup_iters = 3", "batch_size = 2", "accumulative_counts = 4",
                    "end=77"):
         assert needle in text, needle
+
+
+def test_mmengine_dvclive_backend_is_never_configured():
+    # mmengine's DVCLiveVisBackend runs `dvc init -f` (wiping .dvc/) when git has no author.
+    for golden in GOLDEN.glob("*.py"):
+        text = golden.read_text(encoding="utf-8")
+        assert "DVCLive" not in text.replace("DVCLive plots", "").replace("DVCLive backend is not used", "")
+        assert "vis_backends=[dict(type=LocalVisBackend)]" in text
