@@ -51,4 +51,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 if __name__ == "__main__":
     from stages.errors import run
 
-    run(main)
+    run(main, stage="convert")

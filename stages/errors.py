@@ -18,15 +18,16 @@ def fail(message: str) -> NoReturn:
     raise StageError(message)
 
 
-def run(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
-    """Entry point of every `python -m stages.<name>`: runs `main`, turns a StageError into one line."""
+def run(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None,
+        stage: str | None = None) -> None:
+    """Entry point of every `python -m stages.<name>`: runs `main`, turns a StageError into one line.
+    A pipeline stage (`stage` named) also records its wall time and peak memory."""
     _isolate_caches()
     start = time.time()
     try:
         main(argv)
-        spec = getattr(sys.modules.get(main.__module__), "__spec__", None)
-        name = (spec.name if spec else main.__module__).rsplit(".", 1)[-1]
-        print(f"[{name}] done in {time.time() - start:.1f} s", file=sys.stderr, flush=True)
+        if stage:
+            record_stage(stage, time.time() - start)
     except StageError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
@@ -46,3 +47,20 @@ def _isolate_caches() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def record_stage(name: str, wall: float) -> None:
+    """reports/stages/<name>.json: wall time and peak memory of this run (a DVC metric)."""
+    import json
+    import resource
+
+    from stages.paths import STAGE_TIMES
+
+    stats = {"wall_time_s": round(wall, 1),
+             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        stats["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    STAGE_TIMES.mkdir(parents=True, exist_ok=True)
+    (STAGE_TIMES / f"{name}.json").write_text(json.dumps(stats) + "\n")
+    print(f"[{name}] done in {wall:.1f} s, peak memory {stats['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)

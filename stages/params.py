@@ -127,6 +127,12 @@ class Eval:
     system: str = spec("system prompt ('' for none)")
     interval: int = spec("iterations between evaluation chats during training", minimum=1)
     max_new_tokens: int = spec("tokens generated per answer", minimum=1)
+    backend: Literal["auto", "transformers", "lmdeploy"] = spec(
+        "generation backend of the evaluate stage; auto: lmdeploy where installed and a GPU is visible")
+    heldout_prompts: str = spec("JSON with identity_heldout (paraphrases not in the training data) and "
+                                "general prompts", minLength=1)
+    perplexity_data: str = spec("held-out general conversations (JSON Lines) for perplexity", minLength=1)
+    seed: int = spec("seed of generation", minimum=0)
 
 
 @dataclass(frozen=True)
@@ -138,7 +144,7 @@ class Params:
     quant: Quant = spec("quantization of the base model")
     train: Train = spec("training")
     merge: Merge = spec("merging the adapter into the base model")
-    eval: Eval = spec("evaluation prompts")
+    eval: Eval = spec("evaluation: prompts during training, and the evaluate stage")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,5 +36,11 @@ REPORTS = Path("reports")
 DATA_STATS = REPORTS / "data_stats.json"  # stage validate (a DVC metric)
 TRAIN_LIVE = REPORTS / "train"  # stage train: DVCLive folder (metrics.json, plots/metrics/*.tsv)
 MERGE_METRICS = REPORTS / "merge.json"  # stage merge: the logits check
+EVAL = REPORTS / "eval"  # stage evaluate
+GENERATIONS = EVAL / "generations.jsonl"  # prompt, kind, base answer, tuned answer
+EVAL_METRICS = EVAL / "metrics.json"
+REPORT = REPORTS / "report.md"  # stage report
+LOSS_PNG = REPORTS / "loss.png"
+STAGE_TIMES = REPORTS / "stages"  # every stage: <name>.json with wall time and peak memory
 
 CACHE = Path(".cache")  # Hugging Face and dataset caches stay inside the project

@@ -183,4 +183,4 @@ def check_machine(pipeline: dict) -> None:
 if __name__ == "__main__":
     from stages.errors import run
 
-    run(main)
+    run(main, stage="train")

@@ -1,0 +1,215 @@
+"""Stage `evaluate`: ask the base and the fine-tuned model the same prompts, and measure the change.
+
+Three kinds of prompt, each through the model's chat template with the same greedy decoding:
+`trained` (the tutorial's, also in the training data), `heldout` (paraphrases never trained on) and
+`general` (nothing to do with identity). Measured for both models:
+
+  identity hit rate      share of answers naming both the assistant and its author (trained, heldout)
+  general identity leak  share of general answers that name the assistant or author anyway: the
+                         tutorial's fine-tune ended up answering everything with its identity sentence
+  perplexity             of held-out general conversations (forgetting shows as a rise)
+  answer length, tokens/s
+
+Outputs: reports/eval/generations.jsonl (prompt, kind, base, tuned) and reports/eval/metrics.json.
+
+    python -m stages.evaluate
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from stages import params as P
+from stages.errors import fail
+from stages.io import read_json, read_jsonl, write_json, write_jsonl
+from stages.paths import EVAL_METRICS, GENERATIONS, MERGED
+
+
+def load_prompts(p: P.Params) -> list[tuple[str, str]]:
+    """(kind, prompt) pairs: the training-time prompts, the held-out paraphrases, general prompts."""
+    path = Path(p.eval.heldout_prompts)
+    extra = read_json(path, "eval.heldout_prompts")
+    if not isinstance(extra, dict):
+        fail(f"{path}: expected an object with lists 'identity_heldout' and 'general'")
+    out = [("trained", q) for q in p.eval.prompts]
+    for key, kind in (("identity_heldout", "heldout"), ("general", "general")):
+        items = extra.get(key)
+        if not isinstance(items, list) or not items or not all(isinstance(s, str) and s.strip() for s in items):
+            fail(f"{path}: {key}: expected a non-empty list of non-empty strings")
+        out += [(kind, q) for q in items]
+    return out
+
+
+def names_identity(answer: str, name: str, author: str) -> bool:
+    low = answer.lower()
+    return name.lower() in low and author.lower() in low
+
+
+def mentions_identity(answer: str, name: str, author: str) -> bool:
+    low = answer.lower()
+    return name.lower() in low or author.lower() in low
+
+
+def score(rows: list[dict], side: str, name: str, author: str) -> dict:
+    """The identity metrics of one model's answers (`side`: base or tuned); pure."""
+    def rate(kind, test):
+        answers = [r[side] for r in rows if r["kind"] == kind]
+        return round(sum(test(a, name, author) for a in answers) / len(answers), 4) if answers else None
+
+    return {"identity_hit_rate_trained": rate("trained", names_identity),
+            "identity_hit_rate_heldout": rate("heldout", names_identity),
+            "general_identity_leak": rate("general", mentions_identity)}
+
+
+class TransformersChat:
+    """Greedy chat generation with transformers, batched with left padding."""
+
+    def __init__(self, path: Path, device: str, system: str) -> None:
+        from stages.modeldir import check, load_tokenizer
+        from stages.xtuner_api import patch_stack
+
+        patch_stack()
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        check(path, "model.path" if path != MERGED else str(MERGED))
+        self.tok = load_tokenizer(path)
+        self.tok.padding_side = "left"
+        if self.tok.pad_token_id is None:
+            self.tok.pad_token = self.tok.eos_token
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=dtype, trust_remote_code=True,
+                                                          local_files_only=True).to(device).eval()
+        self.device, self.system = device, system
+
+    def encode(self, messages: list[dict]) -> list[int]:
+        if self.system:
+            messages = [{"role": "system", "content": self.system}] + messages
+        if getattr(self.tok, "chat_template", None):
+            return self.tok.apply_chat_template(messages, add_generation_prompt=True)
+        from stages.xtuner_api import prompt_template
+
+        t = prompt_template("internlm2_chat")
+        text = "".join(t["INSTRUCTION"].format(input=m["content"], round=1) for m in messages if m["role"] == "user")
+        return self.tok(text)["input_ids"]
+
+    def generate(self, prompts: list[str], max_new_tokens: int, seed: int) -> tuple[list[str], int, float]:
+        """Answers, generated tokens, seconds."""
+        import torch
+
+        torch.manual_seed(seed)
+        batch = self.tok.pad({"input_ids": [self.encode([{"role": "user", "content": q}]) for q in prompts]},
+                             return_tensors="pt").to(self.device)
+        stop = [i for i in {self.tok.eos_token_id, self.tok.convert_tokens_to_ids("<|im_end|>")}
+                if isinstance(i, int) and i != self.tok.unk_token_id]
+        start = time.time()
+        with torch.no_grad():
+            out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
+                                      pad_token_id=self.tok.pad_token_id)
+        seconds = time.time() - start
+        new = out[:, batch["input_ids"].shape[1]:]
+        answers, n_tokens = [], 0
+        for row in new.tolist():
+            kept = []
+            for t in row:
+                if t in stop:
+                    break
+                kept.append(t)
+            n_tokens += len(kept)
+            answers.append(self.tok.decode(kept, skip_special_tokens=True).strip())
+        return answers, n_tokens, seconds
+
+    def perplexity(self, conversations: list[list[dict]]) -> float:
+        """Token-weighted perplexity of whole chat-formatted conversations."""
+        import torch
+
+        nll, count = 0.0, 0
+        with torch.no_grad():
+            for messages in conversations:
+                ids = self.tok.apply_chat_template(messages) if getattr(self.tok, "chat_template", None) else \
+                    self.tok("\n".join(m["content"] for m in messages))["input_ids"]
+                x = torch.tensor([ids], device=self.device)
+                loss = self.model(input_ids=x, labels=x).loss.item()
+                nll += loss * (len(ids) - 1)
+                count += len(ids) - 1
+        return round(math.exp(nll / count), 3)
+
+
+def pick_backend(requested: str, cuda: bool) -> str:
+    if requested != "auto":
+        return requested
+    try:
+        import lmdeploy  # noqa: F401
+    except ImportError:
+        return "transformers"
+    return "lmdeploy" if cuda else "transformers"
+
+
+def lmdeploy_answers(path: Path, prompts: list[str], p: P.Params) -> tuple[list[str], int, float]:
+    """LMDeploy's pipeline() with InternLM2's chat template, as the tutorial chats with the result."""
+    try:
+        from lmdeploy import ChatTemplateConfig, GenerationConfig, PytorchEngineConfig, pipeline
+    except ImportError:
+        fail("eval.backend: lmdeploy is not installed here (pip install 'xtuner-dvc-pipeline[lmdeploy]' "
+             "on a GPU host), or use transformers")
+    pipe = pipeline(str(path), backend_config=PytorchEngineConfig(),
+                    chat_template_config=ChatTemplateConfig(model_name="internlm2"))
+    gen = GenerationConfig(max_new_tokens=p.eval.max_new_tokens, do_sample=False, random_seed=p.eval.seed)
+    start = time.time()
+    out = pipe(prompts, gen_config=gen)
+    seconds = time.time() - start
+    return [o.text.strip() for o in out], sum(o.generate_token_len for o in out), seconds
+
+
+def evaluate(p: P.Params, backend: str, device: str) -> tuple[list[dict], dict]:
+    prompts = load_prompts(p)
+    conversations = [r["messages"] for r in read_jsonl(Path(p.eval.perplexity_data), "eval.perplexity_data")]
+    questions = [q for _, q in prompts]
+    rows = [{"prompt": q, "kind": kind} for kind, q in prompts]
+    metrics: dict[str, Any] = {"backend": backend, "prompts": len(prompts)}
+    for side, path in (("base", Path(p.model.path)), ("tuned", MERGED)):
+        chat = TransformersChat(path, device, p.eval.system)
+        if backend == "lmdeploy":
+            answers, n_tokens, seconds = lmdeploy_answers(path, questions, p)
+        else:
+            answers, n_tokens, seconds = chat.generate(questions, p.eval.max_new_tokens, p.eval.seed)
+        for row, answer in zip(rows, answers):
+            row[side] = answer
+        metrics[side] = {
+            **score(rows, side, p.data.assistant_name, p.data.author),
+            "perplexity_general": chat.perplexity(conversations),
+            "mean_answer_tokens": round(n_tokens / len(answers), 1),
+            "generation_tokens_per_sec": round(n_tokens / seconds, 1) if seconds else None,
+        }
+        del chat
+    return rows, metrics
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default=str(P.PARAMS), help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    params = P.load(args.params)
+    P.log_section("evaluate", params.eval)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backend = pick_backend(params.eval.backend, device == "cuda")
+    rows, metrics = evaluate(params, backend, device)
+    write_jsonl(GENERATIONS, rows)
+    write_json(EVAL_METRICS, metrics)
+    b, t = metrics["base"], metrics["tuned"]
+    print(f"[evaluate] {backend}, {len(rows)} prompts: identity hit rate trained {b['identity_hit_rate_trained']} "
+          f"-> {t['identity_hit_rate_trained']}, held-out {b['identity_hit_rate_heldout']} -> "
+          f"{t['identity_hit_rate_heldout']}, general leak {b['general_identity_leak']} -> "
+          f"{t['general_identity_leak']}, perplexity {b['perplexity_general']} -> {t['perplexity_general']}",
+          flush=True)
+
+
+if __name__ == "__main__":
+    from stages.errors import run
+
+    run(main, stage="evaluate")

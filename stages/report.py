@@ -1,0 +1,167 @@
+"""Stage `report`: reports/report.md, the page a reviewer reads in a pull request.
+
+The params that matter (with what `auto` became on this machine), data statistics, the loss curve
+(reports/loss.png), training and merge figures, the evaluation metrics and every answer of the base
+and the tuned model side by side, and the wall time and peak memory of each stage. The headline
+numbers also go to reports/metrics.json for `dvc metrics diff`.
+
+    python -m stages.report
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from stages import params as P
+from stages.io import read_json, read_jsonl, write_json, write_text
+from stages.paths import (CONFIG, DATA_STATS, EVAL_METRICS, GENERATIONS, LOSS_PNG, MERGE_METRICS, REPORT,
+                          REPORTS, STAGE_TIMES, TRAIN_LIVE)
+
+LOSS_TSV = TRAIN_LIVE / "plots" / "metrics" / "train" / "loss.tsv"
+STAGE_ORDER = ["base", "generate", "repeat", "validate", "render", "train", "convert", "merge", "evaluate"]
+
+
+def read_tsv(text: str) -> tuple[list[int], list[float]]:
+    lines = [line.split("\t") for line in text.splitlines()[1:] if line.strip()]
+    return [int(float(a)) for a, _ in lines], [float(b) for _, b in lines]
+
+
+def plot_losses(curves: dict[str, tuple[list[int], list[float]]], out: Path, title: str) -> None:
+    """Loss against step, one line per run, as a PNG (same data, same bytes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    for label, (steps, losses) in curves.items():
+        ax.plot(steps, losses, label=label, linewidth=1.4)
+    ax.set(xlabel="step", ylabel="training loss", title=title)
+    ax.grid(alpha=0.3)
+    if len(curves) > 1:
+        ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, metadata={"Software": None})
+    plt.close(fig)
+
+
+def cell(text: Any, limit: int = 160) -> str:
+    """A value fit for one markdown table cell."""
+    s = "" if text is None else str(text)
+    s = s.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ⏎ ").strip()
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    out += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def headline(train: dict, merge: dict, ev: dict, data: dict) -> dict:
+    """The numbers `dvc metrics diff` compares across experiments."""
+    t, b = ev.get("tuned", {}), ev.get("base", {})
+    return {
+        "final_loss": train.get("final_loss"), "tokens_per_sec": train.get("tokens_per_sec"),
+        "peak_memory_mb": train.get("peak_memory_mb"), "train_wall_time_s": train.get("wall_time_s"),
+        "merge_max_logit_diff": merge.get("max_logit_diff"),
+        "identity_hit_rate_trained": t.get("identity_hit_rate_trained"),
+        "identity_hit_rate_heldout": t.get("identity_hit_rate_heldout"),
+        "general_identity_leak": t.get("general_identity_leak"),
+        "perplexity_general_base": b.get("perplexity_general"),
+        "perplexity_general_tuned": t.get("perplexity_general"),
+        "train_records": data.get("assistant", {}).get("kept"),
+    }
+
+
+def params_rows(p: P.Params, resolved: dict) -> list[list[Any]]:
+    t = p.train
+    return [
+        ["model", p.model.path], ["recipe", p.recipe],
+        ["assistant / author", f"{p.data.assistant_name} / {p.data.author}"],
+        ["LoRA", f"r={p.lora.r}, alpha={p.lora.alpha}, dropout={p.lora.dropout}, targets={p.lora.target_modules}"],
+        ["quantization", f"{p.quant.mode}, double quant {p.quant.double_quant}, compute {resolved.get('compute_dtype')}"],
+        ["device / precision / DeepSpeed", f"{resolved.get('device')} x{resolved.get('gpus')} / "
+                                           f"{resolved.get('precision')} / {resolved.get('deepspeed')}"],
+        ["batch", f"{t.micro_batch} x {t.grad_accum} accumulation x {t.gpus} GPU, max_length {p.data.max_length}, "
+                  f"packed {t.pack}"],
+        ["schedule", f"lr {t.lr}, warm-up {t.warmup_iters} iters, "
+                     + (f"{t.max_iters} iterations" if t.max_iters else f"{t.epochs} epochs")],
+    ]
+
+
+def stage_rows() -> list[list[Any]]:
+    rows = []
+    for name in STAGE_ORDER:
+        path = STAGE_TIMES / f"{name}.json"
+        if path.is_file():
+            s = json.loads(path.read_text())
+            rows.append([name, s["wall_time_s"], s["peak_rss_mb"], s.get("peak_gpu_mb", "")])
+    return rows
+
+
+def build_report(p: P.Params) -> tuple[str, dict]:
+    from stages.xtuner_api import load_config
+
+    resolved = load_config(CONFIG).pipeline
+    data = read_json(DATA_STATS, "run `dvc repro validate`")
+    train = read_json(TRAIN_LIVE / "metrics.json", "run `dvc repro train`")
+    merge = read_json(MERGE_METRICS, "run `dvc repro merge`")
+    ev = read_json(EVAL_METRICS, "run `dvc repro evaluate`")
+    rows = read_jsonl(GENERATIONS, "run `dvc repro evaluate`")
+    plot_losses({"loss": read_tsv(LOSS_TSV.read_text())}, LOSS_PNG, "Training loss")
+    a = data["assistant"]
+    kinds = ("trained", "heldout", "general")
+    metric_names = [("identity_hit_rate_trained", "identity hit rate, trained prompts"),
+                    ("identity_hit_rate_heldout", "identity hit rate, held-out paraphrases"),
+                    ("general_identity_leak", "general answers naming the identity"),
+                    ("perplexity_general", "perplexity, held-out general conversations"),
+                    ("mean_answer_tokens", "mean answer length (tokens)"),
+                    ("generation_tokens_per_sec", "generation tokens/s")]
+    md = [
+        f"# Fine-tune report: {p.recipe}", "",
+        f"{p.model.path} fine-tuned to answer as **{p.data.assistant_name}**, made by **{p.data.author}**. "
+        "Generated by `dvc repro report`; compare experiments with `python -m stages.compare`.", "",
+        "## Params", "", table(["", "value"], params_rows(p, resolved)), "",
+        "## Data", "",
+        table(["dataset", "records kept", "tokens min / p50 / p95 / max", "over max_length", "duplicates"],
+              [[name, f"{s['kept']} of {s['records']}", "{min} / {p50} / {p95} / {max}".format(**s["tokens"]),
+                s["over_max_length"], f"{s['duplicate_rate']:.1%}"]
+               for name, s in data.items() if isinstance(s, dict)]), "",
+        "## Training", "", f"![training loss]({LOSS_PNG.relative_to(REPORTS)})", "",
+        table(["final loss", "first loss", "iterations", "tokens/s", "peak memory (MB)", "wall time (s)"],
+              [[train.get("final_loss"), train.get("first_loss"), train.get("iters"), train.get("tokens_per_sec"),
+                f"{train.get('peak_memory_mb')} ({train.get('peak_memory_kind')})", train.get("wall_time_s")]]), "",
+        f"Merge check: base+adapter against the merged model ({merge['dtype']}), largest |logit| difference "
+        f"{merge['max_logit_diff']:.2e} (tolerance {merge['tolerance']:g}).", "",
+        f"## Evaluation ({ev['backend']}, greedy, {ev['prompts']} prompts)", "",
+        table(["metric", "base", "tuned"], [[label, ev["base"].get(k), ev["tuned"].get(k)] for k, label in metric_names]),
+        "",
+    ]
+    for kind in kinds:
+        subset = [r for r in rows if r["kind"] == kind]
+        if subset:
+            md += [f"### Answers: {kind} prompts", "",
+                   table(["prompt", "base", "tuned"], [[r["prompt"], r["base"], r["tuned"]] for r in subset]), ""]
+    md += ["## Stages", "", table(["stage", "wall time (s)", "peak RSS (MB)", "peak GPU (MB)"], stage_rows()), ""]
+    return "\n".join(md), headline(train, merge, ev, data)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default=str(P.PARAMS), help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    params = P.load(args.params)
+    text, numbers = build_report(params)
+    write_text(REPORT, text)
+    write_json(REPORTS / "metrics.json", numbers)
+    print(f"[report] {REPORT}, {LOSS_PNG}, {REPORTS / 'metrics.json'}", flush=True)
+
+
+if __name__ == "__main__":
+    from stages.errors import run
+
+    run(main, stage="report")
