@@ -6,7 +6,8 @@ checkpoint when the stage's inputs are unchanged and starts clean when they chan
 remembers a fingerprint of them. Outputs at fixed paths:
 
   models/adapter.pth          the final adapter's weights (no optimizer state)
-  models/work/                XTuner's work dir: logs and checkpoints, kept for resuming, not cached
+  models/work/                XTuner's work dir: logs and checkpoints, kept for resuming (not a DVC
+                              output: never cached, never hashed, git-ignored)
   reports/train/              DVCLive: per-step loss, lr, grad norm, tokens/s, memory; metrics.json
 
     python -m stages.train

@@ -53,13 +53,25 @@ def test_lora_rank_experiment_reruns_only_the_training_chain(project):
     out = sh("dvc", "exp", "run", "-S", "lora.r=32", "-n", "r32", cwd=project).stdout
     import re
 
-    assert re.findall(r"Running stage '(\w+)'", out) == ["render", "train", "convert", "merge"]
+    assert re.findall(r"Running stage '(\w+)'", out) == ["render", "train", "convert", "merge", "evaluate",
+                                                          "report"]
     params = json.loads(sh("dvc", "params", "diff", "--json", cwd=project).stdout)["params.yaml"]
     assert (params["lora.r"]["old"], params["lora.r"]["new"]) == (64, 32)
     metrics = json.loads(sh("dvc", "metrics", "diff", "--json", cwd=project).stdout)
     assert "final_loss" in metrics["reports/train/metrics.json"]
     plots = sh("dvc", "plots", "diff", "--json", cwd=project).stdout
     assert "loss" in plots
+    # the review of an experiment, as the README tells users to do it
+    sh(sys.executable, "-m", "stages.compare", "HEAD", "r32", cwd=project)
+    report = (project / "reports/compare/compare.md").read_text(encoding="utf-8")
+    assert "| lora.r | 64 | 32 |" in report and "| final_loss |" in report and "(+" in report or "(-" in report
+    assert (project / "reports/compare/loss.png").is_file()
+    assert report.count("| trained |") == 3
+
+
+def test_compare_refuses_unknown_revisions(project):
+    proc = sh(sys.executable, "-m", "stages.compare", "HEAD", "no-such-exp", cwd=project, check=False)
+    assert proc.returncode == 1 and "no-such-exp: not a commit" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def _train(project, *extra):
