@@ -36,6 +36,7 @@ yaml.dump(p, open("params.yaml", "w"))
 PY
 python -m dvc repro 2>&1 | tee "$OUT/repro.log" | grep -E "^Running stage|^\[|Error|error|Iter\(train\) \[ *[0-9]*0/" || true
 echo "total $(( $(date +%s) - t0 )) s" | tee -a "$OUT/repro.log"
-cp reports/train/metrics.json "$OUT/train_metrics.json"; cp reports/merge.json "$OUT/merge.json"
-cp reports/data_stats.json "$OUT/data_stats.json"; cp models/config/xtuner_config.py "$OUT/"
-cp reports/train/plots/metrics/train/loss.tsv "$OUT/loss.tsv"
+# Everything a reviewer needs, in one archive: the report, metrics, loss curve, stage times, config.
+cp models/config/xtuner_config.py reports/
+tar czf "$OUT/reports.tgz" reports/report.md reports/loss.png reports/metrics.json reports/merge.json \
+  reports/data_stats.json reports/eval reports/stages reports/train reports/xtuner_config.py

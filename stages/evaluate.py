@@ -138,30 +138,53 @@ class TransformersChat:
         return round(math.exp(nll / count), 3)
 
 
-def pick_backend(requested: str, cuda: bool) -> str:
+def pick_backend(requested: str, cuda: bool, lmdeploy_python: bool = False) -> str:
+    """auto: LMDeploy where a GPU is visible and an LMDeploy interpreter is configured."""
     if requested != "auto":
         return requested
-    try:
-        import lmdeploy  # noqa: F401
-    except ImportError:
-        return "transformers"
-    return "lmdeploy" if cuda else "transformers"
+    return "lmdeploy" if cuda and lmdeploy_python else "transformers"
+
+
+LMDEPLOY_SCRIPT = """
+import json, sys, time
+from lmdeploy import ChatTemplateConfig, GenerationConfig, PytorchEngineConfig, pipeline
+req = json.load(sys.stdin)
+pipe = pipeline(req["model"], backend_config=PytorchEngineConfig(),
+                chat_template_config=ChatTemplateConfig(model_name="internlm2"))
+gen = GenerationConfig(max_new_tokens=req["max_new_tokens"], do_sample=False, random_seed=req["seed"])
+start = time.time()
+out = pipe(req["prompts"], gen_config=gen)
+json.dump({"answers": [o.text.strip() for o in out], "tokens": sum(o.generate_token_len for o in out),
+           "seconds": time.time() - start}, sys.stdout)
+"""
 
 
 def lmdeploy_answers(path: Path, prompts: list[str], p: P.Params) -> tuple[list[str], int, float]:
-    """LMDeploy's pipeline() with InternLM2's chat template, as the tutorial chats with the result."""
-    try:
-        from lmdeploy import ChatTemplateConfig, GenerationConfig, PytorchEngineConfig, pipeline
-    except ImportError:
-        fail("eval.backend: lmdeploy is not installed here (pip install 'xtuner-dvc-pipeline[lmdeploy]' "
-             "on a GPU host), or use transformers")
-    pipe = pipeline(str(path), backend_config=PytorchEngineConfig(),
-                    chat_template_config=ChatTemplateConfig(model_name="internlm2"))
-    gen = GenerationConfig(max_new_tokens=p.eval.max_new_tokens, do_sample=False, random_seed=p.eval.seed)
-    start = time.time()
-    out = pipe(prompts, gen_config=gen)
-    seconds = time.time() - start
-    return [o.text.strip() for o in out], sum(o.generate_token_len for o in out), seconds
+    """LMDeploy's pipeline() with InternLM2's chat template, as the tutorial chats with the result.
+
+    LMDeploy cannot share XTuner 0.2.0's environment (every release that runs on a current torch wants
+    transformers >= 4.56; XTuner pins 4.48), so it runs in its own interpreter: $LMDEPLOY_PYTHON."""
+    import json
+    import os
+    import subprocess
+
+    python = os.environ.get("LMDEPLOY_PYTHON")
+    if not python:
+        fail("eval.backend: lmdeploy needs its own environment: set LMDEPLOY_PYTHON to a Python that has "
+             "lmdeploy (see README.md), or use eval.backend: transformers")
+    request = {"model": str(path), "prompts": prompts, "max_new_tokens": p.eval.max_new_tokens, "seed": p.eval.seed}
+    proc = subprocess.run([python, "-c", LMDEPLOY_SCRIPT], input=json.dumps(request), capture_output=True, text=True)
+    if proc.returncode:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        fail(f"eval.backend: lmdeploy failed in {python} ({last})")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out["answers"], out["tokens"], out["seconds"]
+
+
+def lmdeploy_configured() -> bool:
+    import os
+
+    return bool(os.environ.get("LMDEPLOY_PYTHON"))
 
 
 def evaluate(p: P.Params, backend: str, device: str) -> tuple[list[dict], dict]:
@@ -197,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    backend = pick_backend(params.eval.backend, device == "cuda")
+    backend = pick_backend(params.eval.backend, device == "cuda", lmdeploy_configured())
     rows, metrics = evaluate(params, backend, device)
     write_jsonl(GENERATIONS, rows)
     write_json(EVAL_METRICS, metrics)

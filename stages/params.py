@@ -128,7 +128,8 @@ class Eval:
     interval: int = spec("iterations between evaluation chats during training", minimum=1)
     max_new_tokens: int = spec("tokens generated per answer", minimum=1)
     backend: Literal["auto", "transformers", "lmdeploy"] = spec(
-        "generation backend of the evaluate stage; auto: lmdeploy where installed and a GPU is visible")
+        "generation backend of the evaluate stage; auto: lmdeploy where a GPU is visible and "
+        "$LMDEPLOY_PYTHON names an interpreter with lmdeploy, else transformers")
     heldout_prompts: str = spec("JSON with identity_heldout (paraphrases not in the training data) and "
                                 "general prompts", minLength=1)
     perplexity_data: str = spec("held-out general conversations (JSON Lines) for perplexity", minLength=1)

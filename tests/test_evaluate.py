@@ -50,8 +50,17 @@ def test_bad_heldout_prompts_file(tmp_path):
 
 
 def test_backend_choice():
-    assert evaluate.pick_backend("transformers", cuda=True) == "transformers"
-    assert evaluate.pick_backend("auto", cuda=False) == "transformers"
+    assert evaluate.pick_backend("transformers", cuda=True, lmdeploy_python=True) == "transformers"
+    assert evaluate.pick_backend("auto", cuda=False, lmdeploy_python=True) == "transformers"
+    assert evaluate.pick_backend("auto", cuda=True, lmdeploy_python=False) == "transformers"
+    assert evaluate.pick_backend("auto", cuda=True, lmdeploy_python=True) == "lmdeploy"
+
+
+def test_lmdeploy_without_its_environment_is_one_line(monkeypatch):
+    monkeypatch.delenv("LMDEPLOY_PYTHON", raising=False)
+    p = P.load(ROOT / "params.yaml")
+    with pytest.raises(StageError, match="eval.backend: lmdeploy needs its own environment"):
+        evaluate.lmdeploy_answers(ROOT / "models/merged", ["hi"], p)
 
 
 def test_stage_outputs_hold_real_numbers(built):

@@ -108,13 +108,15 @@ def test_killed_training_resumes_from_its_last_checkpoint(project, sig):
 
 def test_changed_inputs_start_clean(project):
     cfg = project / "models/config/xtuner_config.py"
-    cfg.write_text(cfg.read_text().replace("lr = 0.01", "lr = 0.005"))
+    text = cfg.read_text()
+    assert "\nlr = " in text
+    cfg.write_text(text.replace("\nlr = ", "\nlr = 0.5 * "))
     out = sh(sys.executable, "-m", "stages.train", cwd=project).stdout
     assert "inputs changed or no checkpoint; starting clean" in out and "resuming" not in out
 
 
 def test_rerun_gives_a_byte_identical_adapter(built, project):
-    sh("dvc", "repro", "-f", "train", "convert", cwd=project)
+    sh("dvc", "repro", "-f", "-s", "train", "convert", cwd=project)
     for path in ("models/adapter.pth", "models/adapter/adapter_model.safetensors",
                  "models/adapter/adapter_config.json"):
         assert (project / path).read_bytes() == (built / path).read_bytes(), path

@@ -38,7 +38,7 @@ pack_to_max_length = True
 batch_size = 1  # per device
 accumulative_counts = 1  # 1 x 1 accum x 1 GPU x 256 tokens = 256 tokens per step
 dataloader_num_workers = 0
-lr = 0.01
+lr = 0.004
 betas = (0.9, 0.999)
 weight_decay = 0.0
 max_norm = 1.0  # grad clip
