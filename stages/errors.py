@@ -49,6 +49,15 @@ def _isolate_caches() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+_NOTES: dict = {}
+
+
+def note(**figures) -> None:
+    """Figures a stage knows better than the process does (the trainer's own GPU peak: mmengine
+    resets torch's peak counters at every log interval), merged into its stage record."""
+    _NOTES.update(figures)
+
+
 def record_stage(name: str, wall: float) -> None:
     """reports/stages/<name>.json: wall time and peak memory of this run (a DVC metric)."""
     import json
@@ -61,6 +70,7 @@ def record_stage(name: str, wall: float) -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         stats["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    stats.update(_NOTES)
     STAGE_TIMES.mkdir(parents=True, exist_ok=True)
     (STAGE_TIMES / f"{name}.json").write_text(json.dumps(stats) + "\n")
     print(f"[{name}] done in {wall:.1f} s, peak memory {stats['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 from stages import params as P
-from stages.errors import fail
+from stages.errors import fail, note
 from stages.paths import ADAPTER_PTH, CONFIG, CONFIG_DIR, TRAIN_WORK, VALIDATED_ASSISTANT
 from stages.train_log import write_live
 
@@ -154,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ckpt = final_checkpoint(TRAIN_WORK)
     n = save_adapter(ckpt, ADAPTER_PTH)
     summary = write_live(TRAIN_WORK, wall, pipeline)
+    if summary["peak_memory_kind"] == "gpu_allocated":
+        note(peak_gpu_mb=summary["peak_memory_mb"])
     print(f"[train] {ADAPTER_PTH}: {n:,} adapter weights from {ckpt.name}; final loss "
           f"{summary['final_loss']}, {summary['tokens_per_sec']} tokens/s, {wall:.0f} s", flush=True)
 
