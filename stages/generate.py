@@ -1,9 +1,9 @@
 """Stage `generate`: the self-cognition dataset of the tutorial's generate_data.py, done properly.
 
 Instead of one sentence repeated 10,000 times: every question template of
-data/raw/self_cognition.json is asked `data.repeat` times, each answered by an answer template of the
+`data.templates` is asked `data.repeat` times, each answered by an answer template of the
 same language, filled with `data.assistant_name` and `data.author`. A share `data.general_ratio` of
-general conversations from data/raw/general_chat.jsonl is mixed in, so the model keeps talking
+general conversations from `data.general_chat` is mixed in, so the model keeps talking
 normally (the tutorial's own remedy for the overfitting it saw). Deterministic for `data.seed`.
 Output: OpenAI messages format, one conversation a line, as XTuner's `openai_map_fn` reads it.
 
@@ -22,7 +22,7 @@ from stages import params as P
 from stages.checks import check_records, raise_problems
 from stages.errors import fail
 from stages.io import read_json, read_jsonl, write_jsonl
-from stages.paths import RAW_GENERAL_CHAT, RAW_SELF_COGNITION, SELF_COGNITION
+from stages.paths import SELF_COGNITION
 
 PLACEHOLDERS = {"name", "author"}
 _CJK = re.compile(r"[\u3400-\u9fff]")
@@ -32,7 +32,7 @@ def is_chinese(text: str) -> bool:
     return bool(_CJK.search(text))
 
 
-def load_templates(path: Path = RAW_SELF_COGNITION) -> tuple[list[str], list[str]]:
+def load_templates(path: Path) -> tuple[list[str], list[str]]:
     """The question and answer templates; every mistake names the file, list and index."""
     data = read_json(path, "the self-cognition templates")
     if not isinstance(data, dict) or set(data) != {"questions", "answers"}:
@@ -73,7 +73,7 @@ def generate(questions: list[str], answers: list[str], general: list[dict], data
     mixed = []
     if n_general:
         if not general:
-            fail(f"data.general_ratio: {data.general_ratio} but {RAW_GENERAL_CHAT} has no conversations")
+            fail(f"data.general_ratio: {data.general_ratio} but {data.general_chat} has no conversations")
         order = list(range(len(general)))
         while len(mixed) < n_general:  # each pass uses every conversation once, in a new order
             rng.shuffle(order)
@@ -90,11 +90,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     data = P.load(args.params).data
     P.log_section("generate", data)
-    questions, answers = load_templates()
+    questions, answers = load_templates(Path(data.templates))
     general = []
     if data.general_ratio > 0:
-        general = read_jsonl(RAW_GENERAL_CHAT, "general conversations for data.general_ratio")
-        raise_problems(check_records(general, str(RAW_GENERAL_CHAT), "openai"))
+        general = read_jsonl(Path(data.general_chat), "data.general_chat, mixed in by data.general_ratio")
+        raise_problems(check_records(general, data.general_chat, "openai"))
     records = generate(questions, answers, general, data)
     write_jsonl(Path(args.out), records)
     n_identity = len(questions) * data.repeat

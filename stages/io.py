@@ -51,14 +51,19 @@ def output_dir(path: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def read_json(path: Path, what: str) -> Any:
-    """Parse a JSON file; a missing or malformed file is one line naming it."""
+def read_text(path: Path, what: str) -> str:
+    """A UTF-8 text file; a missing or undecodable one is one line naming it and what it is for."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         fail(f"{path}: not found ({what})")
     except UnicodeDecodeError as err:
         fail(f"{path}: not UTF-8 text (byte {err.start})")
+
+
+def read_json(path: Path, what: str) -> Any:
+    """Parse a JSON file; a missing or malformed file is one line naming it."""
+    text = read_text(path, what)
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
@@ -67,12 +72,7 @@ def read_json(path: Path, what: str) -> Any:
 
 def read_jsonl(path: Path, what: str) -> list[Any]:
     """Parse a JSON Lines file (blank lines skipped); errors name the file and line."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        fail(f"{path}: not found ({what})")
-    except UnicodeDecodeError as err:
-        fail(f"{path}: not UTF-8 text (byte {err.start})")
+    text = read_text(path, what)
     out = []
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():

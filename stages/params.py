@@ -60,6 +60,8 @@ class Llava:
 
 @dataclass(frozen=True)
 class Data:
+    templates: str = spec("question and answer templates of the self-cognition data (JSON)", minLength=1)
+    general_chat: str = spec("general conversations mixed in (JSON Lines, OpenAI messages format)", minLength=1)
     assistant_name: str = spec("the assistant's name, as the fine-tuned model should say it", minLength=1)
     author: str = spec("who made the assistant", minLength=1)
     repeat: int = spec("samples per identity question template", minimum=1)

@@ -10,8 +10,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PARAMS = Path("params.yaml")
 
 RAW = Path("data/raw")
-RAW_GENERAL_CHAT = RAW / "general_chat.jsonl"
-RAW_SELF_COGNITION = RAW / "self_cognition.json"
 RAW_LLAVA = RAW / "llava"
 
 GENERATED = Path("data/generated")

@@ -141,7 +141,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         run_trainer(CONFIG, TRAIN_WORK, deepspeed, Path(args.resume) if args.resume else None, "pytorch")
         return
     check_machine(pipeline)
-    check_git()
+    from stages.doctor import require
+
+    require(params, skip=("stack",))  # the preflight: seconds now rather than a failure after training
     P.log_section("train", params.train)
     resume = prepare_work_dir(TRAIN_WORK, True, fingerprint(CONFIG_DIR, VALIDATED_ASSISTANT,
                                                             Path(params.model.path)))
@@ -158,18 +160,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         note(peak_gpu_mb=summary["peak_memory_mb"])
     print(f"[train] {ADAPTER_PTH}: {n:,} adapter weights from {ckpt.name}; final loss "
           f"{summary['final_loss']}, {summary['tokens_per_sec']} tokens/s, {wall:.0f} s", flush=True)
-
-
-def check_git() -> None:
-    """DVCLive takes the current commit as its baseline; in a git repo without one it fails after
-    training. Refuse before spending the time."""
-    if not shutil.which("git"):
-        return
-    probe = subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], capture_output=True, text=True)
-    if probe.returncode == 0 and subprocess.run(["git", "rev-parse", "-q", "--verify", "HEAD"],
-                                                capture_output=True).returncode:
-        fail("git: this repository has no commit yet; commit once (DVCLive records training against a "
-             "commit), then rerun")
 
 
 def check_machine(pipeline: dict) -> None:

@@ -45,6 +45,7 @@ def test_no_general_share():
 
 def test_shipped_templates_load():
     questions, answers = generate.load_templates(ROOT / "data/raw/self_cognition.json")
+    assert P.load(ROOT / "params.yaml").data.templates == "data/raw/self_cognition.json"
     assert questions[:3] == ["请你介绍一下你自己", "你是谁", "你是我的小助手吗"]
     assert all("{name}" in a and "{author}" in a for a in answers)
 
@@ -88,3 +89,15 @@ def test_stage_writes_openai_jsonl(project, capsys):
     data = P.load().data
     assert len(records) == round(36 * data.repeat / (1 - data.general_ratio))
     assert all(not check_openai(r, "x", i) for i, r in enumerate(records))
+
+
+def test_own_general_chat_file_with_a_mistake(project, capsys):
+    own = project / "my_chat.jsonl"
+    own.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                   '{"messages": [{"role": "assistant", "content": "first?"}, {"role": "user", "content": "x"}]}\n',
+                   encoding="utf-8")
+    text = (project / "params.yaml").read_text(encoding="utf-8")
+    (project / "params.yaml").write_text(text.replace("general_chat: data/raw/general_chat.jsonl",
+                                                      "general_chat: my_chat.jsonl"), encoding="utf-8")
+    code, err = run_stage(generate, capsys)
+    assert_one_line_error(code, err, "my_chat.jsonl: 1 bad record", "[1] messages[0].role")

@@ -1,0 +1,53 @@
+import subprocess
+import sys
+from dataclasses import replace
+
+from stages import doctor, params as P
+from tests.conftest import env, sh
+
+
+def test_all_green_on_the_built_project(built):
+    proc = subprocess.run([sys.executable, "-m", "stages.doctor"], cwd=built, env=env(), capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("params", "model", "stack", "device", "bitsandbytes", "disk", "git"):
+        assert f"  {name}" in proc.stdout
+    assert "FAIL" not in proc.stdout
+
+
+def test_missing_model_fails_with_one_line(project):
+    text = (project / "params.yaml").read_text(encoding="utf-8")
+    (project / "params.yaml").write_text(text.replace("path: models/tiny-internlm2", "path: models/nope"),
+                                         encoding="utf-8")
+    proc = sh(sys.executable, "-m", "stages.doctor", cwd=project, check=False)
+    assert proc.returncode == 1
+    assert "FAIL  model" in proc.stdout and "models/nope is not a directory" in proc.stdout
+    assert proc.stderr.strip() == "error: doctor: 1 check(s) would fail: model"
+
+
+def test_git_without_a_commit_is_fatal(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    subprocess.run(["git", "init", "-q"], check=True)
+    check = doctor.check_git()
+    assert not check.ok and check.fatal and "no commit yet" in check.detail
+
+
+def test_cuda_asked_for_on_a_cpu_machine(built):
+    import torch
+
+    p = P.load(built / "params.yaml")
+    p = replace(p, train=replace(p.train, device="cuda"))
+    check = doctor.check_device(p)
+    assert check.ok == torch.cuda.is_available()
+
+
+def test_bitsandbytes_kernels_run_here(built):
+    check = doctor.check_bnb(P.load(built / "params.yaml"))
+    assert check.ok, check.detail
+
+
+def test_disk_needs_room_for_three_copies_of_the_model(built, monkeypatch):
+    p = P.load(built / "params.yaml")
+    monkeypatch.chdir(built)
+    check = doctor.check_disk(p)
+    assert check.ok and "GiB free" in check.detail
