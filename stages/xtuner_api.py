@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import os
 import sys
 from pathlib import Path
@@ -19,6 +20,9 @@ from stages.errors import fail
 @functools.cache
 def patch_stack() -> None:
     """Apply every compatibility fix once, before xtuner is imported."""
+    # bitsandbytes 0.50 tries, on CPUs with AVX512-BF16, to fetch a kernel from a hub (`kernels`
+    # package), fails offline and says so on stderr at import; its own kernels are used instead.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     _torchvision_without_c_ops()
     _torch_cpu_bf16_query()
     _bnb_backend_check()
