@@ -34,11 +34,15 @@ from stages.train_log import write_live
 FINGERPRINT = "pipeline-inputs.json"
 
 
-def fingerprint(config_dir: Path, data: Path, model: Path) -> str:
-    """What a resume must not cross: the rendered config and data by content, the base model by
-    file names, sizes and times (hashing gigabytes of weights at every start would cost minutes)."""
+CODE = [Path(__file__), Path(__file__).with_name("train_log.py"), Path(__file__).with_name("xtuner_api.py")]
+
+
+def fingerprint(config_dir: Path, data: Path, model: Path, code: list[Path] = CODE) -> str:
+    """What a resume must not cross, as in the stage's deps in dvc.yaml: the rendered config, data
+    and code by content, the base model by file names, sizes and times (hashing gigabytes of weights
+    at every start would cost minutes)."""
     h = hashlib.sha256()
-    for path in sorted(config_dir.rglob("*")) + [data]:
+    for path in sorted(config_dir.rglob("*")) + [data] + list(code):
         if path.is_file():
             h.update(f"{path.name}\0".encode() + path.read_bytes())
     for path in sorted(model.rglob("*")):
@@ -48,7 +52,7 @@ def fingerprint(config_dir: Path, data: Path, model: Path) -> str:
     return h.hexdigest()
 
 
-def prepare_work_dir(work: Path, print_: bool, fp: str) -> Path | None:
+def prepare_work_dir(work: Path, fp: str) -> Path | None:
     """Keep the work dir and return the checkpoint to resume from when it was made from the same
     inputs; otherwise empty it (a changed input means a fresh run)."""
     marker = work / FINGERPRINT
@@ -56,11 +60,10 @@ def prepare_work_dir(work: Path, print_: bool, fp: str) -> Path | None:
     if marker.is_file() and json.loads(marker.read_text())["inputs"] == fp and last.is_file():
         ckpt = Path(last.read_text().strip())
         if ckpt.exists():
-            if print_:
-                print(f"[train] resuming from {ckpt} (inputs unchanged since it was written)", flush=True)
+            print(f"[train] resuming from {ckpt} (inputs unchanged since it was written)", flush=True)
             return ckpt
     if work.exists():
-        if print_ and any(work.iterdir()):
+        if any(work.iterdir()):
             print(f"[train] {work}: inputs changed or no checkpoint; starting clean", flush=True)
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -145,8 +148,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     require(params, skip=("stack",))  # the preflight: seconds now rather than a failure after training
     P.log_section("train", params.train)
-    resume = prepare_work_dir(TRAIN_WORK, True, fingerprint(CONFIG_DIR, VALIDATED_ASSISTANT,
-                                                            Path(params.model.path)))
+    resume = prepare_work_dir(TRAIN_WORK, fingerprint(CONFIG_DIR, VALIDATED_ASSISTANT, Path(params.model.path)))
     start = time.time()
     if pipeline["gpus"] > 1:
         run_distributed(args, pipeline["gpus"], resume)
