@@ -24,6 +24,9 @@ def convert(config: Path, pth: Path, out: Path, fp32: bool) -> None:
 
     if not pth.is_file():
         fail(f"{pth}: not found; run `dvc repro train` first")
+    from stages.xtuner_api import load_checkpoint_weights
+
+    load_checkpoint_weights(pth)  # a damaged file is one line here, not a traceback inside pth_to_hf
     with output_dir(out) as tmp:
         pth_to_hf(config, pth, tmp, fp32)
         cfg_path = tmp / "adapter_config.json"

@@ -68,21 +68,17 @@ class TransformersChat:
     """Greedy chat generation with transformers, batched with left padding."""
 
     def __init__(self, path: Path, device: str, system: str) -> None:
-        from stages.modeldir import check, load_tokenizer
-        from stages.xtuner_api import patch_stack
+        from stages.modeldir import load_model, load_tokenizer
 
-        patch_stack()
         import torch
-        from transformers import AutoModelForCausalLM
 
-        check(path, "model.path" if path != MERGED else str(MERGED))
-        self.tok = load_tokenizer(path)
+        key = "model.path" if path != MERGED else str(MERGED)
+        self.tok = load_tokenizer(path, key)
         self.tok.padding_side = "left"
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=dtype, trust_remote_code=True,
-                                                          local_files_only=True).to(device).eval()
+        self.model = load_model(path, key, torch_dtype=dtype).to(device).eval()
         self.device, self.system = device, system
 
     def encode(self, messages: list[dict]) -> list[int]:
@@ -101,8 +97,11 @@ class TransformersChat:
         import torch
 
         torch.manual_seed(seed)
-        batch = self.tok.pad({"input_ids": [self.encode([{"role": "user", "content": q}]) for q in prompts]},
-                             return_tensors="pt").to(self.device)
+        ids = [self.encode([{"role": "user", "content": q}]) for q in prompts]
+        width = max(map(len, ids))  # left padding, so every answer starts at the same column
+        batch = {"input_ids": torch.tensor([[self.tok.pad_token_id] * (width - len(x)) + x for x in ids]),
+                 "attention_mask": torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])}
+        batch = {k: v.to(self.device) for k, v in batch.items()}
         stop = [i for i in {self.tok.eos_token_id, self.tok.convert_tokens_to_ids("<|im_end|>")}
                 if isinstance(i, int) and i != self.tok.unk_token_id]
         start = time.time()

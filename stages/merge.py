@@ -36,21 +36,23 @@ def prompt_batch(tokenizer, prompts: list[str], system: str) -> list[list[int]]:
 
 def merge(base: Path, adapter: Path, out: Path, dtype: str, tolerance: float, prompts: list[str],
           system: str) -> dict:
-    from stages.modeldir import load_tokenizer
+    from stages.modeldir import load_model, load_tokenizer
     from stages.xtuner_api import patch_stack
 
     patch_stack()
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(base)
     inputs = prompt_batch(tokenizer, prompts, system)
     start = time.time()
-    model = AutoModelForCausalLM.from_pretrained(str(base), torch_dtype=torch.float32, trust_remote_code=True,
-                                                 local_files_only=True).to(device)
-    peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False).eval()
+    model = load_model(base, "model.path", torch_dtype=torch.float32).to(device)
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False).eval()
+    except Exception as err:  # safetensors, peft and torch each raise their own kinds
+        fail(f"{adapter}: the adapter does not load onto {base} ({type(err).__name__}: "
+             f"{str(err).splitlines()[0] if str(err) else ''})")
     with torch.no_grad():
         reference = [peft_model(torch.tensor([ids], device=device)).logits.float().cpu() for ids in inputs]
     merged = peft_model.merge_and_unload().eval()

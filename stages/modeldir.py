@@ -38,3 +38,19 @@ def load_tokenizer(path: str | Path, key: str = "model.path") -> Any:
         return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True, local_files_only=True)
     except (OSError, ValueError, ImportError) as err:
         fail(f"{key}: the tokenizer in {folder} does not load ({str(err).splitlines()[0]})")
+
+
+def load_model(path: str | Path, key: str, **kwargs: Any) -> Any:
+    """AutoModelForCausalLM from a checked local directory; damaged weights are one line."""
+    folder = check(path, key)
+    from stages.xtuner_api import patch_stack
+
+    patch_stack()
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, local_files_only=True,
+                                                    **kwargs)
+    except Exception as err:  # safetensors, torch and transformers each raise their own kinds
+        fail(f"{key}: the model in {folder} does not load ({type(err).__name__}: "
+             f"{str(err).splitlines()[0] if str(err) else ''})")

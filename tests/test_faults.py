@@ -1,0 +1,44 @@
+"""Damaged artifacts give one line, not a stack trace from deep inside torch; a DVC remote carries
+results from one clone to another so that nothing reruns."""
+import sys
+
+import pytest
+
+from stages import convert, evaluate, merge
+from tests.conftest import assert_one_line_error, run_stage, sh
+
+pytestmark = pytest.mark.e2e
+
+
+def test_damaged_training_checkpoint(project, capsys):
+    (project / "models/adapter.pth").write_bytes(b"PK\x03\x04 not a checkpoint")
+    code, err = run_stage(convert, capsys)
+    assert_one_line_error(code, err, "models/adapter.pth: not a readable XTuner checkpoint")
+
+
+def test_damaged_adapter(project, capsys):
+    (project / "models/adapter/adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00garbage")
+    code, err = run_stage(merge, capsys)
+    assert_one_line_error(code, err, "models/adapter: the adapter does not load")
+
+
+def test_damaged_merged_model(project, capsys):
+    path = project / "models/merged/model.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+    code, err = run_stage(evaluate, capsys)
+    assert_one_line_error(code, err, "models/merged: the model in models/merged does not load")
+
+
+def test_results_travel_through_a_remote_and_nothing_reruns(project, tmp_path):
+    store = tmp_path / "dvc-store"
+    sh("dvc", "remote", "add", "-d", "store", str(store), cwd=project)
+    sh("git", "add", "-A", cwd=project)
+    sh("git", "commit", "-q", "--allow-empty", "-m", "results", cwd=project)
+    sh("dvc", "push", "-q", cwd=project)
+    other = tmp_path / "other"
+    sh("git", "clone", "-q", str(project), str(other), cwd=tmp_path)
+    sh("dvc", "pull", "-q", cwd=other)
+    assert (other / "models/merged/model.safetensors").is_file()
+    out = sh("dvc", "repro", cwd=other).stdout
+    assert "Running stage" not in out and "Data and pipelines are up to date" in out
+    assert sh(sys.executable, "-m", "stages.params", cwd=other).returncode == 0
