@@ -60,7 +60,6 @@ def note(**figures) -> None:
 
 def record_stage(name: str, wall: float) -> None:
     """reports/stages/<name>.json: wall time and peak memory of this run (a DVC metric)."""
-    import json
     import resource
 
     from stages.paths import STAGE_TIMES
@@ -71,6 +70,7 @@ def record_stage(name: str, wall: float) -> None:
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         stats["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     stats.update(_NOTES)
-    STAGE_TIMES.mkdir(parents=True, exist_ok=True)
-    (STAGE_TIMES / f"{name}.json").write_text(json.dumps(stats) + "\n")
+    from stages.io import write_json
+
+    write_json(STAGE_TIMES / f"{name}.json", stats, indent=None)
     print(f"[{name}] done in {wall:.1f} s, peak memory {stats['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)

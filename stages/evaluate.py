@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -164,7 +165,6 @@ def lmdeploy_answers(path: Path, prompts: list[str], p: P.Params) -> tuple[list[
     LMDeploy cannot share XTuner 0.2.0's environment (every release that runs on a current torch wants
     transformers >= 4.56; XTuner pins 4.48), so it runs in its own interpreter: $LMDEPLOY_PYTHON."""
     import json
-    import os
     import subprocess
 
     python = os.environ.get("LMDEPLOY_PYTHON")
@@ -181,8 +181,6 @@ def lmdeploy_answers(path: Path, prompts: list[str], p: P.Params) -> tuple[list[
 
 
 def lmdeploy_configured() -> bool:
-    import os
-
     return bool(os.environ.get("LMDEPLOY_PYTHON"))
 
 

@@ -113,7 +113,6 @@ def build_report(p: P.Params) -> tuple[str, dict]:
     ev = read_json(EVAL_METRICS, "run `dvc repro evaluate`")
     rows = read_jsonl(GENERATIONS, "run `dvc repro evaluate`")
     plot_losses({"loss": read_tsv(LOSS_TSV.read_text())}, LOSS_PNG, "Training loss")
-    a = data["assistant"]
     kinds = ("trained", "heldout", "general")
     metric_names = [("identity_hit_rate_trained", "identity hit rate, trained prompts"),
                     ("identity_hit_rate_heldout", "identity hit rate, held-out paraphrases"),
