@@ -11,5 +11,6 @@ setup:
 repro: setup
 	dvc repro
 
-test: setup
+test:
+	bash scripts/setup.sh --test
 	python -m pytest -q

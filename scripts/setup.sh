@@ -4,6 +4,7 @@
 #
 #   bash scripts/setup.sh                 # CPU: torch 2.13.0
 #   TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130" bash scripts/setup.sh
+#   bash scripts/setup.sh --test          # also what the tests need outside Python (`make test`)
 #
 # Re-running is cheap: pip skips what is already satisfied.
 set -euo pipefail
@@ -36,5 +37,22 @@ pip install -c .venv/constraints.txt -e '.[dev]'
 #    nothing else depends on it.
 .venv/bin/python -c 'import importlib.metadata as m; assert m.version("bitsandbytes") == "0.50.2"' 2>/dev/null \
   || pip install --no-deps bitsandbytes==0.50.2
+
+# 5. `make test` only (--test): tests/test_remote_ssh.py runs its own OpenSSH server on loopback. Where
+#    /usr/sbin/sshd is missing and apt-get can install it (CI: a clean Debian machine, as root), install
+#    openssh-server; a policy-rc.d that exits 101 keeps the system service from being started.
+if [ "${1:-}" = --test ] && [ ! -x /usr/sbin/sshd ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  policy=/usr/sbin/policy-rc.d
+  log=$(mktemp)
+  [ -e $policy ] || { printf '#!/bin/sh\nexit 101\n' > $policy; chmod +x $policy; trap "rm -f $policy" EXIT; }
+  if ! { apt-get -qq update && DEBIAN_FRONTEND=noninteractive apt-get -qq install -y --no-install-recommends \
+           openssh-server; } >"$log" 2>&1; then
+    tail -n 20 "$log" >&2
+    echo "setup: installing openssh-server failed (log: $log)" >&2
+    exit 1
+  fi
+  rm -f "$log"
+  echo "setup: installed openssh-server (for tests/test_remote_ssh.py)"
+fi
 
 echo "setup: .venv ready in $(( $(date +%s) - start ))s (torch $torch_version)"

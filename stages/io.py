@@ -59,6 +59,8 @@ def read_text(path: Path, what: str) -> str:
         fail(f"{path}: not found ({what})")
     except UnicodeDecodeError as err:
         fail(f"{path}: not UTF-8 text (byte {err.start})")
+    except OSError as err:  # a folder, no permission
+        fail(f"{path}: cannot be read ({err.strerror or err}; {what})")
 
 
 def read_json(path: Path, what: str) -> Any:

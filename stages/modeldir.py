@@ -1,6 +1,7 @@
 """A base model is a local directory: check it is complete, load its tokenizer. Never a hub id."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,22 @@ def check(path: str | Path, key: str = "model.path") -> Path:
         fail(f"{key}: {folder} has no tokenizer (one of {', '.join(TOKENIZER_FILES)}); {how}")
     if not any(any(folder.glob(p)) for p in WEIGHT_PATTERNS):
         fail(f"{key}: {folder} has no weights (*.safetensors or pytorch_model*.bin); {how}")
+    for name in ("config.json", "tokenizer_config.json", "tokenizer.json"):  # a truncated download
+        if (folder / name).is_file():
+            try:
+                json.loads((folder / name).read_bytes())
+            except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+                fail(f"{key}: {folder / name}: not valid JSON ({str(err).splitlines()[0]}); {how}")
     return folder
+
+
+def _reason(err: BaseException) -> str:
+    """The first line that says something. A fast tokenizer that fails to load makes transformers try
+    a slow one, whose ImportError (protobuf, sentencepiece) hides the reason: report the first error."""
+    if isinstance(err, ImportError) and err.__context__ is not None:
+        err = err.__context__
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def load_tokenizer(path: str | Path, key: str = "model.path") -> Any:
@@ -36,8 +52,8 @@ def load_tokenizer(path: str | Path, key: str = "model.path") -> Any:
 
     try:
         return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True, local_files_only=True)
-    except (OSError, ValueError, ImportError) as err:
-        fail(f"{key}: the tokenizer in {folder} does not load ({str(err).splitlines()[0]})")
+    except Exception as err:  # the tokenizers library raises a bare Exception
+        fail(f"{key}: the tokenizer in {folder} does not load ({_reason(err)})")
 
 
 def load_model(path: str | Path, key: str, **kwargs: Any) -> Any:
@@ -52,5 +68,4 @@ def load_model(path: str | Path, key: str, **kwargs: Any) -> Any:
         return AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, local_files_only=True,
                                                     **kwargs)
     except Exception as err:  # safetensors, torch and transformers each raise their own kinds
-        fail(f"{key}: the model in {folder} does not load ({type(err).__name__}: "
-             f"{str(err).splitlines()[0] if str(err) else ''})")
+        fail(f"{key}: the model in {folder} does not load ({_reason(err)})")

@@ -13,11 +13,12 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence, Union
+from typing import Any, Iterator, Literal, Sequence, Union
 
 from stages.errors import fail
 from stages.paths import PARAMS
@@ -309,8 +310,22 @@ def _build(cls: type, data: dict) -> Any:
             value = _build(hints[f.name], value)
         elif isinstance(value, list):
             value = tuple(value) if f.name == "betas" else list(value)
+        elif isinstance(value, float) and int in (hints[f.name], *typing.get_args(hints[f.name])):
+            value = int(value)  # JSON Schema counts 12.0 as an integer; range() and torch do not
         kwargs[f.name] = value
     return cls(**kwargs)
+
+
+def _numbers(node: Any, path: tuple = ()) -> Iterator[tuple[str, float]]:
+    """(key, value) of every float in a parsed params mapping (YAML reads `.inf` and `.nan` too)."""
+    if isinstance(node, float):
+        yield _key(path), node
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            yield from _numbers(v, (*path, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _numbers(v, (*path, i))
 
 
 def validate(data: Any, source: str = str(PARAMS)) -> Params:
@@ -324,6 +339,9 @@ def validate(data: Any, source: str = str(PARAMS)) -> Params:
     if errors:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         fail(f"{source}: {_message(errors[0])}{more}")
+    for key, value in _numbers(data):
+        if not math.isfinite(value):
+            fail(f"{source}: {key}: got {value}, expected a finite number")
     params = _build(Params, data)
     problems = _contradictions(params)
     if problems:
@@ -340,6 +358,8 @@ def read_yaml(path: Path) -> Any:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         fail(f"{path}: not found (run from the project root)")
+    except UnicodeDecodeError as err:
+        fail(f"{path}: not UTF-8 text (byte {err.start})")
     try:
         return YAML(typ="safe", pure=True).load(text)
     except YAMLError as err:

@@ -1,11 +1,9 @@
 import json
 from dataclasses import replace
 
-import pytest
-
 from stages import generate, params as P
 from stages.checks import check_openai
-from tests.conftest import ROOT, assert_one_line_error, run_stage, tree_digest
+from tests.conftest import ROOT, assert_one_line_error, run_stage
 
 DATA = P.load(ROOT / "params.yaml").data
 QUESTIONS = ["你是谁", "Who are you?"]
@@ -48,37 +46,6 @@ def test_shipped_templates_load():
     assert P.load(ROOT / "params.yaml").data.templates == "data/raw/self_cognition.json"
     assert questions[:3] == ["请你介绍一下你自己", "你是谁", "你是我的小助手吗"]
     assert all("{name}" in a and "{author}" in a for a in answers)
-
-
-@pytest.mark.parametrize("content,words", [
-    ('{"questions": ["q"], "answers": ["I am {nmae}"]}', ["answers[0]", "unknown placeholder {nmae}"]),
-    ('{"questions": [], "answers": ["a"]}', ["questions", "non-empty list"]),
-    ('{"questions": ["q"], "answers": [" "]}', ["answers[0]", "non-empty string"]),
-    ('{"questions": ["q {"], "answers": ["a"]}', ["questions[0]"]),
-    ('{"questions": ["q"]}', ["exactly the keys"]),
-    ('{"questions": ["q"], "answers": ["a"],}', ["line 1", "not valid JSON"]),
-])
-def test_bad_templates(project, capsys, content, words):
-    (project / "data/raw/self_cognition.json").write_text(content, encoding="utf-8")
-    raw = tree_digest(project / "data/raw")
-    code, err = run_stage(generate, capsys)
-    assert_one_line_error(code, err, "data/raw/self_cognition.json", *words)
-    assert tree_digest(project / "data/raw") == raw
-
-
-@pytest.mark.parametrize("line,words", [
-    ('{"messages": [{"role": "user", "content": "hi"}', ["general_chat.jsonl: line 81", "not valid JSON"]),
-    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "x"}]}',
-     ["[80] messages[1].role", "roles alternate"]),
-    ('{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]}',
-     ["[80] messages[0].content: empty"]),
-    ('{"conversation": []}', ["[80] messages: missing"]),
-])
-def test_bad_general_chat_is_refused_before_mixing(project, capsys, line, words):
-    path = project / "data/raw/general_chat.jsonl"
-    path.write_text(path.read_text(encoding="utf-8") + line + "\n", encoding="utf-8")
-    code, err = run_stage(generate, capsys)
-    assert_one_line_error(code, err, "data/raw/general_chat.jsonl", *words)
 
 
 def test_stage_writes_openai_jsonl(project, capsys):

@@ -50,6 +50,13 @@ def test_yaml_1_2_numbers_as_dvc_reads_them(tmp_path):
     assert P.load(tmp_path / "params.yaml").train.lr == 2e-4
 
 
+def test_whole_floats_become_integers():
+    # JSON Schema counts 12.0 as an integer; the stages get an int (range(12.0) is a TypeError)
+    p = P.validate(with_change("train.max_iters", 10.0, data=with_change("data.repeat", 12.0)))
+    assert type(p.data.repeat) is int and p.data.repeat == 12
+    assert type(p.train.max_iters) is int and p.train.max_iters == 10
+
+
 BAD = [
     # (key, value, words the one-line error must contain)
     ("lora.rank", 8, ["lora.rank", "unknown key", "allowed: alpha, dropout, r, target_modules"]),

@@ -115,31 +115,6 @@ def test_image_missing_from_the_repeated_data(project, capsys):
     assert_one_line_error(code, err, "repeated_data.json", "red_circle_on_white.png", "not found")
 
 
-@pytest.mark.parametrize("remove,words", [
-    (["tokenizer.json"], ["has no tokenizer"]),
-    (["model.safetensors"], ["has no weights"]),
-    (["config.json"], ["has no config.json"]),
-])
-def test_incomplete_model_directory(project, capsys, remove, words):
-    for name in remove:
-        (project / "models/tiny-internlm2" / name).unlink()
-    code, err = run_stage(validate, capsys)
-    assert_one_line_error(code, err, "model.path: models/tiny-internlm2", *words)
-
-
-def test_model_directory_that_does_not_exist(project, capsys):
-    _set_param(project, "path: models/tiny-internlm2", "path: models/internlm2-chat-1_8b")
-    code, err = run_stage(validate, capsys)
-    assert_one_line_error(code, err, "model.path: models/internlm2-chat-1_8b is not a directory",
-                          "download the model")
-
-
-def test_unknown_prompt_template(project, capsys):
-    _set_param(project, "prompt_template: internlm2_chat", "prompt_template: internlm3_chat")
-    code, err = run_stage(validate, capsys)
-    assert_one_line_error(code, err, "train.prompt_template: 'internlm3_chat' is not an XTuner template")
-
-
 def test_generated_data_missing(project, capsys):
     shutil.rmtree(project / "data/generated")
     code, err = run_stage(validate, capsys)
