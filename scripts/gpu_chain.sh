@@ -30,7 +30,7 @@ p = yaml.load(open("params.yaml"))
 p["model"]["path"] = "models/internlm2-1_8b-random"
 p["data"].update(repeat=200, max_length=2048)
 p["lora"].update(alpha=16)
-p["train"].update(lr=2e-4, grad_accum=16, max_iters=160, save_interval=80, gpus=int(sys.argv[1]))
+p["train"].update(lr=2e-4, global_batch=16, max_iters=160, save_interval=80, gpus=int(sys.argv[1]))
 p["eval"].update(interval=10000, max_new_tokens=32)
 yaml.dump(p, open("params.yaml", "w"))
 PY

@@ -10,15 +10,12 @@ Shapes: internlm2-1_8b (InternLM2-chat-1.8B's: Llama architecture, hidden 2048, 
 """
 import argparse
 import shutil
+import sys
 import time
 from pathlib import Path
 
-SHAPES = {
-    "internlm2-1_8b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8,
-                           intermediate_size=8192, vocab_size=92544, max_position_embeddings=32768),
-    "7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=14336, vocab_size=92544, max_position_embeddings=32768),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.shapes import SHAPES  # noqa: E402
 
 
 def main() -> None:

@@ -90,6 +90,9 @@ class Quant:
     double_quant: bool = spec("quantize the quantization constants too")
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = spec(
         "dtype of 4-bit matmuls; auto: bfloat16 where the GPU has it, else float16, float32 on CPU")
+    upcast_frozen: bool = spec(
+        "keep the frozen weights that are not 4-bit (embeddings, output head, norms) in float32, as "
+        "peft's prepare_model_for_kbit_training does; false keeps them in the compute dtype (half the memory)")
 
 
 @dataclass(frozen=True)
@@ -97,20 +100,35 @@ class Train:
     device: Literal["auto", "cpu", "cuda"] = spec("where to train; auto: cuda when a GPU is visible")
     gpus: int = spec("GPUs on this host (more than one runs torchrun)", minimum=1)
     deepspeed: Literal["auto", "none", "zero1", "zero2", "zero3"] = spec(
-        "DeepSpeed ZeRO stage; auto: zero2 on GPU, none on CPU")
+        "DeepSpeed ZeRO stage; auto: zero2 on several GPUs, none on one GPU (nothing to shard) or CPU")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = spec(
         "mixed precision; auto: bf16 where the GPU has it, fp32 on CPU")
     prompt_template: str = spec("XTuner prompt template name", minLength=1)
     pack: bool = spec("pack samples to max_length")
-    micro_batch: int = spec("sequences per GPU per step", minimum=1)
-    grad_accum: int = spec("gradient accumulation steps", minimum=1)
+    global_batch: int = spec("sequences per optimizer step over all GPUs (micro_batch x accumulation x gpus; "
+                             "the accumulation is derived)", minimum=1)
+    micro_batch: Union[Literal["auto"], int] = spec(
+        "sequences per GPU per forward pass; auto: the largest that fits memory_gb (stages/memory.py)", minimum=1)
+    memory_gb: Union[Literal["auto"], float] = spec(
+        "GPU memory the run may use, per GPU, in GB; auto: 90% of the card's", exclusiveMinimum=0)
+    activation_checkpointing: Union[Literal["auto"], bool] = spec(
+        "recompute activations in the backward pass (far less memory, a third more compute); auto: on "
+        "unless a micro-batch of 16k tokens fits without it")
+    fused_loss: bool = spec("compute the loss in chunks, never the whole vocabulary's logits (stages/kernels.py)")
+    compile_layers: Union[Literal["auto"], bool] = spec(
+        "torch.compile each decoder layer for training (fuses norms, RoPE, SwiGLU and LoRA's element-wise "
+        "work; the first steps spend about a minute compiling); auto: on one CUDA GPU without DeepSpeed")
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = spec(
+        "AdamW, or bitsandbytes' 8-bit AdamW (optimizer states in 8 bits; paged: spill to CPU memory under "
+        "pressure); the 8-bit ones need a GPU and no DeepSpeed")
     epochs: int = spec("passes over the data", minimum=1)
     max_iters: Union[int, None] = spec("stop after this many iterations (null: run the epochs)", minimum=1)
     lr: float = spec("peak learning rate", exclusiveMinimum=0)
     betas: list[float] = spec("AdamW betas", minItems=2, maxItems=2, items_range=(0, 1))
     weight_decay: float = spec("AdamW weight decay", minimum=0)
     max_norm: float = spec("gradient clipping norm", exclusiveMinimum=0)
-    warmup_iters: int = spec("linear warm-up iterations (XTuner's 0.03 ratio is 0 on short runs)", minimum=1)
+    warmup_iters: int = spec("linear warm-up iterations (XTuner's 0.03 ratio is 0 on short runs; at 1, mmengine's "
+                             "LinearLR never leaves its start factor)", minimum=2)
     save_interval: int = spec("iterations between checkpoints", minimum=1)
     save_total_limit: int = spec("checkpoints kept", minimum=1)
     seed: int = spec("training seed", minimum=0)
@@ -282,6 +300,18 @@ def _contradictions(p: Params) -> list[str]:
     if p.train.device == "cpu" and p.train.precision in ("bf16", "fp16"):
         out.append(f"train.precision: {p.train.precision} mixed precision needs a GPU (train.device is cpu); "
                    "use auto or fp32")
+    tr = p.train
+    if isinstance(tr.micro_batch, int) and tr.global_batch % (tr.micro_batch * tr.gpus):
+        out.append(f"train.global_batch: {tr.global_batch} is not a multiple of micro_batch x gpus "
+                   f"({tr.micro_batch} x {tr.gpus})")
+    elif tr.global_batch % tr.gpus:
+        out.append(f"train.global_batch: {tr.global_batch} cannot be split over {tr.gpus} GPUs")
+    if tr.optimizer != "adamw":
+        if tr.deepspeed not in ("auto", "none") or (tr.deepspeed == "auto" and tr.gpus > 1):
+            out.append(f"train.optimizer: {tr.optimizer} is not a DeepSpeed optimizer "
+                       f"(train.deepspeed: {tr.deepspeed}, {tr.gpus} GPUs); use adamw, or deepspeed: none")
+        elif tr.device == "cpu":
+            out.append(f"train.optimizer: {tr.optimizer} needs a GPU (train.device is cpu); use adamw")
     t = p.model.tiny
     if t.hidden_size % t.num_heads:
         out.append(f"model.tiny.num_heads: {t.num_heads} does not divide hidden_size {t.hidden_size}")

@@ -1,7 +1,9 @@
 """Stage `render`: the XTuner config of the recipe, rendered from params with a Jinja2 template.
 
 `auto` settings are resolved against this machine (device, precision, DeepSpeed stage, compute
-dtype) and written as literal values, with the DeepSpeed JSON beside the config when one is used.
+dtype, and from the GPU's memory the micro-batch, accumulation and activation checkpointing: see
+stages/memory.py) and written as literal values, with the DeepSpeed JSON beside the config when one
+is used.
 The rendered file is loaded back with mmengine as a check. Output: models/config/.
 
     python -m stages.render          # writes models/config/xtuner_config.py [+ deepspeed.json]
@@ -13,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from stages import memory
 from stages import params as P
 from stages.errors import fail
 from stages.io import output_dir, write_json
@@ -22,14 +25,16 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def machine() -> dict:
-    """What `auto` is resolved against: is a CUDA GPU visible, does it have bf16."""
+    """What `auto` is resolved against: is a CUDA GPU visible, does it have bf16, its memory."""
     import torch
 
     cuda = torch.cuda.is_available()
-    return {"cuda": cuda, "bf16": cuda and torch.cuda.is_bf16_supported()}
+    card = torch.cuda.get_device_properties(0).total_memory / memory.GB if cuda else None
+    return {"cuda": cuda, "bf16": cuda and torch.cuda.is_bf16_supported(), "card_gb": card}
 
 
-def resolve(p: P.Params, cuda: bool, bf16: bool) -> dict:
+def resolve(p: P.Params, cuda: bool, bf16: bool, card_gb: float | None = None,
+            shape: dict | None = None) -> dict:
     """Every `auto` in params made concrete for a machine; pure, so it is tested for both kinds."""
     t = p.train
     device = t.device if t.device != "auto" else ("cuda" if cuda else "cpu")
@@ -39,10 +44,30 @@ def resolve(p: P.Params, cuda: bool, bf16: bool) -> dict:
         ("bf16" if bf16 else "fp16") if device == "cuda" else "fp32")
     if precision == "bf16" and device == "cuda" and not bf16:
         fail("train.precision: bf16, but this GPU has no bf16 (use fp16 or auto)")
-    deepspeed = t.deepspeed if t.deepspeed != "auto" else ("zero2" if device == "cuda" else "none")
+    deepspeed = t.deepspeed if t.deepspeed != "auto" else (
+        "zero2" if device == "cuda" and t.gpus > 1 else "none")
+    if t.optimizer != "adamw" and device == "cpu":
+        fail(f"train.optimizer: {t.optimizer} needs a GPU, and this run trains on the CPU; use adamw")
     compute = p.quant.compute_dtype if p.quant.compute_dtype != "auto" else DTYPES[precision]
+    budget = None
+    if device == "cuda":
+        budget = t.memory_gb if t.memory_gb != "auto" else round(0.9 * (card_gb or 80), 1)
+    chunk = memory.loss_chunk_bytes(budget)
+    batch = memory.plan(
+        shape or {}, budget_gb=budget, seq=p.data.max_length, global_batch=t.global_batch, gpus=t.gpus,
+        micro_batch=t.micro_batch if (device == "cuda" or t.micro_batch != "auto") else t.global_batch // t.gpus,
+        checkpointing=t.activation_checkpointing if device == "cuda" or t.activation_checkpointing != "auto"
+        else False,
+        quant=p.quant.mode, compute_bytes=2 if compute != "float32" else 4, lora_r=p.lora.r,
+        optimizer=t.optimizer, upcast_frozen=p.quant.upcast_frozen, fused_loss=t.fused_loss, loss_chunk=chunk)
     return {"device": device, "precision": precision, "deepspeed": deepspeed, "gpus": t.gpus,
-            "torch_dtype": DTYPES[precision], "compute_dtype": compute}
+            "torch_dtype": DTYPES[precision], "compute_dtype": compute, "memory_gb": budget,
+            "micro_batch": batch["micro_batch"], "grad_accum": batch["grad_accum"],
+            "checkpointing": batch["checkpointing"], "estimate_gb": batch["estimate_gb"] if budget else None,
+            "fused_loss": t.fused_loss, "loss_chunk_mb": chunk // 2**20,
+            "compile_layers": t.compile_layers if t.compile_layers != "auto" else (
+                device == "cuda" and deepspeed == "none" and t.gpus == 1),
+            "upcast_frozen": p.quant.upcast_frozen or p.quant.mode == "none"}
 
 
 def context(p: P.Params, resolved: dict, out: Path = CONFIG_DIR) -> dict:
@@ -60,8 +85,9 @@ def context(p: P.Params, resolved: dict, out: Path = CONFIG_DIR) -> dict:
         "command": command,
         "model_path": p.model.path, "data_path": str(VALIDATED_ASSISTANT),
         "prompt_template": t.prompt_template, "max_length": p.data.max_length, "pack": t.pack,
-        "micro_batch": t.micro_batch, "grad_accum": t.grad_accum, "gpus": t.gpus,
-        "tokens_per_step": t.micro_batch * t.grad_accum * t.gpus * p.data.max_length,
+        "micro_batch": resolved["micro_batch"], "grad_accum": resolved["grad_accum"], "gpus": t.gpus,
+        "tokens_per_step": t.global_batch * p.data.max_length, "checkpointing": resolved["checkpointing"],
+        "optimizer": {"adamw": "AdamW", "adamw8bit": "AdamW8bit", "paged_adamw8bit": "PagedAdamW8bit"}[t.optimizer],
         "lr": t.lr, "betas": tuple(t.betas), "weight_decay": t.weight_decay, "max_norm": t.max_norm,
         "warmup_iters": t.warmup_iters, "epochs": t.epochs, "max_iters": t.max_iters,
         "save_interval": t.save_interval, "save_total_limit": t.save_total_limit, "seed": t.seed,
@@ -125,8 +151,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--params", default=str(P.PARAMS), help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
     params = P.load(args.params)
-    resolved = resolve(params, **machine())
+    resolved = resolve(params, **machine(), shape=memory.shape_of(params.model.path))
     print(f"[render] resolved for this machine: {json.dumps(resolved)}", flush=True)
+    if resolved["memory_gb"] and resolved["estimate_gb"] > resolved["memory_gb"]:
+        print(f"[render] warning: this setting is estimated at {resolved['estimate_gb']} GB, over "
+              f"train.memory_gb {resolved['memory_gb']}: it may run out of GPU memory", flush=True)
     path = render(params, resolved)
     print(f"[render] {path}: {params.recipe} recipe, LoRA r={params.lora.r}, "
           f"quant {params.quant.mode}, {resolved['device']} {resolved['precision']}, "

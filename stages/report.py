@@ -86,8 +86,12 @@ def params_rows(p: P.Params, resolved: dict) -> list[list[Any]]:
         ["quantization", f"{p.quant.mode}, double quant {p.quant.double_quant}, compute {resolved.get('compute_dtype')}"],
         ["device / precision / DeepSpeed", f"{resolved.get('device')} x{resolved.get('gpus')} / "
                                            f"{resolved.get('precision')} / {resolved.get('deepspeed')}"],
-        ["batch", f"{t.micro_batch} x {t.grad_accum} accumulation x {t.gpus} GPU, max_length {p.data.max_length}, "
-                  f"packed {t.pack}"],
+        ["batch", f"{resolved.get('micro_batch')} x {resolved.get('grad_accum')} accumulation x {t.gpus} GPU "
+                  f"= {t.global_batch} sequences of {p.data.max_length} tokens, packed {t.pack}"],
+        ["memory", f"activation checkpointing {resolved.get('checkpointing')}, fused loss {t.fused_loss}, "
+                   f"optimizer {t.optimizer}"
+                   + (f", estimated {resolved.get('estimate_gb')} GB of {resolved.get('memory_gb')} GB"
+                      if resolved.get("memory_gb") else "")],
         ["schedule", f"lr {t.lr}, warm-up {t.warmup_iters} iters, "
                      + (f"{t.max_iters} iterations" if t.max_iters else f"{t.epochs} epochs")],
     ]

@@ -15,6 +15,7 @@ remembers a fingerprint of them. Outputs at fixed paths:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -34,7 +35,8 @@ from stages.train_log import write_live
 FINGERPRINT = "pipeline-inputs.json"
 
 
-CODE = [Path(__file__), Path(__file__).with_name("train_log.py"), Path(__file__).with_name("xtuner_api.py")]
+CODE = [Path(__file__), Path(__file__).with_name("train_log.py"), Path(__file__).with_name("xtuner_api.py"),
+        Path(__file__).with_name("kernels.py")]
 
 
 def fingerprint(config_dir: Path, data: Path, model: Path, code: list[Path] = CODE) -> str:
@@ -136,12 +138,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     ensure_hash_seed(argv)
     params = P.load(args.params)
+    from stages import kernels
     from stages.xtuner_api import load_config, run_trainer
 
     pipeline = load_config(CONFIG).pipeline
+    kernels.apply(pipeline)
     deepspeed = CONFIG_DIR / pipeline["deepspeed_config"] if pipeline["deepspeed_config"] else None
     if args.worker:  # one of torchrun's processes
-        run_trainer(CONFIG, TRAIN_WORK, deepspeed, Path(args.resume) if args.resume else None, "pytorch")
+        with out_of_memory_says_what_to_lower(pipeline):
+            run_trainer(CONFIG, TRAIN_WORK, deepspeed, Path(args.resume) if args.resume else None, "pytorch")
         return
     check_machine(pipeline)
     from stages.doctor import require
@@ -153,7 +158,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if pipeline["gpus"] > 1:
         run_distributed(args, pipeline["gpus"], resume)
     else:
-        run_trainer(CONFIG, TRAIN_WORK, deepspeed, resume)
+        with out_of_memory_says_what_to_lower(pipeline):
+            run_trainer(CONFIG, TRAIN_WORK, deepspeed, resume)
     wall = time.time() - start
     ckpt = final_checkpoint(TRAIN_WORK)
     n = save_adapter(ckpt, ADAPTER_PTH)
@@ -162,6 +168,35 @@ def main(argv: Sequence[str] | None = None) -> None:
         note(peak_gpu_mb=summary["peak_memory_mb"])
     print(f"[train] {ADAPTER_PTH}: {n:,} adapter weights from {ckpt.name}; final loss "
           f"{summary['final_loss']}, {summary['tokens_per_sec']} tokens/s, {wall:.0f} s", flush=True)
+
+
+@contextlib.contextmanager
+def out_of_memory_says_what_to_lower(pipeline: dict):
+    """CUDA out of memory, as one line that names the settings to lower (the last checkpoint stays,
+    so the next run resumes)."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        fail(out_of_memory_message(pipeline))
+
+
+def out_of_memory_message(pipeline: dict) -> str:
+    est = pipeline.get("estimate_gb")
+    budget = pipeline.get("memory_gb")
+    fixes = ["train.micro_batch: auto with a smaller train.memory_gb (or a smaller micro_batch)"]
+    if not pipeline.get("checkpointing"):
+        fixes.append("train.activation_checkpointing: true")
+    if not pipeline.get("fused_loss"):
+        fixes.append("train.fused_loss: true")
+    if pipeline.get("upcast_frozen"):
+        fixes.append("quant.upcast_frozen: false")
+    fixes.append("train.optimizer: paged_adamw8bit" if pipeline.get("deepspeed") == "none"
+                 else "data.max_length")
+    return (f"out of GPU memory at micro-batch {pipeline.get('micro_batch')}, activation checkpointing "
+            f"{pipeline.get('checkpointing')} (estimated {est} GB of train.memory_gb {budget}); lower: "
+            + "; ".join(fixes))
 
 
 def check_machine(pipeline: dict) -> None:

@@ -26,9 +26,30 @@ def patch_stack() -> None:
     _torchvision_without_c_ops()
     _torch_cpu_bf16_query()
     _bnb_backend_check()
+    _bnb_cpu_packing_off()
     # Prevents `UnpicklingError: Weights only load failed ... HistoryBuffer` when mmengine resumes
     # from its own checkpoint on torch >= 2.6 (they hold mmengine objects, not only tensors).
     os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+
+
+def _bnb_cpu_packing_off() -> None:
+    """Prevents silently wrong QLoRA gradients on CPUs with AVX512-BF16 (bitsandbytes 0.50).
+
+    A `Linear4bit` run in eval mode without grad (XTuner's EvaluateChatHook, before training starts)
+    repacks its weight for a CPU inference kernel, for good; from then on `matmul_4bit` takes
+    `gemv_4bit`, which has no autograd, and no gradient flows back through the 4-bit layers (only a
+    warning, "an autograd kernel was not registered"). The first step's gradient norm of the
+    assistant recipe was 4.85 instead of 12.51. Without the repacking the autograd path stays."""
+    import bitsandbytes.nn.modules as modules
+
+    if getattr(modules.has_avx512bf16, "_pipeline", False):
+        return
+
+    def has_avx512bf16() -> bool:
+        return False
+
+    has_avx512bf16._pipeline = True
+    modules.has_avx512bf16 = has_avx512bf16
 
 
 def _torch_cpu_bf16_query() -> None:

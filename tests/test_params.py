@@ -70,7 +70,7 @@ BAD = [
     ("train.lr", 0, ["train.lr", "must be > 0"]),
     ("train.lr", -1e-4, ["train.lr", "must be > 0"]),
     ("train.lr", "fast", ["train.lr", "expected a number"]),
-    ("train.warmup_iters", 0, ["train.warmup_iters", ">= 1"]),
+    ("train.warmup_iters", 1, ["train.warmup_iters", ">= 2"]),
     ("train.max_iters", 0, ["train.max_iters", "integer >= 1 or null"]),
     ("train.betas", [0.9], ["train.betas", "at least 2"]),
     ("train.betas", [0.9, 1.5], ["train.betas[1]", "must be < 1"]),

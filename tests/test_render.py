@@ -6,13 +6,16 @@ from dataclasses import replace
 
 import pytest
 
-from stages import params as P, render
+from stages import memory, params as P, render
 from stages.errors import StageError
 from tests.conftest import ROOT
 
 GOLDEN = ROOT / "tests" / "golden"
 PARAMS = P.load(ROOT / "params.yaml")
-MACHINES = {"cpu": dict(cuda=False, bf16=False), "gpu_bf16": dict(cuda=True, bf16=True)}
+# InternLM2-1.8B's shape, as stages.memory reads it from config.json
+SHAPE_1_8B = {"hidden": 2048, "layers": 24, "intermediate": 8192, "vocab": 92544, "kv": 1024}
+H100 = dict(cuda=True, bf16=True, card_gb=85.0, shape=SHAPE_1_8B)
+MACHINES = {"cpu": dict(cuda=False, bf16=False), "gpu_bf16": H100}
 
 
 @pytest.mark.parametrize("machine", MACHINES)
@@ -29,11 +32,38 @@ def test_auto_resolves_per_machine():
     cpu = render.resolve(PARAMS, cuda=False, bf16=False)
     assert (cpu["device"], cpu["precision"], cpu["deepspeed"], cpu["torch_dtype"]) == ("cpu", "fp32", "none",
                                                                                          "float32")
-    gpu = render.resolve(PARAMS, cuda=True, bf16=True)
-    assert (gpu["device"], gpu["precision"], gpu["deepspeed"], gpu["compute_dtype"]) == ("cuda", "bf16", "zero2",
+    gpu = render.resolve(PARAMS, **H100)
+    assert (gpu["device"], gpu["precision"], gpu["deepspeed"], gpu["compute_dtype"]) == ("cuda", "bf16", "none",
                                                                                          "bfloat16")
-    old_gpu = render.resolve(PARAMS, cuda=True, bf16=False)
+    assert gpu["compile_layers"] and not cpu["compile_layers"]
+    two = render.resolve(replace(PARAMS, train=replace(PARAMS.train, gpus=2, global_batch=2)), **H100)
+    assert two["deepspeed"] == "zero2" and not two["compile_layers"]
+    old_gpu = render.resolve(PARAMS, **{**H100, "bf16": False})
     assert old_gpu["precision"] == "fp16"
+
+
+@pytest.mark.parametrize("budget, micro, ckpt", [(80, 8, False), (24, 16, True), (8, 8, True), (6, 4, True)])
+def test_memory_budget_chooses_micro_batch_and_checkpointing(budget, micro, ckpt):
+    """The global batch stays 16 sequences; the budget decides how they are split."""
+    p = replace(PARAMS, data=replace(PARAMS.data, max_length=2048),
+                train=replace(PARAMS.train, global_batch=16, memory_gb=float(budget)))
+    r = render.resolve(p, **H100)
+    assert (r["micro_batch"], r["checkpointing"]) == (micro, ckpt)
+    assert r["micro_batch"] * r["grad_accum"] == 16 and r["estimate_gb"] <= budget
+
+
+def test_memory_estimate_matches_the_h100_measurements():
+    """Peaks PyTorch reserved on an H100 (benchmarks/results/h100.json), 1.8B shape, bf16, nf4,
+    LoRA r=64, fused loss, frozen weights in bf16: the estimate is within 0.5 GB."""
+    setting = dict(quant="nf4", compute_bytes=2, lora_r=64, upcast_frozen=False, fused_loss=True, optimizer="adamw")
+    for micro, ckpt, measured in ((8, True, 7.81), (16, True, 12.33), (2, False, 18.48), (4, False, 32.77)):
+        est = memory.estimate(SHAPE_1_8B, tokens=micro * 2048, checkpointing=ckpt, **setting) / memory.GB
+        assert abs(est - measured) < 0.5, (micro, ckpt, est, measured)
+
+
+def test_global_batch_that_cannot_be_split_is_one_line():
+    problems = P._contradictions(replace(PARAMS, train=replace(PARAMS.train, global_batch=16, micro_batch=3)))
+    assert problems == ["train.global_batch: 16 is not a multiple of micro_batch x gpus (3 x 1)"]
 
 
 def test_cuda_asked_for_without_a_gpu_is_one_line():
@@ -43,14 +73,16 @@ def test_cuda_asked_for_without_a_gpu_is_one_line():
 
 
 def test_deepspeed_json_states_precision():
-    ds = render.deepspeed_config(render.resolve(PARAMS, cuda=True, bf16=True))
+    ds = render.deepspeed_config(render.resolve(replace(PARAMS, train=replace(PARAMS.train, deepspeed="zero2")),
+                                                **H100))
     assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
 
 
 def test_rendered_config_loads_with_mmengine(tmp_path):
-    path = render.render(PARAMS, render.resolve(PARAMS, cuda=True, bf16=True), tmp_path / "config")
+    p = replace(PARAMS, train=replace(PARAMS.train, deepspeed="zero2"))
+    path = render.render(p, render.resolve(p, **H100), tmp_path / "config")
     cfg = render.check_config(path)
-    assert cfg.model.lora.r == PARAMS.lora.r and cfg.train_dataloader.batch_size == PARAMS.train.micro_batch
+    assert cfg.model.lora.r == PARAMS.lora.r and cfg.train_dataloader.batch_size == cfg.pipeline["micro_batch"]
     assert cfg.pipeline["deepspeed_config"] == "deepspeed.json"
     assert json.loads((tmp_path / "config" / "deepspeed.json").read_text())["bf16"]["enabled"]
     text = path.read_text(encoding="utf-8")
@@ -59,7 +91,7 @@ def test_rendered_config_loads_with_mmengine(tmp_path):
 
 def test_every_tuned_value_reaches_the_config():
     p = replace(PARAMS, lora=replace(PARAMS.lora, r=8, alpha=32.0, target_modules=["q_proj", "v_proj"]),
-                train=replace(PARAMS.train, lr=3e-4, max_iters=77, warmup_iters=3, micro_batch=2, grad_accum=4))
+                train=replace(PARAMS.train, lr=3e-4, max_iters=77, warmup_iters=3, micro_batch=2, global_batch=8))
     text = render.render_text("assistant", render.context(p, render.resolve(p, cuda=False, bf16=False)))
     for needle in ("r=8,", "lora_alpha=32.0", "target_modules=['q_proj', 'v_proj']", "lr = 0.0003",
                    "max_iters=77", "warmup_iters = 3", "batch_size = 2", "accumulative_counts = 4",

@@ -3,6 +3,7 @@ import sys
 
 import pytest
 
+from stages.xtuner_api import patch_stack
 from tests.conftest import ROOT, env
 
 IMPORT = "import xtuner.dataset, torchvision.transforms; print('imported')"
@@ -79,3 +80,35 @@ def test_mmengine_checkpoints_load_only_with_the_weights_only_fix(built):
     without = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                              env={k: v for k, v in env().items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"})
     assert without.returncode != 0 and "Weights only load failed" in without.stderr
+
+
+def _input_grad_after_eval_pass() -> float:
+    """|d out / d x| of a 4-bit layer that first ran once in eval mode without grad, as XTuner's
+    chat hook does before training."""
+    import torch
+    from bitsandbytes.nn import Linear4bit
+
+    torch.manual_seed(0)
+    layer = Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.load_state_dict({"weight": torch.randn(64, 64)})
+    layer = layer.to("cpu")
+    with torch.no_grad():
+        layer.eval()(torch.randn(1, 64))
+    x = torch.randn(3, 64, requires_grad=True)
+    layer.train()(x).sum().backward()
+    return x.grad.abs().sum().item() if x.grad is not None else 0.0
+
+
+def test_gradients_flow_through_4bit_layers_after_an_eval_pass():
+    patch_stack()
+    assert _input_grad_after_eval_pass() > 0
+
+
+def test_without_the_packing_fix_gradients_vanish(monkeypatch):
+    import bitsandbytes.nn.modules as modules
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks")
+    monkeypatch.setattr(modules, "has_avx512bf16", has_avx512bf16)
+    assert _input_grad_after_eval_pass() == 0

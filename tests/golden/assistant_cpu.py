@@ -63,6 +63,8 @@ tokenizer = dict(
 model = dict(
     type=SupervisedFinetune,
     use_varlen_attn=False,
+    # Not a top-level variable: mmengine's runner reads a top-level `activation_checkpointing`.
+    use_activation_checkpointing=False,
     llm=dict(
         type=AutoModelForCausalLM.from_pretrained,
         pretrained_model_name_or_path=pretrained_model_name_or_path,
@@ -162,4 +164,4 @@ randomness = dict(seed=0, deterministic=False)
 log_processor = dict(by_epoch=False)
 
 # Read by the pipeline's train stage, ignored by XTuner.
-pipeline = {'device': 'cpu', 'precision': 'fp32', 'deepspeed': 'none', 'gpus': 1, 'torch_dtype': 'float32', 'compute_dtype': 'float32', 'deepspeed_config': None}
+pipeline = {'device': 'cpu', 'precision': 'fp32', 'deepspeed': 'none', 'gpus': 1, 'torch_dtype': 'float32', 'compute_dtype': 'float32', 'memory_gb': None, 'micro_batch': 1, 'grad_accum': 1, 'checkpointing': False, 'estimate_gb': None, 'fused_loss': True, 'loss_chunk_mb': 1024, 'compile_layers': False, 'upcast_frozen': False, 'deepspeed_config': None}

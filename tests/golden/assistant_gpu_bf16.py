@@ -6,7 +6,7 @@
 # parses configs in lazy-import mode.
 #
 # Run it:   dvc repro train
-# By hand:  python -m xtuner.tools.train models/config/xtuner_config.py --work-dir models/work --deepspeed models/config/deepspeed.json
+# By hand:  python -m xtuner.tools.train models/config/xtuner_config.py --work-dir models/work
 import torch
 from datasets import load_dataset
 from mmengine.dataset import DefaultSampler
@@ -63,6 +63,8 @@ tokenizer = dict(
 model = dict(
     type=SupervisedFinetune,
     use_varlen_attn=False,
+    # Not a top-level variable: mmengine's runner reads a top-level `activation_checkpointing`.
+    use_activation_checkpointing=False,
     llm=dict(
         type=AutoModelForCausalLM.from_pretrained,
         pretrained_model_name_or_path=pretrained_model_name_or_path,
@@ -163,4 +165,4 @@ randomness = dict(seed=0, deterministic=False)
 log_processor = dict(by_epoch=False)
 
 # Read by the pipeline's train stage, ignored by XTuner.
-pipeline = {'device': 'cuda', 'precision': 'bf16', 'deepspeed': 'zero2', 'gpus': 1, 'torch_dtype': 'bfloat16', 'compute_dtype': 'bfloat16', 'deepspeed_config': 'deepspeed.json'}
+pipeline = {'device': 'cuda', 'precision': 'bf16', 'deepspeed': 'none', 'gpus': 1, 'torch_dtype': 'bfloat16', 'compute_dtype': 'bfloat16', 'memory_gb': 76.5, 'micro_batch': 1, 'grad_accum': 1, 'checkpointing': False, 'estimate_gb': 5.1, 'fused_loss': True, 'loss_chunk_mb': 1024, 'compile_layers': True, 'upcast_frozen': False, 'deepspeed_config': None}

@@ -1,0 +1,162 @@
+"""Each speed and memory lever of the train stage, measured on its own, on the model the train
+stage builds: XTuner's SupervisedFinetune with a 4-bit base and LoRA on every linear layer, bf16
+autocast and torch AdamW (the train stage's optimizer wrapper without DeepSpeed).
+
+    python -m benchmarks.levers MODEL_DIR --shape internlm2-1_8b --plan sweep --out FILE
+
+A plan is a list of settings; the model is built once per (upcast_frozen) and the other levers
+(micro-batch, activation checkpointing, fused loss, LoRA dropout, optimizer) are switched on the
+built model between measurements.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from benchmarks.measure import SEQ, append, batch, free, gpu, measure
+from benchmarks.shapes import SHAPES, mfu
+
+BASE = {"micro_batch": 1, "checkpointing": True, "fused_loss": False, "dropout": 0.1, "optimizer": "adamw",
+        "upcast_frozen": True, "loss_chunk_mb": 1024, "compile": False}
+LEAN = {"upcast_frozen": False, "fused_loss": True}
+
+PLANS = {
+    # XTuner's defaults first, then one lever at a time, then together, for the 1.8B shape.
+    "sweep": [
+        {},
+        {"micro_batch": 4}, {"micro_batch": 8},
+        {"upcast_frozen": False},
+        {"fused_loss": True}, {"fused_loss": True, "micro_batch": 8},
+        {"dropout": 0.0},
+        {"checkpointing": False, "micro_batch": 1},
+        {"upcast_frozen": False, "fused_loss": True, "micro_batch": 8},
+        {"upcast_frozen": False, "fused_loss": True, "micro_batch": 16},
+        {"upcast_frozen": False, "fused_loss": True, "checkpointing": False, "micro_batch": 1},
+        {"upcast_frozen": False, "fused_loss": True, "checkpointing": False, "micro_batch": 2},
+        {"upcast_frozen": False, "fused_loss": True, "checkpointing": False, "micro_batch": 4},
+        {"upcast_frozen": False, "fused_loss": True, "dropout": 0.0, "micro_batch": 8},
+        {"upcast_frozen": False, "fused_loss": True, "dropout": 0.0, "checkpointing": False, "micro_batch": 2},
+        {"upcast_frozen": False, "fused_loss": True, "dropout": 0.0, "checkpointing": False, "micro_batch": 4},
+    ],
+    # The winners again, then torch.compile of each decoder layer (kept on once on: it goes last).
+    "compile": [
+        {**LEAN, "micro_batch": 16},
+        {**LEAN, "micro_batch": 2, "checkpointing": False},
+        {**LEAN, "micro_batch": 16, "compile": True},
+        {**LEAN, "micro_batch": 2, "checkpointing": False, "compile": True},
+        {**LEAN, "micro_batch": 8, "compile": True},
+    ],
+    # The 7B shape under 8 GB: smaller loss chunks, 8-bit optimizer states, two sequences.
+    "lean8": [
+        {**LEAN, "optimizer": "paged_adamw8bit", "loss_chunk_mb": 256},
+        {**LEAN, "optimizer": "paged_adamw8bit", "loss_chunk_mb": 256, "micro_batch": 2},
+        {**LEAN, "optimizer": "paged_adamw8bit", "loss_chunk_mb": 256, "micro_batch": 2, "dropout": 0.0},
+        {**LEAN, "optimizer": "paged_adamw8bit", "loss_chunk_mb": 256, "micro_batch": 3},
+    ],
+    # The 7B shape: XTuner's default against the lean settings.
+    "lean": [
+        {},
+        {"upcast_frozen": False, "fused_loss": True},
+        {"upcast_frozen": False, "fused_loss": True, "optimizer": "adamw8bit"},
+        {"upcast_frozen": False, "fused_loss": True, "optimizer": "paged_adamw8bit"},
+        {"upcast_frozen": False, "fused_loss": True, "optimizer": "adamw8bit", "micro_batch": 2},
+        {"upcast_frozen": False, "fused_loss": True, "dropout": 0.0, "optimizer": "adamw8bit"},
+        {"upcast_frozen": False, "fused_loss": True, "checkpointing": False, "optimizer": "adamw8bit"},
+    ],
+}
+
+
+def build(model_dir: Path, lora_r: int, upcast_frozen: bool):
+    import torch
+    from mmengine.config import ConfigDict
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from xtuner.model import SupervisedFinetune
+
+    from stages import kernels
+
+    kernels.apply({"fused_loss": True, "upcast_frozen": upcast_frozen, "compute_dtype": "bfloat16"})
+    llm = dict(type=AutoModelForCausalLM.from_pretrained, pretrained_model_name_or_path=str(model_dir),
+               torch_dtype=torch.bfloat16,
+               quantization_config=dict(type=BitsAndBytesConfig, load_in_4bit=True, load_in_8bit=False,
+                                        llm_int8_threshold=6.0, llm_int8_has_fp16_weight=False,
+                                        bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True,
+                                        bnb_4bit_quant_type="nf4"))
+    lora = dict(type=LoraConfig, r=lora_r, lora_alpha=16, lora_dropout=0.1, bias="none", task_type="CAUSAL_LM")
+    model = SupervisedFinetune(llm=ConfigDict(llm), lora=ConfigDict(lora), use_activation_checkpointing=True).cuda()
+    return model.train()
+
+
+def switch(model, s: dict) -> None:
+    import torch
+
+    from stages import kernels
+
+    base = model.llm.get_base_model()
+    base._fused_loss = s["fused_loss"]
+    kernels._SETTINGS["loss_chunk"] = s["loss_chunk_mb"] << 20
+    if s["compile"] and not getattr(base, "_compiled", False):
+        kernels.compile_layers(base)
+        base._compiled = True
+    if s["checkpointing"]:
+        model.gradient_checkpointing_enable()
+    else:
+        model.gradient_checkpointing_disable()
+    for module in model.modules():
+        if hasattr(module, "lora_dropout") and "default" in module.lora_dropout:
+            module.lora_dropout["default"] = torch.nn.Dropout(s["dropout"]) if s["dropout"] else torch.nn.Identity()
+
+
+def optimizer(params, name: str):
+    import torch
+
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=2e-4)
+    import bitsandbytes as bnb
+
+    return {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[name](params, lr=2e-4)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    parser.add_argument("--plan", choices=sorted(PLANS), required=True)
+    parser.add_argument("--lora-r", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    import torch
+
+    from stages.xtuner_api import patch_stack
+
+    patch_stack()
+    shape, info = SHAPES[args.shape], gpu()
+    settings = [{**BASE, **s} for s in PLANS[args.plan]]
+    model, built_with = None, None
+    for s in sorted(settings, key=lambda s: not s["upcast_frozen"]):  # one build per upcast setting
+        if built_with != s["upcast_frozen"]:
+            del model
+            free()
+            model, built_with = build(args.model, args.lora_r, s["upcast_frozen"]), s["upcast_frozen"]
+        switch(model, s)
+        opt = optimizer([p for p in model.parameters() if p.requires_grad], s["optimizer"])
+        data = batch(s["micro_batch"], shape["vocab_size"])
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model.compute_loss(data)["loss"]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        result = measure(step, s["micro_batch"] * SEQ, steps=args.steps)
+        if "tokens_per_s" in result:
+            result["mfu"] = round(mfu(result["tokens_per_s"], shape, args.lora_r, SEQ, info["name"]), 4)
+        append(args.out, {"run": "train stage lever", "shape": args.shape, **s, **result, "gpu": info["name"]})
+        del opt, data
+        free()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""What the train stage installs into XTuner's model building: a fused linear cross-entropy, frozen
+weights kept in the compute dtype, and compiled decoder layers.
+
+A causal LM's loss is usually `cross_entropy(lm_head(h), labels)`. For InternLM2's 92,544-token
+vocabulary that materialises, per micro-batch of T tokens, T x 92,544 logits, their float32 copy
+and their gradient: 1.1 MB per token, 18 GB for a micro-batch of 8 x 2048. The fused loss walks
+the tokens in chunks, and for each chunk computes the logits, the loss and at once the gradient of
+the loss with respect to the hidden states (`(softmax - onehot) @ W`), then drops the logits. Peak
+memory for the loss falls to one chunk's logits (about 1 GB), and the backward pass is a multiply.
+
+Exact: the same loss and gradients as transformers' `ForCausalLMLoss` (mean over the labelled
+tokens, labels shifted by one, -100 ignored); `tests/test_kernels.py` checks both against it.
+
+It is installed per model instance by wrapping XTuner's `dispatch_modules`, so it reaches the model
+XTuner builds from the rendered config, and only while training with labels; generation and
+evaluation use the model's own forward.
+
+Frozen weights: peft's `prepare_model_for_kbit_training`, which XTuner calls for every QLoRA run,
+casts every weight that is not 4-bit (embeddings, output head, norms) to float32: for a 92k
+vocabulary that is 1.5 GB more for a 1.8B model and 3 GB for a 7B one, and makes the output head a
+float32 matmul. With `upcast_frozen: false` they go back to the compute dtype after that call.
+
+Compiled layers: a QLoRA step is hundreds of small kernels a layer (4-bit dequantisation, LoRA's
+dropout, scale and add, norms, RoPE, SwiGLU), each launched from Python; on an H100 the GPU waits
+for the launches. `torch.compile` of each decoder layer fuses the element-wise work and cuts the
+launches. Only the training-mode forward is compiled: generation during training (XTuner's chat
+hook puts the model in eval mode) changes shapes every token and runs the layer as written.
+"""
+from __future__ import annotations
+
+import types
+from typing import Any
+
+IGNORE = -100
+CHUNK_BYTES = 1 << 30  # logits of one chunk, float32, plus their softmax
+
+
+def chunk_tokens(vocab: int, budget: int = CHUNK_BYTES) -> int:
+    """Tokens per chunk: a power of two whose float32 logits and softmax fit the budget."""
+    n = max(1, budget // (vocab * 8))
+    return 1 << (n.bit_length() - 1)
+
+
+class _LinearCrossEntropy:
+    """Built lazily so that importing this module does not import torch."""
+
+    fn = None
+
+    @classmethod
+    def get(cls):
+        if cls.fn is None:
+            import torch
+
+            class LinearCrossEntropy(torch.autograd.Function):
+                @staticmethod
+                def forward(ctx, hidden, weight, labels, chunk):
+                    # hidden: (T, d) in the activations' dtype; weight: (V, d); labels: (T,), shifted.
+                    valid = labels != IGNORE
+                    count = valid.sum()
+                    w = weight.to(hidden.dtype) if weight.dtype != hidden.dtype else weight
+                    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+                    grad_h = torch.empty_like(hidden) if need_h else None
+                    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+                    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+                    for start in range(0, hidden.shape[0], chunk):
+                        h, y, m = hidden[start:start + chunk], labels[start:start + chunk], valid[start:start + chunk]
+                        logits = (h @ w.t()).float()
+                        lse = torch.logsumexp(logits, dim=-1)
+                        target = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
+                        total += ((lse - target) * m).sum()
+                        if need_h or need_w:
+                            probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
+                            rows = torch.arange(y.shape[0], device=y.device)
+                            probs[rows, y.clamp(min=0)] -= m.float()
+                            probs.mul_(m.unsqueeze(1))
+                            probs = probs.to(h.dtype)
+                            if need_h:
+                                grad_h[start:start + chunk] = probs @ w
+                            if need_w:
+                                grad_w += (probs.t() @ h).float()
+                        del logits
+                    denom = count.clamp(min=1).float()
+                    ctx.save_for_backward(*(t for t in (grad_h, grad_w, denom) if t is not None))
+                    ctx.has, ctx.weight_dtype = (need_h, need_w), weight.dtype
+                    return total / denom
+
+                @staticmethod
+                def backward(ctx, grad_out):
+                    saved = list(ctx.saved_tensors)
+                    denom = saved.pop()
+                    scale = grad_out / denom
+                    need_h, need_w = ctx.has
+                    gh = gw = None
+                    if need_h:
+                        gh = saved.pop(0)
+                        gh = gh * scale.to(gh.dtype)
+                    if need_w:
+                        gw = (saved.pop(0) * scale).to(ctx.weight_dtype)
+                    return gh, gw, None, None
+
+            cls.fn = LinearCrossEntropy
+        return cls.fn
+
+
+def linear_cross_entropy(hidden, weight, labels, chunk: int | None = None):
+    """Mean next-token cross-entropy of `hidden @ weight.T` against `labels` (B, S), shifted by one
+    as transformers does, without materialising the logits."""
+    import torch
+
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    fn = _LinearCrossEntropy.get()
+    chunk = chunk or chunk_tokens(weight.shape[0])
+    return fn.apply(flat, weight, shifted.to(flat.device), chunk)
+
+
+def _plain_head(model) -> Any:
+    import torch
+
+    head = model.get_output_embeddings()
+    return head if type(head) is torch.nn.Linear and head.bias is None else None
+
+
+def install_fused_loss(model) -> bool:
+    """Give this causal LM instance the fused loss for training; False where its head is not a
+    plain linear layer (then nothing changes)."""
+    if _plain_head(model) is None or getattr(model, "_fused_loss", False):
+        return False
+    original = model.forward
+    decoder = getattr(model, model.base_model_prefix)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, **kwargs):
+        head = _plain_head(self)
+        if labels is None or not self.training or head is None or not self._fused_loss:
+            return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                            use_cache=use_cache, output_attentions=output_attentions,
+                            output_hidden_states=output_hidden_states, return_dict=return_dict, **kwargs)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        kwargs.pop("num_items_in_batch", None)
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=False,
+                      return_dict=True, **kwargs)
+        chunk = chunk_tokens(head.weight.shape[0], _SETTINGS.get("loss_chunk", CHUNK_BYTES))
+        loss = linear_cross_entropy(out[0], head.weight, labels, chunk)
+        return CausalLMOutputWithPast(loss=loss, logits=None)
+
+    model.forward = types.MethodType(forward, model)
+    model._fused_loss = True
+    return True
+
+
+_SETTINGS: dict = {}
+
+
+def compile_layers(model) -> int:
+    """torch.compile the training forward of every decoder layer; the number compiled."""
+    import torch
+
+    layers = getattr(getattr(model, model.base_model_prefix, None), "layers", None) or []
+    for layer in layers:
+        eager = layer.forward
+        compiled = torch.compile(eager, dynamic=False)
+
+        def forward(*args, _layer=layer, _eager=eager, _compiled=compiled, **kwargs):
+            fn = _compiled if _layer.training else _eager  # (checkpointing's first pass runs without grad)
+            return fn(*args, **kwargs)
+
+        layer.forward = forward
+    return len(layers)
+
+
+def _frozen_to(model, dtype) -> None:
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point() and param.dtype != dtype \
+                and type(param).__name__ != "Params4bit":
+            param.data = param.data.to(dtype)
+
+
+def apply(pipeline: dict) -> None:
+    """Install what the rendered config's `pipeline` block asks for (`fused_loss`, `loss_chunk_mb`,
+    `upcast_frozen`, `compute_dtype`) into XTuner's model building; later calls change the settings."""
+    import torch
+    from xtuner.model import sft
+
+    _SETTINGS.update(fused_loss=bool(pipeline.get("fused_loss")),
+                     loss_chunk=int(pipeline.get("loss_chunk_mb") or CHUNK_BYTES >> 20) << 20,
+                     upcast_frozen=bool(pipeline.get("upcast_frozen", True)),
+                     compile_layers=bool(pipeline.get("compile_layers")),
+                     dtype=getattr(torch, pipeline.get("compute_dtype") or "float32"))
+    if getattr(sft.dispatch_modules, "_pipeline", False):
+        return
+    dispatch, prepare = sft.dispatch_modules, sft.prepare_model_for_kbit_training
+
+    def dispatch_modules(model, *args, **kwargs):
+        result = dispatch(model, *args, **kwargs)
+        if _SETTINGS["fused_loss"]:
+            install_fused_loss(model)
+        if _SETTINGS["compile_layers"]:
+            compile_layers(model)
+        return result
+
+    def prepare_model_for_kbit_training(model, *args, **kwargs):
+        model = prepare(model, *args, **kwargs)
+        if not _SETTINGS["upcast_frozen"] and _SETTINGS["dtype"] != torch.float32:
+            _frozen_to(model, _SETTINGS["dtype"])
+        return model
+
+    dispatch_modules._pipeline = True
+    sft.dispatch_modules, sft.prepare_model_for_kbit_training = dispatch_modules, prepare_model_for_kbit_training

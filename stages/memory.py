@@ -1,0 +1,114 @@
+"""How much GPU memory a training setting needs, and the setting a memory budget allows.
+
+The user states the memory of their card (`train.memory_gb`) and the batch they want
+(`train.global_batch`); `plan()` picks the micro-batch, the gradient accumulation that keeps the
+global batch, and whether to checkpoint activations.
+
+The estimate is peak = weights + adapter training state + loss buffer + tokens x activations:
+
+- 4-bit weights: 0.516 bytes a parameter (NF4 and its double-quantized scales); bf16/fp16: 2; fp32: 4.
+- frozen weights that are not 4-bit (embeddings, output head): 4 bytes each with `upcast_frozen`,
+  else the compute dtype's size.
+- LoRA parameters: float32 weight and gradient (8 bytes) plus AdamW's two float32 moments (8) or
+  8-bit AdamW's (2).
+- loss: one chunk of float32 logits with `fused_loss` (stages/kernels.py; 1 GB, or a 32nd of a
+  smaller budget); without it the whole micro-batch's logits, their float32 copy and gradient
+  (12 bytes x vocabulary a token).
+- activations a token, per decoder layer, without checkpointing: 24 x hidden + 11.7 x intermediate
+  bytes. With checkpointing every layer keeps 2.8 x hidden bytes, and one layer is rebuilt at a
+  time, which does not coincide with the loss.
+
+The constants were fitted to the peaks PyTorch reserved on an H100 (bf16, LoRA dropout 0.1, SDPA
+attention, sequence 2048) for the 1.8B and 7B shapes, within 0.5 GB: see benchmarks/README.md.
+A 0.5 GB margin covers the allocator's own.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from stages.errors import fail
+
+GB = 1e9
+MARGIN = 0.5 * GB
+UNCHECKPOINTED_TOKENS = 16384  # a micro-batch this large keeps the GPU busy without recomputation
+
+
+def loss_chunk_bytes(budget_gb: float | None) -> int:
+    """Logits of one loss chunk: 1 GB, less on a small card."""
+    return int(min(1 << 30, budget_gb * GB / 32)) if budget_gb else 1 << 30
+
+
+def shape_of(model_dir: str | Path) -> dict:
+    """The numbers the estimate needs, from the model's config.json."""
+    path = Path(model_dir) / "config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+        d, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+        heads = cfg["num_attention_heads"]
+        return {"hidden": d, "layers": layers, "intermediate": cfg["intermediate_size"],
+                "vocab": cfg["vocab_size"], "kv": d // heads * cfg.get("num_key_value_heads", heads)}
+    except FileNotFoundError:
+        fail(f"{path}: missing; model.path must be a model directory with its config.json")
+    except (ValueError, KeyError, TypeError) as err:
+        fail(f"{path}: not a causal LM config ({type(err).__name__}: {err})")
+
+
+def counts(shape: dict, lora_r: int) -> dict:
+    d, i, kv = shape["hidden"], shape["intermediate"], shape["kv"]
+    linears = [(d, d), (d, kv), (d, kv), (d, d), (d, i), (d, i), (i, d)]
+    return {"linear": shape["layers"] * sum(a * b for a, b in linears),
+            "frozen": 2 * shape["vocab"] * d,
+            "lora": shape["layers"] * lora_r * sum(a + b for a, b in linears)}
+
+
+def estimate(shape: dict, *, tokens: int, checkpointing: bool, quant: str, compute_bytes: int, lora_r: int,
+             optimizer: str, upcast_frozen: bool, fused_loss: bool, loss_chunk: int = int(GB)) -> float:
+    """Peak GPU bytes of one training process (what PyTorch reserves)."""
+    n = counts(shape, lora_r)
+    weights = n["linear"] * (0.516 if quant != "none" else compute_bytes)
+    frozen = n["frozen"] * (4 if upcast_frozen and quant != "none" else compute_bytes)
+    lora = n["lora"] * (8 + (8 if optimizer == "adamw" else 2))
+    loss = loss_chunk if fused_loss else tokens * shape["vocab"] * 12
+    layer = tokens * (24 * shape["hidden"] + 11.7 * shape["intermediate"])
+    if checkpointing:
+        activations = tokens * shape["layers"] * 2.8 * shape["hidden"] + max(layer, loss)
+    else:
+        activations = shape["layers"] * layer + loss
+    return weights + frozen + lora + activations + MARGIN
+
+
+def divisors(n: int) -> list[int]:
+    return [k for k in range(n, 0, -1) if n % k == 0]
+
+
+def plan(shape: dict, *, budget_gb: float | None, seq: int, global_batch: int, gpus: int,
+         micro_batch: int | str, checkpointing: bool | str, **setting) -> dict:
+    """Micro-batch, accumulation and checkpointing for a budget. Fixed choices are kept; `auto`
+    ones are chosen: without checkpointing when a micro-batch of 16k tokens (or the whole per-GPU
+    batch) fits, else with it, at the largest micro-batch that fits."""
+    per_gpu = global_batch // gpus
+
+    def fits(mb: int, ckpt: bool) -> bool:
+        return budget_gb is None or estimate(shape, tokens=mb * seq, checkpointing=ckpt, **setting) <= budget_gb * GB
+
+    sizes = [micro_batch] if micro_batch != "auto" else divisors(per_gpu)
+    ckpts = [checkpointing] if checkpointing != "auto" else ([False, True] if budget_gb else [False])
+    chosen = None
+    for ckpt in ckpts:
+        fitting = [mb for mb in sizes if fits(mb, ckpt)]
+        if not fitting:
+            continue
+        mb = fitting[0]
+        wanted = min(per_gpu, max(1, UNCHECKPOINTED_TOKENS // seq))
+        if ckpt is False and checkpointing == "auto" and mb < wanted:
+            continue  # too small a micro-batch to keep the GPU busy: checkpointing buys a larger one
+        chosen = (mb, ckpt)
+        break
+    if chosen is None:  # nothing fits: the smallest setting, and say so
+        chosen = (sizes[-1], ckpts[-1])
+    mb, ckpt = chosen
+    if budget_gb is None:  # the CPU: no budget, nothing to estimate
+        return {"micro_batch": mb, "grad_accum": per_gpu // mb, "checkpointing": ckpt, "estimate_gb": None}
+    peak = estimate(shape, tokens=mb * seq, checkpointing=ckpt, **setting)
+    return {"micro_batch": mb, "grad_accum": per_gpu // mb, "checkpointing": ckpt, "estimate_gb": round(peak / GB, 1)}
