@@ -3,6 +3,7 @@ pth_to_hf from the same rendered config as training.
 
 The adapter keeps the training precision: fp32 when training ran in fp32 (CPU), else XTuner's
 fp16. `target_modules` in adapter_config.json is sorted, so the file is the same on every rerun.
+Recipe llava: the same converter writes llm_adapter/, visual_encoder_adapter/ and projector/.
 
     python -m stages.convert         # writes models/adapter/
 """
@@ -17,6 +18,34 @@ from stages import params as P
 from stages.errors import fail
 from stages.io import output_dir, write_json
 from stages.paths import ADAPTER, ADAPTER_PTH, CONFIG
+
+
+LLAVA_PARTS = ("llm_adapter", "visual_encoder_adapter", "projector")
+
+
+def _sort_targets(folder: Path) -> None:
+    cfg_path = folder / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    write_json(cfg_path, cfg)
+
+
+def convert_llava(config: Path, pth: Path, out: Path, fp32: bool) -> None:
+    """pth_to_hf of a LLaVA fine-tune: the three parts, each checked."""
+    from stages.xtuner_api import load_checkpoint_weights, pth_to_hf
+
+    if not pth.is_file():
+        fail(f"{pth}: not found; run `dvc repro train` first")
+    load_checkpoint_weights(pth)
+    with output_dir(out) as tmp:
+        pth_to_hf(config, pth, tmp, fp32)
+        missing = [part for part in LLAVA_PARTS if not (tmp / part).is_dir()]
+        if missing:
+            fail(f"{pth}: pth_to_hf wrote no {', '.join(missing)} (a LLaVA fine-tune with LoRA on both models "
+                 "and a projector expected)")
+        for part in LLAVA_PARTS[:2]:
+            _sort_targets(tmp / part)
 
 
 def convert(config: Path, pth: Path, out: Path, fp32: bool) -> None:
@@ -46,7 +75,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     from stages.xtuner_api import load_config
 
     pipeline = load_config(CONFIG).pipeline
-    convert(CONFIG, ADAPTER_PTH, ADAPTER, fp32=pipeline["precision"] == "fp32")
+    if pipeline.get("recipe") == "llava":
+        convert_llava(CONFIG, ADAPTER_PTH, ADAPTER, fp32=pipeline["precision"] == "fp32")
+    else:
+        convert(CONFIG, ADAPTER_PTH, ADAPTER, fp32=pipeline["precision"] == "fp32")
     files = sorted(p.name for p in ADAPTER.iterdir())
     print(f"[convert] {ADAPTER}: {', '.join(files)}", flush=True)
 

@@ -6,6 +6,12 @@ base+adapter (peft, unmerged) and of the merged model, both in float32, must agr
 stage. The merged model is then cast to `merge.dtype` and saved with the base model's tokenizer and
 remote-code files, ready for `AutoModelForCausalLM.from_pretrained` or LMDeploy.
 
+Recipe llava: XTuner's own merge tool, as the tutorial runs it twice: the LLM with llm_adapter, the CLIP
+with visual_encoder_adapter (`--is-clip`); the projector copied beside them (models/merged/llm/,
+visual_encoder/, projector/). Checked the same way, on the evaluation images: base models + adapters
+against the merged parts, both loaded in float32. XTuner saves the merged LLM in float16, so the
+tolerance is `llava.merge_tolerance` (about 8e-3 is what float16 weights cost the tiny models).
+
     python -m stages.merge           # writes models/merged/, reports/merge.json
 """
 from __future__ import annotations
@@ -74,11 +80,44 @@ def merge(base: Path, adapter: Path, out: Path, dtype: str, tolerance: float, pr
             "merge_time_s": round(time.time() - start, 2)}
 
 
+def merge_llava(p: P.Params, adapter: Path, out: Path) -> dict:
+    """XTuner's merge of both parts, then the logits check on every evaluation image."""
+    from stages import llava
+
+    for part in ("llm_adapter", "visual_encoder_adapter", "projector"):
+        if not (adapter / part).is_dir():
+            fail(f"{adapter}/{part}: missing; run `dvc repro convert` first")
+    llm, vit = Path(p.model.path), Path(p.llava.visual_encoder)
+    start = time.time()
+    llava.merge_llava(adapter, llm, vit, out)
+    seconds = time.time() - start
+    merged = llava.Chat.load(out / "llm", out / "visual_encoder", out / "projector", template=p.train.prompt_template)
+    unmerged = llava.Chat.load(llm, vit, adapter / "projector", adapter / "llm_adapter",
+                               adapter / "visual_encoder_adapter", template=p.train.prompt_template)
+    folder = Path(p.data.llava.image_folder)
+    prompt = p.llava.eval_prompt or "请描述这张图片。"
+    diff = max((merged.logits(folder / image, prompt) - unmerged.logits(folder / image, prompt)).abs().max().item()
+               for image in p.llava.eval_images)
+    tolerance = p.llava.merge_tolerance
+    if diff > tolerance:
+        fail(f"llava.merge_tolerance: merged model's logits differ from base+adapters by {diff:.3g} > "
+             f"{tolerance:g}; the merge is wrong (adapters do not fit {llm} + {vit}?)")
+    return {"max_logit_diff": diff, "tolerance": tolerance, "dtype": "float16 LLM (XTuner's merge)",
+            "prompts": len(p.llava.eval_images), "merge_time_s": round(seconds, 2)}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m stages.merge", description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default=str(P.PARAMS), help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
     params = P.load(args.params)
+    if params.recipe == "llava":
+        metrics = merge_llava(params, ADAPTER, MERGED)
+        write_json(MERGE_METRICS, metrics)
+        print(f"[merge] {MERGED}: llm/, visual_encoder/, projector/; base+adapters vs merged max |logit diff| "
+              f"{metrics['max_logit_diff']:.2e} (tolerance {metrics['tolerance']:g}: XTuner saves the LLM in "
+              "float16)", flush=True)
+        return
     P.log_section("merge", params.merge)
     dtype = params.merge.dtype
     if dtype == "auto":

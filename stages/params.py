@@ -158,8 +158,63 @@ class Eval:
 
 
 @dataclass(frozen=True)
+class TinyVision:
+    """The llava recipe's embedded vision encoder: a CLIP vision model built locally (stage vision)."""
+
+    image_size: int = spec("input image side in pixels (336 for CLIP ViT-L/14-336)", minimum=14)
+    patch_size: int = spec("patch side in pixels; (image_size / patch_size)^2 image tokens reach the LLM",
+                           minimum=1)
+    hidden_size: int = spec("encoder width", minimum=8)
+    num_layers: int = spec("encoder layers (XTuner reads hidden_states[-2]: at least 2)", minimum=2)
+    num_heads: int = spec("attention heads; must divide hidden_size", minimum=1)
+    intermediate_size: int = spec("MLP width", minimum=8)
+    seed: int = spec("seed of the weight initialisation", minimum=0)
+
+
+@dataclass(frozen=True)
+class LlavaPhase:
+    lr: float = spec("peak learning rate", exclusiveMinimum=0)
+    max_iters: int = spec("training iterations", minimum=1)
+    warmup_iters: int = spec("linear warm-up iterations (at 1, mmengine's LinearLR never leaves its start "
+                             "factor)", minimum=2)
+
+
+@dataclass(frozen=True)
+class VisualLora:
+    r: int = spec("LoRA rank of the vision encoder's adapter", minimum=1)
+    alpha: float = spec("LoRA alpha (scaling = alpha / r)", exclusiveMinimum=0)
+    dropout: float = spec("LoRA dropout", minimum=0, exclusiveMaximum=1)
+
+
+@dataclass(frozen=True)
+class LlavaRecipe:
+    """recipe: llava, XTuner's llava_internlm2_chat_1_8b_qlora_clip_vit_large_p14_336_lora_e1_gpu8_finetune:
+    QLoRA on model.path's LLM (lora, quant), LoRA on a CLIP vision encoder, a projector between them."""
+
+    visual_encoder: str = spec("CLIP vision model directory (config, weights, preprocessor_config.json); "
+                               "models/tiny-clip is built by `dvc repro vision`", minLength=1)
+    tiny_vision: TinyVision = spec("shape of the locally built tiny CLIP vision encoder")
+    pretrained_pth: Union[str, None] = spec(
+        "pretrain checkpoint holding the projector (a .pth file or DeepSpeed folder, e.g. the tutorial's "
+        "iter_2181.pth); checked against the two models before fine-tuning. null: the pretrain stage trains "
+        "the projector itself (LLM and vision encoder frozen)", minLength=1)
+    pretrain: LlavaPhase = spec("the projector's pretraining (only when pretrained_pth is null)")
+    finetune: LlavaPhase = spec("the fine-tune (QLoRA LLM, LoRA vision encoder, projector)")
+    visual_lora: VisualLora = spec("LoRA adapter of the vision encoder (the LLM's is `lora`)")
+    eval_images: list[str] = spec("images (relative to data.llava.image_folder) asked about by the "
+                                  "evaluate stage, before and after fine-tuning", minItems=1)
+    eval_prompt: Union[str, None] = spec(
+        "question asked about each eval image (null: the image's first question in data.llava.source)",
+        minLength=1)
+    merge_tolerance: float = spec(
+        "largest allowed |logit| difference between base+adapters (float32) and the merged model; XTuner's "
+        "merge saves the LLM in float16, so this is looser than merge.tolerance", exclusiveMinimum=0)
+
+
+@dataclass(frozen=True)
 class Params:
-    recipe: Literal["assistant"] = spec("which fine-tune to run")
+    recipe: Literal["assistant", "llava"] = spec(
+        "which fine-tune to run: assistant (self-cognition text QLoRA) or llava (image chat, LLaVA)")
     model: Model = spec("the base model")
     data: Data = spec("dataset generation, repetition and validation")
     lora: Lora = spec("LoRA adapter")
@@ -167,6 +222,7 @@ class Params:
     train: Train = spec("training")
     merge: Merge = spec("merging the adapter into the base model")
     eval: Eval = spec("evaluation: prompts during training, and the evaluate stage")
+    llava: LlavaRecipe = spec("the llava recipe: vision encoder, projector, its phases")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,6 +381,19 @@ def _contradictions(p: Params) -> list[str]:
                 out.append(f"model.tiny.{key}: {value} is not a multiple of 32, which 4-bit quantization "
                            f"(quant.mode: {p.quant.mode}) needs on CPU")
                 break
+    v = p.llava.tiny_vision
+    if v.image_size % v.patch_size:
+        out.append(f"llava.tiny_vision.image_size: {v.image_size} is not a multiple of patch_size {v.patch_size}")
+    if v.hidden_size % v.num_heads:
+        out.append(f"llava.tiny_vision.num_heads: {v.num_heads} does not divide hidden_size {v.hidden_size}")
+    for phase in ("pretrain", "finetune"):
+        ph = getattr(p.llava, phase)
+        if ph.warmup_iters >= ph.max_iters:
+            out.append(f"llava.{phase}.warmup_iters: {ph.warmup_iters} is not below max_iters {ph.max_iters}")
+    if p.recipe == "llava" and p.llava.visual_encoder.rstrip("/").endswith("tiny-clip") and \
+            p.data.max_length <= (v.image_size // v.patch_size) ** 2:
+        out.append(f"data.max_length: {p.data.max_length} leaves no room for text after "
+                   f"{(v.image_size // v.patch_size) ** 2} image tokens")
     if p.data.max_length > t.max_position_embeddings and p.model.path.rstrip("/").endswith("tiny-internlm2"):
         out.append(f"data.max_length: {p.data.max_length} exceeds model.tiny.max_position_embeddings "
                    f"{t.max_position_embeddings}")

@@ -21,12 +21,16 @@ VALIDATED_ASSISTANT = VALIDATED / "assistant.jsonl"
 VALIDATED_LLAVA = VALIDATED / "llava.json"
 
 TINY_MODEL = Path("models/tiny-internlm2")  # stage base
+TINY_CLIP = Path("models/tiny-clip")  # stage vision: the llava recipe's tiny CLIP vision encoder
+PRETRAIN = Path("models/pretrain")  # stage pretrain (llava): tokenized text, projector.pth; else a note
+PRETRAIN_WORK = Path("models/work-pretrain")  # stage pretrain: XTuner's work dir (not cached)
 CONFIG_DIR = Path("models/config")  # stage render: xtuner_config.py [+ deepspeed.json]
 CONFIG = CONFIG_DIR / "xtuner_config.py"
 TRAIN_WORK = Path("models/work")  # stage train: XTuner's work dir (checkpoints for resume; not cached)
 ADAPTER_PTH = Path("models/adapter.pth")  # stage train: final adapter weights, no optimizer state
-ADAPTER = Path("models/adapter")  # stage convert: HF/peft adapter (safetensors)
-MERGED = Path("models/merged")  # stage merge: base + adapter, safetensors
+ADAPTER = Path("models/adapter")  # stage convert: HF/peft adapter (safetensors); llava: llm_adapter/,
+#                                   visual_encoder_adapter/, projector/
+MERGED = Path("models/merged")  # stage merge: base + adapter, safetensors; llava: llm/, visual_encoder/, projector/
 
 TEMPLATES = ROOT / "stages" / "templates"
 

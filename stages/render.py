@@ -6,6 +6,11 @@ stages/memory.py) and written as literal values, with the DeepSpeed JSON beside 
 is used.
 The rendered file is loaded back with mmengine as a check. Output: models/config/.
 
+Recipe `llava` renders stages/templates/llava.py.j2 (XTuner's LLaVA fine-tune: QLoRA LLM, LoRA vision
+encoder, LengthGroupedSampler) to the same path; the same template's pretrain phase is rendered by the
+pretrain stage. Its micro-batch is train.micro_batch when that is a number, else 1 (the memory planner
+models the text recipe only); accumulation makes up train.global_batch as for the text recipe.
+
     python -m stages.render          # writes models/config/xtuner_config.py [+ deepspeed.json]
 """
 from __future__ import annotations
@@ -19,7 +24,11 @@ from stages import memory
 from stages import params as P
 from stages.errors import fail
 from stages.io import output_dir, write_json
-from stages.paths import CONFIG_DIR, TEMPLATES, TRAIN_WORK, VALIDATED_ASSISTANT
+from stages.paths import (CONFIG_DIR, PRETRAIN, PRETRAIN_WORK, TEMPLATES, TRAIN_WORK, VALIDATED_ASSISTANT,
+                          VALIDATED_LLAVA)
+
+LLAVA_TEXT = PRETRAIN / "llava_text"  # the pretrain stage's tokenized LLaVA text (both phases read it)
+PROJECTOR_PTH = PRETRAIN / "projector.pth"  # the projector the fine-tune starts from
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -107,6 +116,77 @@ def context(p: P.Params, resolved: dict, out: Path = CONFIG_DIR) -> dict:
     }
 
 
+def llava_batch(p: P.Params, resolved: dict) -> dict:
+    """The llava recipe's micro-batch (train.micro_batch when a number, else 1) and the accumulation that
+    makes up train.global_batch; no activation checkpointing, no fused loss, no compiled layers (the
+    kernels module serves the text recipe's model class)."""
+    t = p.train
+    micro = t.micro_batch if isinstance(t.micro_batch, int) else 1
+    accum = max(1, t.global_batch // (micro * t.gpus))
+    return {**resolved, "micro_batch": micro, "grad_accum": accum, "checkpointing": False, "estimate_gb": None,
+            "fused_loss": False, "compile_layers": False}
+
+
+def llava_context(p: P.Params, resolved: dict, phase: str, out: Path = CONFIG_DIR) -> dict:
+    """The llava template's variables for `phase` (pretrain: the projector alone; finetune)."""
+    from stages.vision import image_tokens
+
+    lv, t = p.llava, p.train
+    ph = lv.pretrain if phase == "pretrain" else lv.finetune
+    tokens = image_tokens(lv.tiny_vision) if lv.visual_encoder.rstrip("/").endswith("tiny-clip") else \
+        _clip_image_tokens(Path(lv.visual_encoder))
+    name = "pretrain_config.py" if phase == "pretrain" else "xtuner_config.py"
+    work = PRETRAIN_WORK if phase == "pretrain" else TRAIN_WORK
+    ds = resolved["deepspeed"]
+    amp = resolved["precision"] != "fp32"
+    lora = p.lora
+    return {
+        "header": f"Rendered by `dvc repro {'pretrain' if phase == 'pretrain' else 'render'}` "
+                  "(stages/templates/llava.py.j2) from params.yaml. Do not edit: change params.yaml.",
+        "run_it": f"dvc repro {'pretrain' if phase == 'pretrain' else 'train'}",
+        "command": f"python -m xtuner.tools.train {out / name} --work-dir {work}" + (
+            f" --deepspeed {CONFIG_DIR / 'deepspeed.json'}" if ds != "none" else ""),
+        "phase": phase, "llm_path": p.model.path, "visual_encoder_path": lv.visual_encoder,
+        "pretrained_pth": str(PROJECTOR_PTH) if phase == "finetune" else None,
+        "data_path": str(VALIDATED_LLAVA), "text_folder": str(LLAVA_TEXT),
+        "image_folder": p.data.llava.image_folder, "prompt_template": t.prompt_template,
+        "max_length": p.data.max_length - tokens, "total_length": p.data.max_length, "image_tokens": tokens,
+        "batch_size": resolved["micro_batch"], "grad_accum": resolved["grad_accum"],
+        "lr": ph.lr, "betas": tuple(t.betas), "weight_decay": t.weight_decay, "max_norm": t.max_norm,
+        "warmup_iters": ph.warmup_iters, "max_iters": ph.max_iters,
+        "save_interval": min(t.save_interval, ph.max_iters), "save_total_limit": t.save_total_limit,
+        "eval_interval": p.eval.interval, "system": p.eval.system,
+        "eval_image": str(Path(p.data.llava.image_folder) / lv.eval_images[0]),
+        "eval_prompts": [lv.eval_prompt or "请描述这张图片。"], "max_new_tokens": p.eval.max_new_tokens,
+        "torch_dtype": resolved["torch_dtype"], "compute_dtype": resolved["compute_dtype"],
+        "quant": None if p.quant.mode == "none" else p.quant.mode, "double_quant": p.quant.double_quant,
+        "llm_lora": {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout,
+                     "target_modules": None if lora.target_modules == "all-linear" else list(lora.target_modules)},
+        "visual_lora": {"r": lv.visual_lora.r, "alpha": lv.visual_lora.alpha, "dropout": lv.visual_lora.dropout,
+                        "target_modules": None},
+        "visual_select_layer": -2, "seed": t.seed,
+        "optim_wrapper": "AmpOptimWrapper" if amp else "OptimWrapper",
+        "amp_dtype": DTYPES[resolved["precision"]] if amp else None,
+        "loss_scale": "dynamic" if resolved["precision"] == "fp16" else None,
+        "log_interval": 1 if resolved["device"] == "cpu" else 10,
+        "dist_backend": "nccl" if resolved["device"] == "cuda" else "gloo",
+        "pipeline": {**resolved, "recipe": "llava", "phase": phase, "image_tokens": tokens,
+                     "deepspeed_config": "deepspeed.json" if ds != "none" else None},
+    }
+
+
+def _clip_image_tokens(folder: Path) -> int:
+    """(image_size / patch_size)^2 of a CLIP's config.json (a real ViT-L/14-336: 576)."""
+    from stages.io import read_json
+
+    cfg = read_json(folder / "config.json", "llava.visual_encoder (a CLIP vision model directory)")
+    cfg = cfg.get("vision_config", cfg)
+    try:
+        return (int(cfg["image_size"]) // int(cfg["patch_size"])) ** 2
+    except (KeyError, TypeError, ValueError):
+        fail(f"llava.visual_encoder: {folder / 'config.json'} has no image_size and patch_size (not a CLIP?)")
+
+
 def render_text(recipe: str, ctx: dict) -> str:
     import jinja2
 
@@ -137,7 +217,11 @@ def check_config(path: Path) -> Any:
 
 
 def render(p: P.Params, resolved: dict, out: Path = CONFIG_DIR) -> Path:
-    text = render_text(p.recipe, context(p, resolved, out))
+    if p.recipe == "llava":
+        resolved = llava_batch(p, resolved)
+        text = render_text("llava", llava_context(p, resolved, "finetune", out))
+    else:
+        text = render_text(p.recipe, context(p, resolved, out))
     with output_dir(out) as tmp:
         (tmp / "xtuner_config.py").write_text(text, encoding="utf-8")
         if resolved["deepspeed"] != "none":
@@ -152,8 +236,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = P.load(args.params)
     resolved = resolve(params, **machine(), shape=memory.shape_of(params.model.path))
+    if params.recipe == "llava":
+        resolved = llava_batch(params, resolved)
     print(f"[render] resolved for this machine: {json.dumps(resolved)}", flush=True)
-    if resolved["memory_gb"] and resolved["estimate_gb"] > resolved["memory_gb"]:
+    if resolved["memory_gb"] and resolved["estimate_gb"] and resolved["estimate_gb"] > resolved["memory_gb"]:
         print(f"[render] warning: this setting is estimated at {resolved['estimate_gb']} GB, over "
               f"train.memory_gb {resolved['memory_gb']}: it may run out of GPU memory", flush=True)
     path = render(params, resolved)

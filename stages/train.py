@@ -1,5 +1,8 @@
 """Stage `train`: QLoRA fine-tuning with XTuner's trainer, from the rendered config.
 
+Recipe llava: XTuner's LLaVA fine-tune (QLoRA LLM, LoRA vision encoder, the projector), after checking
+that models/pretrain/projector.pth fits the two models; the same outputs.
+
 Runs the trainer in this process (several GPUs: through torchrun, XTuner's NPROC_PER_NODE way), so
 killing the stage kills the trainer. A `dvc repro` after an interruption resumes from the last
 checkpoint when the stage's inputs are unchanged and starts clean when they changed: the work dir
@@ -29,7 +32,8 @@ from typing import Sequence
 
 from stages import params as P
 from stages.errors import fail, note
-from stages.paths import ADAPTER_PTH, CONFIG, CONFIG_DIR, TRAIN_WORK, VALIDATED_ASSISTANT
+from stages.paths import (ADAPTER_PTH, CONFIG, CONFIG_DIR, PRETRAIN, TRAIN_WORK, VALIDATED_ASSISTANT,
+                          VALIDATED_LLAVA)
 from stages.train_log import write_live
 
 FINGERPRINT = "pipeline-inputs.json"
@@ -39,12 +43,16 @@ CODE = [Path(__file__), Path(__file__).with_name("train_log.py"), Path(__file__)
         Path(__file__).with_name("kernels.py")]
 
 
-def fingerprint(config_dir: Path, data: Path, model: Path, code: list[Path] = CODE) -> str:
+def fingerprint(config_dir: Path, data: Path, model: Path, code: list[Path] = CODE,
+                extra: Sequence[Path] = ()) -> str:
     """What a resume must not cross, as in the stage's deps in dvc.yaml: the rendered config, data
     and code by content, the base model by file names, sizes and times (hashing gigabytes of weights
     at every start would cost minutes)."""
     h = hashlib.sha256()
     for path in sorted(config_dir.rglob("*")) + [data] + list(code):
+        if path.is_file():
+            h.update(f"{path.name}\0".encode() + path.read_bytes())
+    for path in [f for folder in extra for f in sorted(Path(folder).rglob("*"))]:
         if path.is_file():
             h.update(f"{path.name}\0".encode() + path.read_bytes())
     for path in sorted(model.rglob("*")):
@@ -121,13 +129,13 @@ def run_distributed(args: argparse.Namespace, gpus: int, resume: Path | None) ->
         fail(f"training failed on {gpus} GPUs (torchrun exited {code}; see the log above)")
 
 
-def ensure_hash_seed(argv: Sequence[str] | None) -> None:
+def ensure_hash_seed(argv: Sequence[str] | None, module: str = "stages.train") -> None:
     """Python's hash seed decides set order, and so the order LoRA layers are created and
     initialised: fix it, or two runs differ."""
     if os.environ.get("PYTHONHASHSEED") != "0":
         env = {**os.environ, "PYTHONHASHSEED": "0"}
         args = list(sys.argv[1:] if argv is None else argv)
-        os.execve(sys.executable, [sys.executable, "-m", "stages.train", *args], env)
+        os.execve(sys.executable, [sys.executable, "-m", module, *args], env)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -153,7 +161,18 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     require(params, skip=("stack",))  # the preflight: seconds now rather than a failure after training
     P.log_section("train", params.train)
-    resume = prepare_work_dir(TRAIN_WORK, fingerprint(CONFIG_DIR, VALIDATED_ASSISTANT, Path(params.model.path)))
+    if params.recipe == "llava":
+        from stages import llava
+
+        weights = llava.check_pretrained_pth(PRETRAIN / "projector.pth", Path(params.model.path),
+                                             Path(params.llava.visual_encoder), key=str(PRETRAIN / "projector.pth"))
+        print(f"[train] {PRETRAIN / 'projector.pth'}: all {len(weights)} projector tensors fit "
+              f"{params.model.path} + {params.llava.visual_encoder}", flush=True)
+        fp = fingerprint(CONFIG_DIR, VALIDATED_LLAVA, Path(params.model.path),
+                         extra=(PRETRAIN, Path(params.llava.visual_encoder)))
+    else:
+        fp = fingerprint(CONFIG_DIR, VALIDATED_ASSISTANT, Path(params.model.path))
+    resume = prepare_work_dir(TRAIN_WORK, fp)
     start = time.time()
     if pipeline["gpus"] > 1:
         run_distributed(args, pipeline["gpus"], resume)

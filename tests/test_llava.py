@@ -1,0 +1,200 @@
+"""The llava recipe: the tiny CLIP stage, its config, the pretrained_pth check, and the whole chain with
+the real `dvc exp run -S recipe=llava` on a copy of the session's built (assistant) project."""
+import json
+import os
+import re
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from stages import llava, params as P, render, vision
+from stages.errors import StageError
+from tests.conftest import ROOT, assert_one_line_error, run_stage, sh
+
+GOLDEN = ROOT / "tests" / "golden"
+PARAMS = replace(P.load(ROOT / "params.yaml"), recipe="llava")
+LLAVA_STAGES = ["pretrain", "render", "train", "convert", "merge", "evaluate", "report"]
+
+
+def ran(output: str) -> list[str]:
+    return re.findall(r"Running stage '([\w@-]+)'", output)
+
+
+@pytest.fixture(scope="session")
+def llava_built(built, tmp_path_factory) -> tuple[Path, str]:
+    """A copy of the built assistant project, switched to the llava recipe by an experiment."""
+    project = tmp_path_factory.mktemp("llava") / "project"
+    shutil.copytree(built, project, symlinks=True)
+    sh("git", "add", "-A", cwd=project)
+    sh("git", "commit", "-q", "--allow-empty", "-m", "baseline", cwd=project)
+    out = sh("dvc", "exp", "run", "-S", "recipe=llava", "-n", "llava", cwd=project).stdout
+    return project, out
+
+
+# ---------------------------------------------------------------------------------------------
+# vision encoder
+
+
+def test_tiny_clip_build_is_deterministic(tmp_path):
+    shape = PARAMS.llava.tiny_vision
+    a, b = vision.build(shape, tmp_path / "a"), vision.build(shape, tmp_path / "b")
+    assert a["image_tokens"] == (shape.image_size // shape.patch_size) ** 2
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    vision.build(replace(shape, seed=shape.seed + 1), tmp_path / "c")
+    assert (tmp_path / "c" / "model.safetensors").read_bytes() != (tmp_path / "a" / "model.safetensors").read_bytes()
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    model = CLIPVisionModel.from_pretrained(tmp_path / "a")
+    assert model.config.hidden_size == shape.hidden_size
+    assert CLIPImageProcessor.from_pretrained(tmp_path / "a").crop_size["height"] == shape.image_size
+
+
+def test_vision_params_that_cannot_work_are_one_line():
+    bad = replace(PARAMS, llava=replace(PARAMS.llava, tiny_vision=replace(PARAMS.llava.tiny_vision, image_size=100)))
+    assert "llava.tiny_vision.image_size: 100 is not a multiple of patch_size 14" in P._contradictions(bad)[0]
+    bad = replace(PARAMS, llava=replace(PARAMS.llava, finetune=replace(PARAMS.llava.finetune, max_iters=5)))
+    assert P._contradictions(bad) == ["llava.finetune.warmup_iters: 5 is not below max_iters 5"]
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+
+
+@pytest.mark.parametrize("machine", ["cpu", "gpu_bf16"])
+def test_llava_template_renders_the_golden_file(machine):
+    from tests.test_render import MACHINES
+
+    resolved = render.llava_batch(PARAMS, render.resolve(PARAMS, **MACHINES[machine]))
+    text = render.render_text("llava", render.llava_context(PARAMS, resolved, "finetune"))
+    golden = GOLDEN / f"llava_{machine}.py"
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(text, encoding="utf-8")
+    assert text == golden.read_text(encoding="utf-8")
+
+
+def test_llava_config_is_the_xtuner_recipe_and_loads(tmp_path):
+    p = replace(PARAMS, train=replace(PARAMS.train, micro_batch=2, global_batch=8))
+    path = render.render(p, render.resolve(p, cuda=False, bf16=False), tmp_path / "config")
+    cfg = render.check_config(path)
+    assert cfg.model.type.__name__ == "LLaVAModel" and cfg.model.pretrained_pth == "models/pretrain/projector.pth"
+    assert cfg.model.llm_lora.r == p.lora.r and cfg.model.visual_encoder_lora.r == p.llava.visual_lora.r
+    assert cfg.model.llm.quantization_config.bnb_4bit_quant_type == "nf4"
+    assert cfg.train_dataloader.sampler.type.__name__ == "LengthGroupedSampler"
+    assert (cfg.train_dataloader.batch_size, cfg.optim_wrapper.accumulative_counts) == (2, 4)  # global batch 8
+    assert cfg.max_length == p.data.max_length - 64 and cfg.pipeline["recipe"] == "llava"
+    pre = render.render_text("llava", render.llava_context(p, render.llava_batch(p, render.resolve(
+        p, cuda=False, bf16=False)), "pretrain"))
+    assert "llm_lora" not in pre and "pretrained_pth" not in pre and "DefaultSampler" in pre
+
+
+# ---------------------------------------------------------------------------------------------
+# pretrained_pth
+
+
+def _models(built: Path) -> tuple[Path, Path]:
+    return built / "models/tiny-internlm2", built / "models/tiny-clip"
+
+
+def test_pretrained_pth_that_fits_loads(built, tmp_path):
+    import torch
+
+    llm, vit = _models(built)
+    expected = llava.expected_projector_from_dirs(llm, vit)
+    assert expected["projector.model.0.weight"] == (64, 64) and len(expected) == 4
+    path = tmp_path / "good.pth"
+    torch.save({"state_dict": {k: torch.zeros(v) for k, v in expected.items()}}, path)
+    assert sorted(llava.check_pretrained_pth(path, llm, vit)) == sorted(expected)
+
+
+def test_pretrained_pth_of_another_run_is_one_line(built, tmp_path):
+    """The text recipe's adapter.pth: XTuner would load nothing and keep a random projector."""
+    llm, vit = _models(built)
+    with pytest.raises(StageError) as err:
+        llava.check_pretrained_pth(built / "models/adapter.pth", llm, vit)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("llava.pretrained_pth: ")
+    assert "0 of 4 projector keys would load" in message and "4 missing (projector.model.0.bias" in message
+    assert "unexpected (llm.base_model.model" in message
+
+
+def test_pretrained_pth_with_wrong_shapes_is_one_line(built, tmp_path):
+    """A projector made for another vision encoder (32 wide): XTuner fails deep in model building."""
+    import torch
+
+    llm, vit = _models(built)
+    path = tmp_path / "wrong.pth"
+    torch.save({"state_dict": {k: torch.zeros(v) for k, v in llava.expected_projector(32, 64).items()}}, path)
+    with pytest.raises(StageError, match=r"1 with another shape \(projector.model.0.weight: \[64, 32\] vs "
+                                         r"\[64, 64\]\)"):
+        llava.check_pretrained_pth(path, llm, vit)
+    with pytest.raises(StageError, match="not found"):
+        llava.check_pretrained_pth(tmp_path / "nothing.pth", llm, vit)
+
+
+def test_pretrain_stage_refuses_a_wrong_pretrained_pth(project, capsys, monkeypatch):
+    from stages import pretrain
+
+    text = (project / "params.yaml").read_text(encoding="utf-8")
+    text = text.replace("recipe: assistant ", "recipe: llava     ").replace(
+        "  pretrained_pth:     ", "  pretrained_pth: models/adapter.pth")
+    (project / "params.yaml").write_text(text, encoding="utf-8")
+    assert P.load(project / "params.yaml").llava.pretrained_pth == "models/adapter.pth"
+    monkeypatch.setenv("PYTHONHASHSEED", "0")  # else the stage re-executes itself with it
+    code, err = run_stage(pretrain, capsys)
+    assert_one_line_error(code, err, "llava.pretrained_pth: models/adapter.pth does not fit", "4 missing")
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end
+
+
+@pytest.mark.e2e
+def test_exp_run_llava_runs_the_recipe_chain(llava_built):
+    project, out = llava_built
+    assert ran(out) == LLAVA_STAGES
+    assert sorted(p.name for p in (project / "models/adapter").iterdir() if p.is_dir()) == \
+        ["llm_adapter", "projector", "visual_encoder_adapter"]
+    assert sorted(p.name for p in (project / "models/merged").iterdir()) == ["llm", "projector", "visual_encoder"]
+    summary = json.loads((project / "models/pretrain/summary.json").read_text())
+    assert summary["projector_from"] == "pretrain" and summary["samples"] == 160
+    merge = json.loads((project / "reports/merge.json").read_text())
+    assert 0 < merge["max_logit_diff"] < merge["tolerance"] == 0.05
+    cfg = (project / "models/config/xtuner_config.py").read_text()
+    assert "LengthGroupedSampler" in cfg and "visual_encoder_lora=dict(" in cfg
+
+
+@pytest.mark.e2e
+def test_llava_fine_tune_learns_the_images(llava_built):
+    project, _ = llava_built
+    metrics = json.loads((project / "reports/eval/metrics.json").read_text())
+    assert metrics["tuned"]["answer_similarity"] > metrics["base"]["answer_similarity"] + 0.3
+    train = json.loads((project / "reports/train/metrics.json").read_text())
+    assert train["final_loss"] < train["first_loss"]
+
+
+@pytest.mark.e2e
+def test_llava_report_shows_images_and_answers(llava_built):
+    project, _ = llava_built
+    report = (project / "reports/report.md").read_text(encoding="utf-8")
+    assert "# Fine-tune report: llava" in report and "## Evaluation: image prompts" in report
+    images = re.findall(r'<img src="([^"]+)"', report)
+    assert len(images) == len(PARAMS.llava.eval_images)
+    assert all((project / "reports" / src).resolve().is_file() for src in images)
+    assert "| before fine-tuning | after fine-tuning |" in report
+    rows = [json.loads(line) for line in (project / "reports/eval/generations.jsonl").read_text().splitlines()]
+    assert all(r["kind"] == "image" and r["base"] is not None and r["tuned"] for r in rows)
+    numbers = json.loads((project / "reports/metrics.json").read_text())
+    assert {"answer_similarity_tuned", "merge_max_logit_diff", "final_loss"} <= set(numbers)
+
+
+@pytest.mark.e2e
+def test_llava_second_repro_runs_nothing(llava_built, tmp_path):
+    project = tmp_path / "copy"
+    shutil.copytree(llava_built[0], project, symlinks=True)
+    out = sh("dvc", "repro", cwd=project).stdout
+    assert ran(out) == [] and "Data and pipelines are up to date" in out
