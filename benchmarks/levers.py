@@ -53,6 +53,12 @@ PLANS = {
         {**LEAN, "optimizer": "paged_adamw8bit", "loss_chunk_mb": 256, "micro_batch": 2, "dropout": 0.0},
         {**LEAN, "optimizer": "paged_adamw8bit", "loss_chunk_mb": 256, "micro_batch": 3},
     ],
+    # The 7B shape under 8 GB with compiled layers.
+    "lean8c": [
+        {**LEAN, "optimizer": "paged_adamw8bit", "loss_chunk_mb": 256, "micro_batch": 2, "compile": True},
+        {**LEAN, "optimizer": "paged_adamw8bit", "loss_chunk_mb": 256, "micro_batch": 1, "compile": True},
+        {**LEAN, "optimizer": "paged_adamw8bit", "loss_chunk_mb": 256, "micro_batch": 3, "compile": True},
+    ],
     # The 7B shape: XTuner's default against the lean settings.
     "lean": [
         {},
