@@ -83,6 +83,11 @@ def delta(value: Any, base: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _asked(answer: dict) -> str:
+    """The prompt, with the image it is about (llava recipe: one prompt, several images)."""
+    return f"{answer['prompt']} [{Path(answer['image']).name}]" if answer.get("image") else answer["prompt"]
+
+
 def compare(runs: list[dict], out: Path) -> str:
     labels = [f"{r['label']} ({r['sha']})" if r["label"] != r["sha"] else r["label"] for r in runs]
     keys = sorted({k for r in runs for k in r["params"]})
@@ -95,8 +100,8 @@ def compare(runs: list[dict], out: Path) -> str:
     curves = {lab: r["loss"] for lab, r in zip(labels, runs) if r["loss"]}
     if curves:
         plot_losses(curves, out / "loss.png", "Training loss")
-    prompts = [(a["kind"], a["prompt"]) for a in runs[0]["answers"]]
-    by_run = [{(a["kind"], a["prompt"]): a.get("tuned") for a in r["answers"]} for r in runs]
+    prompts = [(a["kind"], _asked(a)) for a in runs[0]["answers"]]
+    by_run = [{(a["kind"], _asked(a)): a.get("tuned") for a in r["answers"]} for r in runs]
     md = [f"# Comparison: {' vs '.join(labels)}", "",
           "Written by `python -m stages.compare`; deltas are against the first.", "",
           "## Params that differ", "",

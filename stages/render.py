@@ -129,12 +129,11 @@ def llava_batch(p: P.Params, resolved: dict) -> dict:
 
 def llava_context(p: P.Params, resolved: dict, phase: str, out: Path = CONFIG_DIR) -> dict:
     """The llava template's variables for `phase` (pretrain: the projector alone; finetune)."""
-    from stages.vision import image_tokens
+    from stages.vision import encoder_image_tokens
 
     lv, t = p.llava, p.train
     ph = lv.pretrain if phase == "pretrain" else lv.finetune
-    tokens = image_tokens(lv.tiny_vision) if lv.visual_encoder.rstrip("/").endswith("tiny-clip") else \
-        _clip_image_tokens(Path(lv.visual_encoder))
+    tokens = encoder_image_tokens(p)
     name = "pretrain_config.py" if phase == "pretrain" else "xtuner_config.py"
     work = PRETRAIN_WORK if phase == "pretrain" else TRAIN_WORK
     ds = resolved["deepspeed"]
@@ -173,18 +172,6 @@ def llava_context(p: P.Params, resolved: dict, phase: str, out: Path = CONFIG_DI
         "pipeline": {**resolved, "recipe": "llava", "phase": phase, "image_tokens": tokens,
                      "deepspeed_config": "deepspeed.json" if ds != "none" else None},
     }
-
-
-def _clip_image_tokens(folder: Path) -> int:
-    """(image_size / patch_size)^2 of a CLIP's config.json (a real ViT-L/14-336: 576)."""
-    from stages.io import read_json
-
-    cfg = read_json(folder / "config.json", "llava.visual_encoder (a CLIP vision model directory)")
-    cfg = cfg.get("vision_config", cfg)
-    try:
-        return (int(cfg["image_size"]) // int(cfg["patch_size"])) ** 2
-    except (KeyError, TypeError, ValueError):
-        fail(f"llava.visual_encoder: {folder / 'config.json'} has no image_size and patch_size (not a CLIP?)")
 
 
 def render_text(recipe: str, ctx: dict) -> str:

@@ -214,7 +214,7 @@ def build_llava_report(p: P.Params) -> tuple[str, dict]:
         "experiments with `python -m stages.compare`.", "",
         "## Params", "", table(["", "value"], params_rows(p, resolved) + llava_rows(p, resolved)), "",
         "## Data", "",
-        table(["dataset", "records kept", "text tokens min / p50 / p95 / max", "images", "duplicates"],
+        table(["dataset", "records kept", "tokens (with the image's) min / p50 / p95 / max", "images", "duplicates"],
               [["llava", f"{s.get('kept')} of {s.get('records')}", "{min} / {p50} / {p95} / {max}".format(**s["tokens"]),
                 f"{s.get('unique_images')} unique in {s.get('image_records')} records",
                 f"{s.get('duplicate_rate', 0):.1%}"]]) if s else "", "",

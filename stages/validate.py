@@ -3,8 +3,9 @@
 For each dataset (the generated self-cognition conversations; the repeated LLaVA data) it checks
 every record (JSON Schema of its format; roles alternate; no empty content; images exist and decode;
 exactly one `<image>` per image sample), measures token lengths with the base model's tokenizer and
-XTuner's prompt template, counts records over `data.max_length` and duplicates. A bad record fails
-the stage with a line naming the file, the records, the field and the reason. What passes is
+XTuner's prompt template (a LLaVA record's image tokens included), counts records over
+`data.max_length` and duplicates. A bad record fails the stage with a line naming the file, the
+records, the field and the reason. What passes is
 written to data/validated/ (the only data the training stages read) and the statistics to
 reports/data_stats.json (a DVC metric: `dvc metrics diff` compares them).
 
@@ -81,11 +82,12 @@ def length_stats(lengths: list[int]) -> dict:
             "p95": percentile(lengths, 0.95), "max": max(lengths)}
 
 
-def apply_overlong(records: list, lengths: list[int], file: str, data: P.Data) -> list:
+def apply_overlong(records: list, lengths: list[int], file: str, data: P.Data, image_tokens: int = 0) -> list:
     """Records over max_length: listed as errors, dropped, or kept for XTuner to truncate."""
     over = [i for i, n in enumerate(lengths) if n > data.max_length]
+    of_them = f" ({image_tokens} of them the image's)" if image_tokens else ""
     if over and data.overlong == "error":
-        raise_problems([Problem(file, i, "", f"{lengths[i]} tokens > data.max_length {data.max_length} "
+        raise_problems([Problem(file, i, "", f"{lengths[i]} tokens{of_them} > data.max_length {data.max_length} "
                                              "(raise it, or set data.overlong: drop or truncate)")
                         for i in over])
     if over and data.overlong == "drop":
@@ -95,12 +97,15 @@ def apply_overlong(records: list, lengths: list[int], file: str, data: P.Data) -
 
 
 def validate_dataset(records: list, file: str, fmt: str, tokenizer: Any, template: dict, data: P.Data,
-                     image_folder: Path | None = None) -> tuple[list, dict]:
-    """Check, measure and filter one dataset; returns (records kept, statistics)."""
+                     image_folder: Path | None = None, image_tokens: int = 0) -> tuple[list, dict]:
+    """Check, measure and filter one dataset; returns (records kept, statistics). A LLaVA record's
+    length counts its image's `image_tokens` too: they share the LLM's context (XTuner cuts the text
+    at max_length minus them)."""
     raise_problems(check_records(records, file, fmt, image_folder))
     pieces = openai_pieces if fmt == "openai" else llava_pieces
     lengths = token_lengths(records, pieces, tokenizer, template)
-    kept = apply_overlong(records, lengths, file, data)
+    lengths = [n + (image_tokens if "image" in r else 0) for n, r in zip(lengths, records)]
+    kept = apply_overlong(records, lengths, file, data, image_tokens)
     if not kept:
         fail(f"{file}: every record is longer than data.max_length {data.max_length}; nothing left to train on")
     stats = {"records": len(records), "kept": len(kept), "dropped": len(records) - len(kept),
@@ -128,8 +133,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     assistant = read_jsonl(SELF_COGNITION, "run `dvc repro generate` first")
     kept_a, stats_a = validate_dataset(assistant, str(SELF_COGNITION), "openai", tokenizer, template, data)
     llava = read_json(LLAVA_REPEATED, "run `dvc repro repeat` first")
+    from stages.vision import encoder_image_tokens
+
     kept_l, stats_l = validate_dataset(llava, str(LLAVA_REPEATED), "llava", tokenizer, template, data,
-                                       Path(data.llava.image_folder))
+                                       Path(data.llava.image_folder), encoder_image_tokens(params))
+    stats_l["image_tokens"] = encoder_image_tokens(params)
     write_jsonl(VALIDATED_ASSISTANT, kept_a)
     write_json(VALIDATED_LLAVA, kept_l, indent=None)
     stats = {"max_length": data.max_length, "assistant": stats_a, "llava": stats_l}

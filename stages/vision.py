@@ -56,6 +56,23 @@ def image_tokens(shape: P.TinyVision) -> int:
     return (shape.image_size // shape.patch_size) ** 2
 
 
+def encoder_image_tokens(p: P.Params) -> int:
+    """Image tokens per image of `llava.visual_encoder`: from `llava.tiny_vision` for the tiny CLIP (known
+    before it is built), else (image_size / patch_size)^2 of its config.json (ViT-L/14-336: 576)."""
+    folder = Path(p.llava.visual_encoder)
+    if folder.name == TINY_CLIP.name:
+        return image_tokens(p.llava.tiny_vision)
+    from stages.errors import fail
+    from stages.io import read_json
+
+    cfg = read_json(folder / "config.json", "llava.visual_encoder (a CLIP vision model directory)")
+    cfg = cfg.get("vision_config", cfg)
+    try:
+        return (int(cfg["image_size"]) // int(cfg["patch_size"])) ** 2
+    except (KeyError, TypeError, ValueError):
+        fail(f"llava.visual_encoder: {folder / 'config.json'} has no image_size and patch_size (not a CLIP?)")
+
+
 def build(shape: P.TinyVision, out: Path) -> dict:
     """Write the encoder (model.safetensors, config.json) and processor (preprocessor_config.json)
     to `out`, whole or not at all; return a summary."""

@@ -61,6 +61,11 @@ def test_vision_params_that_cannot_work_are_one_line():
     assert P._contradictions(bad) == ["llava.finetune.warmup_iters: 5 is not below max_iters 5"]
 
 
+def test_validate_counts_image_tokens_in_llava_lengths(built):
+    stats = json.loads((built / "reports/data_stats.json").read_text())["llava"]
+    assert stats["image_tokens"] == 64 and 64 < stats["tokens"]["min"] <= stats["tokens"]["max"] <= 256
+
+
 # ---------------------------------------------------------------------------------------------
 # config
 
@@ -198,3 +203,13 @@ def test_llava_second_repro_runs_nothing(llava_built, tmp_path):
     shutil.copytree(llava_built[0], project, symlinks=True)
     out = sh("dvc", "repro", cwd=project).stdout
     assert ran(out) == [] and "Data and pipelines are up to date" in out
+
+
+@pytest.mark.e2e
+def test_compare_names_the_image_of_each_answer(llava_built, tmp_path):
+    project, _ = llava_built
+    out = tmp_path / "compare"
+    sh("python", "-m", "stages.compare", "llava", "workspace", "--out", str(out), cwd=project)
+    text = (out / "compare.md").read_text(encoding="utf-8")
+    for image in PARAMS.llava.eval_images:
+        assert f"[{Path(image).name}] |" in text, image
