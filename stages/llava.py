@@ -264,7 +264,7 @@ class Chat:
             out = self.llm.generate(**self.inputs(image, prompt, system), generation_config=gen,
                                     bos_token_id=self.tokenizer.bos_token_id, stopping_criteria=stops)
         text = self.tokenizer.decode(out[0], skip_special_tokens=False)  # inputs_embeds: new tokens only
-        for w in stop_words + [self.tokenizer.eos_token or "</s>"]:
+        for w in stop_words + [self.tokenizer.eos_token or "</s>", "<|im_start|>"]:  # or a new turn begins
             text = text.split(w)[0]
         for special in self.tokenizer.all_special_tokens:
             text = text.replace(special, "")

@@ -154,6 +154,31 @@ def test_pretrain_stage_refuses_a_wrong_pretrained_pth(project, capsys, monkeypa
     assert_one_line_error(code, err, "llava.pretrained_pth: models/adapter.pth does not fit", "4 missing")
 
 
+def test_pretrain_stage_takes_a_pretrained_pth_that_fits(project, capsys, monkeypatch):
+    """The tutorial's way: a projector from someone's pretrain run; no pretraining here."""
+    import torch
+
+    from stages import pretrain
+
+    expected = llava.expected_projector_from_dirs(*_models(project))
+    torch.manual_seed(0)
+    torch.save({"state": "mmengine checkpoints hold more", "state_dict": {k: torch.randn(v) for k, v in expected.items()}},
+               project / "iter_2181.pth")
+    text = (project / "params.yaml").read_text(encoding="utf-8")
+    text = text.replace("recipe: assistant ", "recipe: llava     ").replace(
+        "  pretrained_pth:     ", "  pretrained_pth: iter_2181.pth")
+    (project / "params.yaml").write_text(text, encoding="utf-8")
+    monkeypatch.setenv("PYTHONHASHSEED", "0")
+    code, err = run_stage(pretrain, capsys)
+    assert code == 0, err
+    summary = json.loads((project / "models/pretrain/summary.json").read_text())
+    assert summary["projector_from"] == "iter_2181.pth" and "pretrain_iters" not in summary
+    saved = torch.load(project / "models/pretrain/projector.pth", weights_only=True)["state_dict"]
+    original = torch.load(project / "iter_2181.pth", weights_only=False)["state_dict"]
+    assert sorted(saved) == sorted(expected) and all(torch.equal(saved[k], original[k]) for k in saved)
+    assert not (project / "models/pretrain/pretrain_config.py").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # end to end
 
