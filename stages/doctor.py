@@ -3,6 +3,7 @@
     python -m stages.doctor          # a short table; exits 1 if anything would fail
 
 Checks params.yaml, the base model directory, the stack's versions, the GPU when params ask for one,
+the GPU memory the training setting is estimated to need (stages/memory.py) against the card,
 bitsandbytes' 4-bit kernels on the device that will train, free disk for checkpoints, and git (an
 author for `dvc exp run`, a first commit for DVCLive). The train stage runs the same checks first.
 """
@@ -124,9 +125,30 @@ def check_git() -> Check:
     return Check("git", True, _git("var", "GIT_AUTHOR_IDENT").stdout.rsplit(">", 1)[0] + ">")
 
 
+def check_memory(p: P.Params) -> Check:
+    """The setting's estimated peak against the card: fatal over the card, a warning over the budget."""
+    from stages import memory, render
+
+    m = render.machine()
+    if not m["cuda"] or p.train.device == "cpu":
+        return Check("memory", True, "not checked: training runs on the CPU")
+    try:
+        r = render.resolve(p, **m, shape=memory.shape_of(p.model.path))
+    except StageError as err:
+        return Check("memory", False, str(err))
+    detail = (f"micro-batch {r['micro_batch']} x {r['grad_accum']}, checkpointing {r['checkpointing']}: "
+              f"about {r['estimate_gb']} GB of {m['card_gb']:.0f} GB")
+    if r["estimate_gb"] > m["card_gb"]:
+        return Check("memory", False, detail + "; lower train.memory_gb or set train.micro_batch: auto")
+    return Check("memory", r["estimate_gb"] <= r["memory_gb"],
+                 detail + ("" if r["estimate_gb"] <= r["memory_gb"] else f", over train.memory_gb {r['memory_gb']}"),
+                 fatal=False)
+
+
 def run_checks(p: P.Params, skip: Sequence[str] = ()) -> list[Check]:
     checks: list[tuple[str, Callable[[], Check]]] = [
         ("model", lambda: check_model(p)), ("stack", check_versions), ("device", lambda: check_device(p)),
+        ("memory", lambda: check_memory(p)),
         ("bitsandbytes", lambda: check_bnb(p)), ("disk", lambda: check_disk(p)), ("git", check_git)]
     return [fn() for name, fn in checks if name not in skip]
 

@@ -204,7 +204,7 @@ def out_of_memory_says_what_to_lower(pipeline: dict):
 def out_of_memory_message(pipeline: dict) -> str:
     est = pipeline.get("estimate_gb")
     budget = pipeline.get("memory_gb")
-    fixes = ["train.micro_batch: auto with a smaller train.memory_gb (or a smaller micro_batch)"]
+    fixes = ["a smaller train.memory_gb with train.micro_batch: auto (or a smaller micro_batch)"]
     if not pipeline.get("checkpointing"):
         fixes.append("train.activation_checkpointing: true")
     if not pipeline.get("fused_loss"):
@@ -214,7 +214,7 @@ def out_of_memory_message(pipeline: dict) -> str:
     fixes.append("train.optimizer: paged_adamw8bit" if pipeline.get("deepspeed") == "none"
                  else "data.max_length")
     return (f"out of GPU memory at micro-batch {pipeline.get('micro_batch')}, activation checkpointing "
-            f"{pipeline.get('checkpointing')} (estimated {est} GB of train.memory_gb {budget}); lower: "
+            f"{pipeline.get('checkpointing')} (estimated {est} GB of train.memory_gb {budget}); try: "
             + "; ".join(fixes))
 
 

@@ -51,3 +51,26 @@ def test_disk_needs_room_for_three_copies_of_the_model(built, monkeypatch):
     monkeypatch.chdir(built)
     check = doctor.check_disk(p)
     assert check.ok and "GiB free" in check.detail
+
+
+def test_memory_check_weighs_the_setting_against_the_card(tmp_path, monkeypatch):
+    """The 1.8B shape at micro-batch 16 without checkpointing cannot fit a 24 GB card: fatal; with
+    micro_batch auto the planner's setting fits. (The card is given; this machine has no GPU.)"""
+    import json
+
+    from stages import render
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 8,
+        "intermediate_size": 8192, "vocab_size": 92544}))
+    monkeypatch.setattr(render, "machine", lambda: {"cuda": True, "bf16": True, "card_gb": 24.0})
+    base = P.load()
+    p = replace(base, model=replace(base.model, path=str(model)),
+                data=replace(base.data, max_length=2048),
+                train=replace(base.train, global_batch=16, micro_batch=16, activation_checkpointing=False))
+    check = doctor.check_memory(p)
+    assert not check.ok and check.fatal and "lower train.memory_gb" in check.detail
+    auto = doctor.check_memory(replace(p, train=replace(p.train, micro_batch="auto", activation_checkpointing="auto")))
+    assert auto.ok and "micro-batch 16 x 1, checkpointing True" in auto.detail

@@ -1,11 +1,13 @@
 """Damaged artifacts give one line, not a stack trace from deep inside torch; a DVC remote carries
 results from one clone to another so that nothing reruns."""
+import signal
+import subprocess
 import sys
 
 import pytest
 
 from stages import convert, evaluate, merge
-from tests.conftest import assert_one_line_error, run_stage, sh
+from tests.conftest import assert_one_line_error, env, run_stage, sh, tree_digest
 
 pytestmark = pytest.mark.e2e
 
@@ -27,6 +29,33 @@ def test_damaged_merged_model(project, capsys):
     path.write_bytes(path.read_bytes()[:1000])
     code, err = run_stage(evaluate, capsys)
     assert_one_line_error(code, err, "models/merged: the model in models/merged does not load")
+
+
+# Runs a stage and SIGKILLs it the moment it opens its first file in the new output's temporary
+# folder for writing (an audit hook: the kill lands mid-write every time, not by timing luck).
+KILL_ON_WRITE = """
+import os, runpy, signal, sys
+def hook(event, args):
+    if event == "open" and ".{name}." in str(args[0]) and isinstance(args[2], int) \\
+            and args[2] & (os.O_WRONLY | os.O_RDWR):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if event == "open" and ".{name}." in str(args[0]) and isinstance(args[1], str) and "w" in args[1]:
+        os.kill(os.getpid(), signal.SIGKILL)
+sys.addaudithook(hook)
+sys.argv = ["{module}"]
+runpy.run_module("{module}", run_name="__main__")
+"""
+
+
+def test_stage_killed_while_writing_leaves_the_old_output(project):
+    """SIGKILL while merge writes its model: models/merged is the old one, whole, and the next
+    stage reads it."""
+    before = tree_digest(project / "models/merged")
+    proc = subprocess.run([sys.executable, "-c", KILL_ON_WRITE.format(name="merged", module="stages.merge")],
+                          cwd=project, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    assert tree_digest(project / "models/merged") == before
+    sh(sys.executable, "-m", "stages.evaluate", cwd=project)
 
 
 def test_results_travel_through_a_remote_and_nothing_reruns(project, tmp_path):
