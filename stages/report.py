@@ -148,7 +148,9 @@ def stage_rows() -> list[list[Any]]:
     return rows
 
 
-def build_report(p: P.Params) -> tuple[str, dict]:
+def _inputs(loss_title: str) -> tuple[dict, dict, dict, dict, dict, list]:
+    """What both recipes' pages read (the rendered settings, data, training, merge and evaluation
+    figures, the answers), with the loss curve drawn."""
     from stages.xtuner_api import load_config
 
     resolved = load_config(CONFIG).pipeline
@@ -157,7 +159,12 @@ def build_report(p: P.Params) -> tuple[str, dict]:
     merge = read_json(MERGE_METRICS, "run `dvc repro merge`")
     ev = read_json(EVAL_METRICS, "run `dvc repro evaluate`")
     rows = read_jsonl(GENERATIONS, "run `dvc repro evaluate`")
-    plot_losses({"loss": read_tsv(LOSS_TSV.read_text())}, LOSS_PNG, "Training loss")
+    plot_losses({"loss": read_tsv(LOSS_TSV.read_text())}, LOSS_PNG, loss_title)
+    return resolved, data, train, merge, ev, rows
+
+
+def build_report(p: P.Params) -> tuple[str, dict]:
+    resolved, data, train, merge, ev, rows = _inputs("Training loss")
     kinds = ("trained", "heldout", "general")
     metric_names = [("identity_hit_rate_trained", "identity hit rate, trained prompts"),
                     ("identity_hit_rate_heldout", "identity hit rate, held-out paraphrases"),
@@ -196,15 +203,7 @@ def build_report(p: P.Params) -> tuple[str, dict]:
 
 def build_llava_report(p: P.Params) -> tuple[str, dict]:
     """The llava recipe's page: the same sections, image prompts with thumbnails."""
-    from stages.xtuner_api import load_config
-
-    resolved = load_config(CONFIG).pipeline
-    data = read_json(DATA_STATS, "run `dvc repro validate`")
-    train = read_json(TRAIN_LIVE / "metrics.json", "run `dvc repro train`")
-    merge = read_json(MERGE_METRICS, "run `dvc repro merge`")
-    ev = read_json(EVAL_METRICS, "run `dvc repro evaluate`")
-    rows = read_jsonl(GENERATIONS, "run `dvc repro evaluate`")
-    plot_losses({"loss": read_tsv(LOSS_TSV.read_text())}, LOSS_PNG, "Training loss (LLaVA fine-tune)")
+    resolved, data, train, merge, ev, rows = _inputs("Training loss (LLaVA fine-tune)")
     s = data.get("llava", {})
     metric_names = [("answer_match_rate", "answers equal to the data's answer"),
                     ("answer_similarity", "similarity to the data's answer (difflib ratio)"),
