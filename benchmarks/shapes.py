@@ -16,6 +16,8 @@ MFU = tokens/s * flops/token / peak, with peak the GPU's dense bf16 figure (H100
 """
 from __future__ import annotations
 
+from stages.memory import counts, shape_from_config
+
 SHAPES = {
     "internlm2-1_8b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8,
                            intermediate_size=8192, vocab_size=92544, max_position_embeddings=32768),
@@ -26,26 +28,13 @@ SHAPES = {
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def linear_shapes(shape: dict) -> list[tuple[int, int]]:
-    """(in, out) of every linear layer of one block: q, k, v, o, gate, up, down."""
-    d, inter = shape["hidden_size"], shape["intermediate_size"]
-    kv = d // shape["num_attention_heads"] * shape["num_key_value_heads"]
-    return [(d, d), (d, kv), (d, kv), (d, d), (d, inter), (d, inter), (inter, d)]
-
-
-def counts(shape: dict, lora_r: int) -> dict:
-    layers = shape["num_hidden_layers"]
-    block = sum(i * o for i, o in linear_shapes(shape))
-    lora = lora_r * sum(i + o for i, o in linear_shapes(shape)) * layers
-    head = shape["hidden_size"] * shape["vocab_size"]
-    return {"linear": block * layers, "head": head, "embedding": head, "lora": lora,
-            "total": block * layers + 2 * head + 2 * layers * shape["hidden_size"] + shape["hidden_size"]}
-
-
 def flops_per_token(shape: dict, lora_r: int, seq: int) -> float:
-    c = counts(shape, lora_r)
-    attention = 12 * shape["num_hidden_layers"] * shape["hidden_size"] * seq
-    return 4 * (c["linear"] + c["head"]) + 6 * c["lora"] + attention
+    """Model FLOPs per trained token of a config-style shape (the formula above)."""
+    s = shape_from_config(shape)
+    c = counts(s, lora_r)
+    head = s["vocab"] * s["hidden"]
+    attention = 12 * s["layers"] * s["hidden"] * seq
+    return 4 * (c["linear"] + head) + 6 * c["lora"] + attention
 
 
 def peak_flops(gpu_name: str) -> float | None:

@@ -28,6 +28,7 @@ hook puts the model in eval mode) changes shapes every token and runs the layer 
 """
 from __future__ import annotations
 
+import functools
 import types
 from typing import Any
 
@@ -41,65 +42,51 @@ def chunk_tokens(vocab: int, budget: int = CHUNK_BYTES) -> int:
     return 1 << (n.bit_length() - 1)
 
 
-class _LinearCrossEntropy:
-    """Built lazily so that importing this module does not import torch."""
+@functools.cache
+def _linear_cross_entropy():
+    """The autograd function, built on first use so that importing this module imports no torch."""
+    import torch
 
-    fn = None
-
-    @classmethod
-    def get(cls):
-        if cls.fn is None:
-            import torch
-
-            class LinearCrossEntropy(torch.autograd.Function):
-                @staticmethod
-                def forward(ctx, hidden, weight, labels, chunk):
-                    # hidden: (T, d) in the activations' dtype; weight: (V, d); labels: (T,), shifted.
-                    valid = labels != IGNORE
-                    count = valid.sum()
-                    w = weight.to(hidden.dtype) if weight.dtype != hidden.dtype else weight
-                    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-                    grad_h = torch.empty_like(hidden) if need_h else None
-                    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-                    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-                    for start in range(0, hidden.shape[0], chunk):
-                        h, y, m = hidden[start:start + chunk], labels[start:start + chunk], valid[start:start + chunk]
-                        logits = (h @ w.t()).float()
-                        lse = torch.logsumexp(logits, dim=-1)
-                        target = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
-                        total += ((lse - target) * m).sum()
-                        if need_h or need_w:
-                            probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
-                            rows = torch.arange(y.shape[0], device=y.device)
-                            probs[rows, y.clamp(min=0)] -= m.float()
-                            probs.mul_(m.unsqueeze(1))
-                            probs = probs.to(h.dtype)
-                            if need_h:
-                                grad_h[start:start + chunk] = probs @ w
-                            if need_w:
-                                grad_w += (probs.t() @ h).float()
-                        del logits
-                    denom = count.clamp(min=1).float()
-                    ctx.save_for_backward(*(t for t in (grad_h, grad_w, denom) if t is not None))
-                    ctx.has, ctx.weight_dtype = (need_h, need_w), weight.dtype
-                    return total / denom
-
-                @staticmethod
-                def backward(ctx, grad_out):
-                    saved = list(ctx.saved_tensors)
-                    denom = saved.pop()
-                    scale = grad_out / denom
-                    need_h, need_w = ctx.has
-                    gh = gw = None
+    class LinearCrossEntropy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, hidden, weight, labels, chunk):
+            # hidden: (T, d) in the activations' dtype; weight: (V, d); labels: (T,), shifted.
+            # The gradients are computed here, chunk by chunk, and only scaled in backward.
+            valid = labels != IGNORE
+            w = weight.to(hidden.dtype) if weight.dtype != hidden.dtype else weight
+            need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            grad_h = torch.empty_like(hidden) if need_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for start in range(0, hidden.shape[0], chunk):
+                h, y, m = hidden[start:start + chunk], labels[start:start + chunk], valid[start:start + chunk]
+                logits = (h @ w.t()).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                target = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
+                total += ((lse - target) * m).sum()
+                if need_h or need_w:
+                    probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
+                    rows = torch.arange(y.shape[0], device=y.device)
+                    probs[rows, y.clamp(min=0)] -= m.float()
+                    probs = probs.mul_(m.unsqueeze(1)).to(h.dtype)
                     if need_h:
-                        gh = saved.pop(0)
-                        gh = gh * scale.to(gh.dtype)
+                        grad_h[start:start + chunk] = probs @ w
                     if need_w:
-                        gw = (saved.pop(0) * scale).to(ctx.weight_dtype)
-                    return gh, gw, None, None
+                        grad_w += (probs.t() @ h).float()
+                del logits
+            denom = valid.sum().clamp(min=1).float()
+            ctx.grads, ctx.denom, ctx.weight_dtype = (grad_h, grad_w), denom, weight.dtype
+            return total / denom
 
-            cls.fn = LinearCrossEntropy
-        return cls.fn
+        @staticmethod
+        def backward(ctx, grad_out):
+            grad_h, grad_w = ctx.grads
+            scale = grad_out / ctx.denom
+            gh = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
+            gw = (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None
+            return gh, gw, None, None
+
+    return LinearCrossEntropy
 
 
 def linear_cross_entropy(hidden, weight, labels, chunk: int | None = None):
@@ -109,9 +96,8 @@ def linear_cross_entropy(hidden, weight, labels, chunk: int | None = None):
 
     shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    fn = _LinearCrossEntropy.get()
     chunk = chunk or chunk_tokens(weight.shape[0])
-    return fn.apply(flat, weight, shifted.to(flat.device), chunk)
+    return _linear_cross_entropy().apply(flat, weight, shifted.to(flat.device), chunk)
 
 
 def _plain_head(model) -> Any:

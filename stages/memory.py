@@ -39,15 +39,18 @@ def loss_chunk_bytes(budget_gb: float | None) -> int:
     return int(min(1 << 30, budget_gb * GB / 32)) if budget_gb else 1 << 30
 
 
+def shape_from_config(cfg: dict) -> dict:
+    """The numbers the estimate needs, from a causal LM's config (config.json's keys)."""
+    d, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    return {"hidden": d, "layers": cfg["num_hidden_layers"], "intermediate": cfg["intermediate_size"],
+            "vocab": cfg["vocab_size"], "kv": d // heads * cfg.get("num_key_value_heads", heads)}
+
+
 def shape_of(model_dir: str | Path) -> dict:
-    """The numbers the estimate needs, from the model's config.json."""
+    """shape_from_config of the model directory's config.json."""
     path = Path(model_dir) / "config.json"
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-        d, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
-        heads = cfg["num_attention_heads"]
-        return {"hidden": d, "layers": layers, "intermediate": cfg["intermediate_size"],
-                "vocab": cfg["vocab_size"], "kv": d // heads * cfg.get("num_key_value_heads", heads)}
+        return shape_from_config(json.loads(path.read_text(encoding="utf-8")))
     except FileNotFoundError:
         fail(f"{path}: missing; model.path must be a model directory with its config.json")
     except (ValueError, KeyError, TypeError) as err:
@@ -108,7 +111,6 @@ def plan(shape: dict, *, budget_gb: float | None, seq: int, global_batch: int, g
     if chosen is None:  # nothing fits: the smallest setting, and say so
         chosen = (sizes[-1], ckpts[-1])
     mb, ckpt = chosen
-    if budget_gb is None:  # the CPU: no budget, nothing to estimate
-        return {"micro_batch": mb, "grad_accum": per_gpu // mb, "checkpointing": ckpt, "estimate_gb": None}
-    peak = estimate(shape, tokens=mb * seq, checkpointing=ckpt, **setting)
-    return {"micro_batch": mb, "grad_accum": per_gpu // mb, "checkpointing": ckpt, "estimate_gb": round(peak / GB, 1)}
+    peak = None if budget_gb is None else estimate(shape, tokens=mb * seq, checkpointing=ckpt, **setting)
+    return {"micro_batch": mb, "grad_accum": per_gpu // mb, "checkpointing": ckpt,
+            "estimate_gb": None if peak is None else round(peak / GB, 1)}  # no budget (CPU): no estimate

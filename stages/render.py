@@ -64,15 +64,13 @@ def resolve(p: P.Params, cuda: bool, bf16: bool, card_gb: float | None = None,
     chunk = memory.loss_chunk_bytes(budget)
     batch = memory.plan(
         shape or {}, budget_gb=budget, seq=p.data.max_length, global_batch=t.global_batch, gpus=t.gpus,
-        micro_batch=t.micro_batch if (device == "cuda" or t.micro_batch != "auto") else t.global_batch // t.gpus,
-        checkpointing=t.activation_checkpointing if device == "cuda" or t.activation_checkpointing != "auto"
-        else False,
+        micro_batch=t.micro_batch, checkpointing=t.activation_checkpointing,  # no budget (CPU): all, none
         quant=p.quant.mode, compute_bytes=2 if compute != "float32" else 4, lora_r=p.lora.r,
         optimizer=t.optimizer, upcast_frozen=p.quant.upcast_frozen, fused_loss=t.fused_loss, loss_chunk=chunk)
     return {"device": device, "precision": precision, "deepspeed": deepspeed, "gpus": t.gpus,
             "torch_dtype": DTYPES[precision], "compute_dtype": compute, "memory_gb": budget,
             "micro_batch": batch["micro_batch"], "grad_accum": batch["grad_accum"],
-            "checkpointing": batch["checkpointing"], "estimate_gb": batch["estimate_gb"] if budget else None,
+            "checkpointing": batch["checkpointing"], "estimate_gb": batch["estimate_gb"],
             "fused_loss": t.fused_loss, "loss_chunk_mb": chunk // 2**20,
             "compile_layers": t.compile_layers if t.compile_layers != "auto" else (
                 device == "cuda" and deepspeed == "none" and t.gpus == 1),

@@ -66,13 +66,20 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(out)
 
 
-def headline(train: dict, merge: dict, ev: dict, data: dict) -> dict:
-    """The numbers `dvc metrics diff` compares across experiments."""
-    t, b = ev.get("tuned", {}), ev.get("base", {})
+def _training_headline(train: dict, merge: dict) -> dict:
+    """What both recipes' headlines share: training and merge."""
     return {
         "final_loss": train.get("final_loss"), "tokens_per_sec": train.get("tokens_per_sec"),
         "peak_memory_mb": train.get("peak_memory_mb"), "train_wall_time_s": train.get("wall_time_s"),
         "merge_max_logit_diff": merge.get("max_logit_diff"),
+    }
+
+
+def headline(train: dict, merge: dict, ev: dict, data: dict) -> dict:
+    """The numbers `dvc metrics diff` compares across experiments."""
+    t, b = ev.get("tuned", {}), ev.get("base", {})
+    return {
+        **_training_headline(train, merge),
         "identity_hit_rate_trained": t.get("identity_hit_rate_trained"),
         "identity_hit_rate_heldout": t.get("identity_hit_rate_heldout"),
         "general_identity_leak": t.get("general_identity_leak"),
@@ -85,9 +92,7 @@ def headline(train: dict, merge: dict, ev: dict, data: dict) -> dict:
 def headline_llava(train: dict, merge: dict, ev: dict, data: dict) -> dict:
     t, b = ev.get("tuned", {}), ev.get("base", {})
     return {
-        "final_loss": train.get("final_loss"), "tokens_per_sec": train.get("tokens_per_sec"),
-        "peak_memory_mb": train.get("peak_memory_mb"), "train_wall_time_s": train.get("wall_time_s"),
-        "merge_max_logit_diff": merge.get("max_logit_diff"),
+        **_training_headline(train, merge),
         "answer_match_rate_base": b.get("answer_match_rate"), "answer_match_rate_tuned": t.get("answer_match_rate"),
         "answer_similarity_base": b.get("answer_similarity"), "answer_similarity_tuned": t.get("answer_similarity"),
         "train_records": data.get("llava", {}).get("kept"),
