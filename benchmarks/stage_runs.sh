@@ -6,6 +6,7 @@
 #   OUT=bench bash benchmarks/stage_runs.sh lean7b [ITERS]    # 7B within 8 GB
 #   OUT=bench bash benchmarks/stage_runs.sh oom               # the out-of-memory message
 #   OUT=bench bash benchmarks/stage_runs.sh convert           # 1.8B default, then convert + merge
+#   OUT=bench bash benchmarks/stage_runs.sh llava [ITERS]     # the llava recipe, whole DAG, real shapes
 set -euo pipefail
 SUITE=${1:-compare}; ITERS=${2:-30}; OUT=${OUT:-bench}
 mkdir -p "$OUT" /tmp/bin /tmp/models
@@ -81,4 +82,28 @@ for stage in ("convert", "merge"):
 open(sys.argv[1], "a").write(json.dumps(rec) + "\n"); print(json.dumps(rec))
 PY
     ;;
+  llava)  # InternLM2-1.8B-shaped LLM + CLIP ViT-L/14-336-shaped encoder, both random; every stage
+    use_model internlm2-1_8b
+    set_params "{'llava': {'tiny_vision': {'image_size': 336, 'patch_size': 14, 'hidden_size': 1024, 'num_layers': 24,
+      'num_heads': 16, 'intermediate_size': 4096, 'seed': 0}, 'pretrain': {'lr': 1e-3, 'max_iters': $ITERS, 'warmup_iters': 2},
+      'finetune': {'lr': 2e-4, 'max_iters': $ITERS, 'warmup_iters': 2}, 'merge_tolerance': 1.0},
+      'eval': {'max_new_tokens': 16}, 'train': {'micro_batch': 8, 'global_batch': 16}}"
+    python - <<'PY'
+from ruamel.yaml import YAML
+yaml = YAML(); p = yaml.load(open("params.yaml")); p["recipe"] = "llava"; yaml.dump(p, open("params.yaml", "w"))
+PY
+    t0=$(date +%s)
+    if python -m dvc repro >"$OUT/llava.log" 2>&1; then status=ok; else status=failed; grep -E "^error:|^ERROR" "$OUT/llava.log" | tail -n 3; fi
+    python - "$OUT/stage.jsonl" "$status" $(( $(date +%s) - t0 )) <<'PY'
+import json, sys
+from pathlib import Path
+rec = {"run": "llava recipe, InternLM2-1.8B + CLIP ViT-L/14-336 shapes", "status": sys.argv[2], "repro_wall_s": int(sys.argv[3])}
+rec["stages"] = {p.stem: json.loads(p.read_text()) for p in sorted(Path("reports/stages").glob("*.json"))}
+for name in ("train/metrics.json", "merge.json", "eval/metrics.json", "data_stats.json"):
+    path = Path("reports", name)
+    if path.is_file():
+        rec[name] = json.loads(path.read_text())
+open(sys.argv[1], "a").write(json.dumps(rec) + "\n"); print(json.dumps(rec), flush=True)
+PY
+    cp reports/report.md "$OUT/llava-report.md" 2>/dev/null || true ;;
 esac

@@ -53,7 +53,9 @@ def merge(base: Path, adapter: Path, out: Path, dtype: str, tolerance: float, pr
     tokenizer = load_tokenizer(base)
     inputs = prompt_batch(tokenizer, prompts, system)
     start = time.time()
-    model = load_model(base, "model.path", torch_dtype=torch.float32).to(device)
+    # Straight onto the device (no float32 copy of the whole model in host memory first).
+    model = load_model(base, "model.path", torch_dtype=torch.float32, device_map=device)
+    loaded = time.time()
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False).eval()
     except Exception as err:  # safetensors, peft and torch each raise their own kinds
@@ -70,14 +72,17 @@ def merge(base: Path, adapter: Path, out: Path, dtype: str, tolerance: float, pr
              f"> {tolerance:g}; the merge is wrong (adapter does not fit {base}?)")
     merged = merged.to(getattr(torch, dtype))
     merged.config.torch_dtype = getattr(torch, dtype)
+    checked = time.time()
     with output_dir(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         for extra in base.glob("*.py"):  # remote code (modeling_internlm2.py, ...)
             if not (tmp / extra.name).exists():
                 shutil.copy2(extra, tmp / extra.name)
+    end = time.time()
     return {"max_logit_diff": diff, "tolerance": tolerance, "dtype": dtype, "prompts": len(inputs),
-            "merge_time_s": round(time.time() - start, 2)}
+            "merge_time_s": round(end - start, 2), "load_s": round(loaded - start, 2),
+            "merge_and_check_s": round(checked - loaded, 2), "save_s": round(end - checked, 2)}
 
 
 def merge_llava(p: P.Params, adapter: Path, out: Path) -> dict:

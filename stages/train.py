@@ -32,7 +32,7 @@ from typing import Sequence
 
 from stages import params as P
 from stages.errors import fail, note
-from stages.paths import (ADAPTER_PTH, CONFIG, CONFIG_DIR, PRETRAIN, TRAIN_WORK, VALIDATED_ASSISTANT,
+from stages.paths import (ADAPTER_PTH, CONFIG, CONFIG_DIR, DATA_STATS, PRETRAIN, TRAIN_WORK, VALIDATED_ASSISTANT,
                           VALIDATED_LLAVA)
 from stages.train_log import write_live
 
@@ -182,11 +182,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     wall = time.time() - start
     ckpt = final_checkpoint(TRAIN_WORK)
     n = save_adapter(ckpt, ADAPTER_PTH)
-    summary = write_live(TRAIN_WORK, wall, pipeline)
+    summary = write_live(TRAIN_WORK, wall, pipeline, tokens_per_iter=llava_tokens_per_iter(pipeline))
     if summary["peak_memory_kind"] == "gpu_allocated":
         note(peak_gpu_mb=summary["peak_memory_mb"])
     print(f"[train] {ADAPTER_PTH}: {n:,} adapter weights from {ckpt.name}; final loss "
           f"{summary['final_loss']}, {summary['tokens_per_sec']} tokens/s, {wall:.0f} s", flush=True)
+
+
+def llava_tokens_per_iter(pipeline: dict) -> float | None:
+    """The llava recipe's tokens per iteration (XTuner's throughput hook serves the text recipe only):
+    micro-batch x GPUs x the mean validated record length, its image tokens included. Records of one
+    dataset differ little in length, and the sampler draws them all each epoch."""
+    if pipeline.get("recipe") != "llava" or not DATA_STATS.is_file():
+        return None
+    mean = json.loads(DATA_STATS.read_text()).get("llava", {}).get("tokens", {}).get("mean")
+    return mean * pipeline["micro_batch"] * pipeline["gpus"] if mean else None
 
 
 @contextlib.contextmanager

@@ -31,10 +31,14 @@ def read_scalars(work: Path) -> dict[int, dict]:
     return dict(sorted(steps.items()))
 
 
-def summarize(steps: dict[int, dict], wall: float, pipeline: dict) -> dict:
+def summarize(steps: dict[int, dict], wall: float, pipeline: dict, tokens_per_iter: float | None = None) -> dict:
+    """The run's summary. tokens/s is XTuner's ThroughputHook figure; where that hook does not run
+    (the llava recipe) it is `tokens_per_iter` over the mean iteration time, when given."""
     rows = list(steps.values())
     losses = [r["loss"] for r in rows if "loss" in r]
     speeds = [r["tokens_per_sec"] for r in rows if "tokens_per_sec" in r][1:]  # first includes start-up
+    if not speeds and tokens_per_iter:
+        speeds = [tokens_per_iter / r["iter_time_s"] for r in rows if r.get("iter_time_s")][1:]
     gpu_mem = [r["memory_mb"] for r in rows if "memory_mb" in r]
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: kilobytes
     return {
@@ -49,12 +53,13 @@ def summarize(steps: dict[int, dict], wall: float, pipeline: dict) -> dict:
     }
 
 
-def write_live(work: Path, wall: float, pipeline: dict, out: Path = TRAIN_LIVE) -> dict:
+def write_live(work: Path, wall: float, pipeline: dict, out: Path = TRAIN_LIVE,
+               tokens_per_iter: float | None = None) -> dict:
     """Write every step with DVCLive and the summary into its metrics.json; return the summary."""
     from dvclive import Live
 
     steps = read_scalars(work)
-    summary = summarize(steps, wall, pipeline)
+    summary = summarize(steps, wall, pipeline, tokens_per_iter)
     if out.exists():
         import shutil
 

@@ -112,3 +112,43 @@ def test_without_the_packing_fix_gradients_vanish(monkeypatch):
         pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks")
     monkeypatch.setattr(modules, "has_avx512bf16", has_avx512bf16)
     assert _input_grad_after_eval_pass() == 0
+
+
+CONVERT = """
+import json, sys
+from pathlib import Path
+from stages import xtuner_api
+xtuner_api.patch_stack()
+from xtuner.tools.model_converters import pth_to_hf as tool
+built = []
+real_init = tool.init_empty_weights
+def init_empty_weights(*a, **k):  # the tool's meta-device path, observed (it runs as it would)
+    built.append("meta")
+    return real_init(*a, **k)
+tool.init_empty_weights = init_empty_weights
+out = Path(sys.argv[2])
+if sys.argv[1] == "tool":
+    sys.argv = ["pth_to_hf", "models/config/xtuner_config.py", "models/adapter.pth", str(out), "--safe-serialization"]
+    tool.main()
+else:
+    xtuner_api.pth_to_hf(Path("models/config/xtuner_config.py"), Path("models/adapter.pth"), out, fp32=False)
+cfg = json.loads((out / "adapter_config.json").read_text())
+print(json.dumps({"meta": bool(built), "targets": sorted(cfg["target_modules"])}))
+"""
+
+
+def test_convert_skips_the_quantized_base_and_writes_the_same_adapter(built, tmp_path):
+    """pth_to_hf without the LLM's quantization_config takes XTuner's meta-device path (no base weight is
+    read or quantized) and writes the adapter the unchanged tool writes, byte for byte."""
+    import json
+
+    results = {}
+    for how in ("tool", "ours"):
+        proc = subprocess.run([sys.executable, "-c", CONVERT, how, str(tmp_path / how)], capture_output=True,
+                              text=True, env=env(), cwd=built)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        results[how] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results["tool"]["meta"] is False and results["ours"]["meta"] is True  # the tool's own choice
+    assert results["tool"]["targets"] == results["ours"]["targets"]
+    ours, tools = tmp_path / "ours" / "adapter_model.safetensors", tmp_path / "tool" / "adapter_model.safetensors"
+    assert ours.read_bytes() == tools.read_bytes()
