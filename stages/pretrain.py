@@ -41,7 +41,7 @@ def prepare(p: P.Params, out: Path) -> dict:
 
         how = "build it with `dvc repro vision`" if vit.name == "tiny-clip" else "download the CLIP there first"
         fail(f"llava.visual_encoder: {vit} has no config.json; {how}")
-    resolved = render.llava_batch(p, render.resolve(p, **render.machine()))
+    resolved = render.resolve_here(p)
     summary: dict = {"recipe": "llava", "device": resolved["device"]}
     if p.llava.pretrained_pth:  # a wrong file is one line in a second, before any tokenizing or training
         llava.check_pretrained_pth(Path(p.llava.pretrained_pth), llm, vit)

@@ -77,6 +77,13 @@ def resolve(p: P.Params, cuda: bool, bf16: bool, card_gb: float | None = None,
             "upcast_frozen": p.quant.upcast_frozen or p.quant.mode == "none"}
 
 
+def resolve_here(p: P.Params, machine_facts: dict | None = None) -> dict:
+    """resolve for this machine (or the one described), with the shape of the model at model.path;
+    the llava recipe's batch settings applied. What every stage that renders a config uses."""
+    resolved = resolve(p, **(machine_facts or machine()), shape=memory.shape_of(p.model.path))
+    return llava_batch(p, resolved) if p.recipe == "llava" else resolved
+
+
 def context(p: P.Params, resolved: dict, out: Path = CONFIG_DIR) -> dict:
     """The template's variables: params and resolved settings, as literal values."""
     t, amp = p.train, resolved["precision"] != "fp32"
@@ -220,9 +227,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--params", default=str(P.PARAMS), help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
     params = P.load(args.params)
-    resolved = resolve(params, **machine(), shape=memory.shape_of(params.model.path))
-    if params.recipe == "llava":
-        resolved = llava_batch(params, resolved)
+    resolved = resolve_here(params)
     print(f"[render] resolved for this machine: {json.dumps(resolved)}", flush=True)
     if resolved["memory_gb"] and resolved["estimate_gb"] and resolved["estimate_gb"] > resolved["memory_gb"]:
         print(f"[render] warning: this setting is estimated at {resolved['estimate_gb']} GB, over "

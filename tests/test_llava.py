@@ -82,6 +82,16 @@ def test_llava_template_renders_the_golden_file(machine):
     assert text == golden.read_text(encoding="utf-8")
 
 
+def test_llava_resolves_on_a_gpu_host_with_the_model_shape(built):
+    """The pretrain and render stages resolve through one function, which reads the model's shape: on a
+    GPU the memory planner needs it (the pretrain stage once resolved without it and failed there)."""
+    p = replace(PARAMS, model=replace(PARAMS.model, path=str(built / "models" / "tiny-internlm2")),
+                train=replace(PARAMS.train, micro_batch=4, global_batch=16))
+    r = render.resolve_here(p, dict(cuda=True, bf16=True, card_gb=80.0))
+    assert (r["device"], r["precision"], r["micro_batch"], r["grad_accum"]) == ("cuda", "bf16", 4, 4)
+    assert r["memory_gb"] == 72.0 and r["checkpointing"] is False and r["fused_loss"] is False
+
+
 def test_llava_config_is_the_xtuner_recipe_and_loads(tmp_path):
     p = replace(PARAMS, train=replace(PARAMS.train, micro_batch=2, global_batch=8))
     path = render.render(p, render.resolve(p, cuda=False, bf16=False), tmp_path / "config")
