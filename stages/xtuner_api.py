@@ -163,11 +163,36 @@ def run_trainer(config: Path, work_dir: Path, deepspeed: Path | None, resume: Pa
         argv += ["--resume", str(resume)]
     from xtuner.tools import train
 
+    _chat_hook_under_amp()
     saved, sys.argv = sys.argv, ["xtuner-train", *argv]
     try:
         train.main()
     finally:
         sys.argv = saved
+
+
+def _chat_hook_under_amp() -> None:
+    """Prevents `RuntimeError: expected scalar type Float but found BFloat16` when XTuner's
+    EvaluateChatHook chats with a LLaVA model on a GPU trained by mmengine's AMP wrapper (one GPU, no
+    DeepSpeed, which would have cast the whole model). The LLM is bf16, the CLIP and projector float32,
+    and the hook generates outside the autocast that training runs in: it now generates inside it."""
+    from xtuner.engine.hooks import EvaluateChatHook
+
+    generate = EvaluateChatHook._generate_samples
+    if getattr(generate, "_pipeline", False):
+        return
+
+    def _generate_samples(self, runner, *args, **kwargs):
+        dtype = getattr(runner.optim_wrapper, "cast_dtype", None)  # set by AmpOptimWrapper only
+        if dtype is None:
+            return generate(self, runner, *args, **kwargs)
+        from mmengine.runner.amp import autocast
+
+        with autocast(dtype=dtype):
+            return generate(self, runner, *args, **kwargs)
+
+    _generate_samples._pipeline = True
+    EvaluateChatHook._generate_samples = _generate_samples
 
 
 def free_port() -> int:
