@@ -141,14 +141,17 @@ def _run_tool(module: Any, prog: str, argv: list[str]) -> None:
 
 
 def merge_tool(base: Path, adapter: Path, out: Path, is_clip: bool) -> None:
-    """`xtuner convert merge BASE ADAPTER OUT [--is-clip] --safe-serialization --device cpu`, in this
-    process. XTuner loads, merges and saves the LLM in float16 (hard-coded); the CLIP in its own dtype."""
+    """`xtuner convert merge BASE ADAPTER OUT [--is-clip] --safe-serialization --device cuda|cpu`, in
+    this process. XTuner loads, merges and saves the LLM in float16 (hard-coded); the CLIP in its own dtype."""
     from stages.xtuner_api import patch_stack
 
     patch_stack()
     from xtuner.tools.model_converters import merge as tool
 
-    argv = [str(base), str(adapter), str(out), "--safe-serialization", "--device", "cpu"]
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    argv = [str(base), str(adapter), str(out), "--safe-serialization", "--device", device]
     _run_tool(tool, "xtuner-merge", argv + (["--is-clip"] if is_clip else []))
 
 
@@ -177,7 +180,7 @@ def merge_llava(hf: Path, llm: Path, visual_encoder: Path, out: Path) -> None:
 
 @dataclass
 class Chat:
-    """One LLaVA model in XTuner's layout, all parts in one dtype, eval mode."""
+    """One LLaVA model in XTuner's layout, all parts in one dtype, eval mode, on the GPU where there is one."""
 
     llm: Any
     tokenizer: Any
@@ -186,6 +189,7 @@ class Chat:
     projector: Any
     template: str = "internlm2_chat"
     visual_select_layer: int = -2
+    device: str = "cpu"
 
     @classmethod
     def load(cls, llm: Path, visual_encoder: Path, projector: Path | Mapping[str, Any],
@@ -223,7 +227,9 @@ class Chat:
             proj.load_state_dict({k[len("projector."):]: v for k, v in projector.items()})
         else:
             proj = ProjectorModel.from_pretrained(str(projector), torch_dtype=torch.float32)
-        return cls(model.eval(), tokenizer, vit.eval(), processor, proj.float().eval(), template)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return cls(model.to(device).eval(), tokenizer, vit.to(device).eval(), processor,
+                   proj.float().to(device).eval(), template, device=device)
 
     def inputs(self, image: Path, prompt: str, system: str = "") -> dict:
         """The LLM's inputs_embeds: the prompt in the chat template, the image's embeddings spliced in
@@ -240,11 +246,11 @@ class Chat:
         ids = self.tokenizer.encode(before) + [IMAGE_TOKEN_INDEX] + \
             self.tokenizer.encode(after, add_special_tokens=False)
         img = expand2square(load_image(str(image)), tuple(int(x * 255) for x in self.image_processor.image_mean))
-        pixels = self.image_processor.preprocess(img, return_tensors="pt")["pixel_values"]
+        pixels = self.image_processor.preprocess(img, return_tensors="pt")["pixel_values"].to(self.device)
         with torch.no_grad():
             hidden = self.visual_encoder(pixels, output_hidden_states=True).hidden_states[self.visual_select_layer]
             embeds = self.projector(hidden[:, 1:])
-            input_ids = torch.tensor([ids])
+            input_ids = torch.tensor([ids], device=self.device)
             out = prepare_inputs_labels_for_multimodal(llm=self.llm, input_ids=input_ids, pixel_values=embeds,
                                                        attention_mask=torch.ones_like(input_ids))
         return {k: v for k, v in out.items() if k != "labels"}
@@ -274,7 +280,7 @@ class Chat:
         import torch
 
         with torch.no_grad():
-            return self.llm(**self.inputs(image, prompt)).logits.float()
+            return self.llm(**self.inputs(image, prompt)).logits.float().cpu()
 
 
 def first_questions(records: list[dict]) -> dict[str, tuple[str, str]]:
