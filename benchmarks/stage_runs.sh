@@ -73,7 +73,7 @@ case $SUITE in
   convert)
     use_model internlm2-1_8b
     run "project default (24 GB budget)" "$DEFAULT"
-    python -m dvc repro merge 2>&1 | grep -E "^\[(convert|merge)\]" | tail -n 6
+    python -m dvc repro merge 2>&1 | grep -E "^\[(convert|merge)\]" | tail -n 6; cat reports/stages/convert.json reports/stages/merge.json
     python - "$OUT/stage.jsonl" <<'PY'
 import json, sys
 rec = {"run": "convert + merge, 1.8B"}

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import Sequence
 
 from stages import params as P
-from stages.errors import fail
+from stages.errors import fail, note
 from stages.io import output_dir, write_json
 from stages.paths import ADAPTER, ADAPTER_PTH, CONFIG
 
@@ -49,15 +50,18 @@ def convert_llava(config: Path, pth: Path, out: Path, fp32: bool) -> None:
 
 
 def convert(config: Path, pth: Path, out: Path, fp32: bool) -> None:
-    from stages.xtuner_api import pth_to_hf
-
     if not pth.is_file():
         fail(f"{pth}: not found; run `dvc repro train` first")
-    from stages.xtuner_api import load_checkpoint_weights
+    start = time.time()
+    from stages.xtuner_api import load_checkpoint_weights, pth_to_hf
 
+    imported = time.time()
     load_checkpoint_weights(pth)  # a damaged file is one line here, not a traceback inside pth_to_hf
+    checked = time.time()
     with output_dir(out) as tmp:
         pth_to_hf(config, pth, tmp, fp32)
+        note(import_s=round(imported - start, 2), check_pth_s=round(checked - imported, 2),
+             pth_to_hf_s=round(time.time() - checked, 2))
         cfg_path = tmp / "adapter_config.json"
         if not cfg_path.is_file() or not list(tmp.glob("*.safetensors")):
             fail(f"{pth}: pth_to_hf wrote no adapter (adapter_config.json and safetensors expected)")
@@ -72,9 +76,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--params", default=str(P.PARAMS), help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
     P.load(args.params)
-    from stages.xtuner_api import load_config
+    from stages.xtuner_api import read_pipeline
 
-    pipeline = load_config(CONFIG).pipeline
+    pipeline = read_pipeline(CONFIG)
     if pipeline.get("recipe") == "llava":
         convert_llava(CONFIG, ADAPTER_PTH, ADAPTER, fp32=pipeline["precision"] == "fp32")
     else:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from stages import params as P
-from stages.errors import fail
+from stages.errors import fail, note
 from stages.io import output_dir, write_json
 from stages.paths import ADAPTER, CONFIG, MERGE_METRICS, MERGED
 
@@ -42,6 +42,7 @@ def prompt_batch(tokenizer, prompts: list[str], system: str) -> list[list[int]]:
 
 def merge(base: Path, adapter: Path, out: Path, dtype: str, tolerance: float, prompts: list[str],
           system: str) -> dict:
+    begin = time.time()
     from stages.modeldir import load_model, load_tokenizer
     from stages.xtuner_api import patch_stack
 
@@ -81,7 +82,7 @@ def merge(base: Path, adapter: Path, out: Path, dtype: str, tolerance: float, pr
                 shutil.copy2(extra, tmp / extra.name)
     end = time.time()
     return {"max_logit_diff": diff, "tolerance": tolerance, "dtype": dtype, "prompts": len(inputs),
-            "merge_time_s": round(end - start, 2), "load_s": round(loaded - start, 2),
+            "merge_time_s": round(end - start, 2), "import_s": round(start - begin, 2), "load_s": round(loaded - start, 2),
             "merge_and_check_s": round(checked - loaded, 2), "save_s": round(end - checked, 2)}
 
 
@@ -126,13 +127,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     P.log_section("merge", params.merge)
     dtype = params.merge.dtype
     if dtype == "auto":
-        from stages.xtuner_api import load_config
+        from stages.xtuner_api import read_pipeline
 
-        dtype = load_config(CONFIG).pipeline["torch_dtype"]
+        dtype = read_pipeline(CONFIG)["torch_dtype"]
     if not (ADAPTER / "adapter_config.json").is_file():
         fail(f"{ADAPTER}: no adapter; run `dvc repro convert` first")
     metrics = merge(Path(params.model.path), ADAPTER, MERGED, dtype, params.merge.tolerance,
                     list(params.eval.prompts), params.eval.system)
+    note(**{k: v for k, v in metrics.items() if k.endswith("_s")})
     write_json(MERGE_METRICS, metrics)
     print(f"[merge] {MERGED}: {dtype}; base+adapter vs merged max |logit diff| {metrics['max_logit_diff']:.2e} "
           f"(tolerance {metrics['tolerance']:g})", flush=True)

@@ -156,9 +156,9 @@ def stage_rows() -> list[list[Any]]:
 def _inputs(loss_title: str) -> tuple[dict, dict, dict, dict, dict, list]:
     """What both recipes' pages read (the rendered settings, data, training, merge and evaluation
     figures, the answers), with the loss curve drawn."""
-    from stages.xtuner_api import load_config
+    from stages.xtuner_api import read_pipeline
 
-    resolved = load_config(CONFIG).pipeline
+    resolved = read_pipeline(CONFIG)
     data = read_json(DATA_STATS, "run `dvc repro validate`")
     train = read_json(TRAIN_LIVE / "metrics.json", "run `dvc repro train`")
     merge = read_json(MERGE_METRICS, "run `dvc repro merge`")

@@ -146,6 +146,21 @@ def load_config(path: str | Path) -> Any:
              f"{str(err).splitlines()[0] if str(err) else ''})")
 
 
+def read_pipeline(path: str | Path) -> dict:
+    """The rendered config's `pipeline` dict (the settings render resolved), read as a literal without
+    executing the config: no mmengine and no xtuner import, seconds saved where nothing else is needed."""
+    import ast
+
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "pipeline" for t in node.targets):
+                return ast.literal_eval(node.value)
+    except (OSError, SyntaxError, ValueError, UnicodeDecodeError) as err:
+        fail(f"{path}: cannot read the rendered config ({type(err).__name__}); rerun `dvc repro render`")
+    fail(f"{path}: no `pipeline` settings in the rendered config; rerun `dvc repro render`")
+
+
 def run_trainer(config: Path, work_dir: Path, deepspeed: Path | None, resume: Path | None,
                 launcher: str = "none") -> None:
     """XTuner's trainer (xtuner/tools/train.py), in this process. Not the `xtuner` command: it
