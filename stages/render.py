@@ -115,7 +115,7 @@ def context(p: P.Params, resolved: dict, out: Path = CONFIG_DIR) -> dict:
         "amp_dtype": DTYPES[resolved["precision"]] if amp else None,
         "loss_scale": "dynamic" if resolved["precision"] == "fp16" else None,
         "map_num_proc": 1 if resolved["device"] == "cpu" else 8,
-        "log_interval": 1 if resolved["device"] == "cpu" else 10,
+        "log_interval": 1 if resolved["device"] == "cpu" else min(10, t.max_iters or 10),
         "dist_backend": "nccl" if resolved["device"] == "cuda" else "gloo",
         "pipeline": {**resolved, "deepspeed_config": "deepspeed.json" if ds != "none" else None},
     }
@@ -172,7 +172,7 @@ def llava_context(p: P.Params, resolved: dict, phase: str, out: Path = CONFIG_DI
         "optim_wrapper": "AmpOptimWrapper" if amp else "OptimWrapper",
         "amp_dtype": DTYPES[resolved["precision"]] if amp else None,
         "loss_scale": "dynamic" if resolved["precision"] == "fp16" else None,
-        "log_interval": 1 if resolved["device"] == "cpu" else 10,
+        "log_interval": 1 if resolved["device"] == "cpu" else min(10, ph.max_iters),
         "dist_backend": "nccl" if resolved["device"] == "cuda" else "gloo",
         "pipeline": {**resolved, "recipe": "llava", "phase": phase, "image_tokens": tokens,
                      "deepspeed_config": "deepspeed.json" if ds != "none" else None},

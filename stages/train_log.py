@@ -73,5 +73,6 @@ def write_live(work: Path, wall: float, pipeline: dict, out: Path = TRAIN_LIVE,
                 live.log_metric(f"train/{name}", value)
         for key, value in summary.items():
             live.summary[key] = value
+    (out / "plots" / "metrics").mkdir(parents=True, exist_ok=True)  # DVC's plots output, even with no step logged
     print(f"[train] {out}: {len(steps)} logged steps", file=sys.stderr if not steps else sys.stdout)
     return summary
