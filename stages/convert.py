@@ -75,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m stages.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default=str(P.PARAMS), help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
+    from stages.xtuner_api import lean_imports
+
+    lean_imports()
     P.load(args.params)
     from stages.xtuner_api import read_pipeline
 

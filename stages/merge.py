@@ -116,6 +116,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m stages.merge", description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default=str(P.PARAMS), help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
+    from stages.xtuner_api import lean_imports
+
+    lean_imports()
     params = P.load(args.params)
     if params.recipe == "llava":
         metrics = merge_llava(params, ADAPTER, MERGED)

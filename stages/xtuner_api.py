@@ -32,6 +32,23 @@ def patch_stack() -> None:
     os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
 
 
+LEAN = ("bitsandbytes", "deepspeed")
+
+
+def lean_imports() -> None:
+    """For the stages that convert or merge LoRA weights (convert, merge), which never touch 4-bit
+    weights or DeepSpeed: both are made unimportable in this process, and peft, transformers and
+    XTuner take their paths without them. On the GPU host their imports alone take 12 s and 14-19 s
+    (benchmarks/import_times.py), most of what those stages took. Call it before anything imports
+    them; a module already imported stays."""
+    for name in LEAN:
+        sys.modules.setdefault(name, None)
+
+
+def _hidden(name: str) -> bool:
+    return name in sys.modules and sys.modules[name] is None
+
+
 def _bnb_cpu_packing_off() -> None:
     """Prevents silently wrong QLoRA gradients on CPUs with AVX512-BF16 (bitsandbytes 0.50).
 
@@ -40,6 +57,8 @@ def _bnb_cpu_packing_off() -> None:
     `gemv_4bit`, which has no autograd, and no gradient flows back through the 4-bit layers (only a
     warning, "an autograd kernel was not registered"). The first step's gradient norm of the
     assistant recipe was 4.85 instead of 12.51. Without the repacking the autograd path stays."""
+    if _hidden("bitsandbytes"):  # lean_imports: no 4-bit layer in this process
+        return
     import bitsandbytes.nn.modules as modules
 
     if getattr(modules.has_avx512bf16, "_pipeline", False):

@@ -118,6 +118,8 @@ CONVERT = """
 import json, sys
 from pathlib import Path
 from stages import xtuner_api
+if sys.argv[1] == "ours":
+    xtuner_api.lean_imports()  # as the convert stage runs it
 xtuner_api.patch_stack()
 from xtuner.tools.model_converters import pth_to_hf as tool
 built = []
@@ -133,7 +135,8 @@ if sys.argv[1] == "tool":
 else:
     xtuner_api.pth_to_hf(Path("models/config/xtuner_config.py"), Path("models/adapter.pth"), out, fp32=False)
 cfg = json.loads((out / "adapter_config.json").read_text())
-print(json.dumps({"meta": bool(built), "targets": sorted(cfg["target_modules"])}))
+print(json.dumps({"meta": bool(built), "targets": sorted(cfg["target_modules"]),
+                  "bnb": sys.modules.get("bitsandbytes") is not None}))
 """
 
 
@@ -150,5 +153,15 @@ def test_convert_skips_the_quantized_base_and_writes_the_same_adapter(built, tmp
         results[how] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert results["tool"]["meta"] is False and results["ours"]["meta"] is True  # the tool's own choice
     assert results["tool"]["targets"] == results["ours"]["targets"]
+    assert results["tool"]["bnb"] and not results["ours"]["bnb"]  # lean_imports: no bitsandbytes loaded
     ours, tools = tmp_path / "ours" / "adapter_model.safetensors", tmp_path / "tool" / "adapter_model.safetensors"
     assert ours.read_bytes() == tools.read_bytes()
+
+
+def test_lean_imports_keep_peft_transformers_and_xtuner_working_without_bnb_and_deepspeed():
+    proc = python("from stages.xtuner_api import lean_imports, patch_stack; lean_imports(); patch_stack(); "
+                  "from peft import PeftModel; from transformers import AutoModelForCausalLM; "
+                  "from xtuner.tools.model_converters import pth_to_hf, merge; import sys; "
+                  "print([sys.modules.get(m) for m in ('bitsandbytes', 'deepspeed')])")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[None, None]"
