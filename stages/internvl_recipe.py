@@ -204,7 +204,7 @@ def merge(config: Path, pth: Path, model_dir: Path, out: Path, torch_dtype: str,
         if change == 0.0:
             fail(f"{pth}: the converted model answers exactly as {model_dir} does: no trained weight reached it")
     return {"max_logit_diff": diff, "tolerance": tolerance, "max_logit_change_from_base": round(change, 4),
-            "dtype": f"{saved_dtype} (convert_to_official)", "remote_code_copied": copied,
+            "dtype": str(saved_dtype), "remote_code_copied": copied,
             "prompts": len(images), "merge_time_s": round(seconds, 2)}
 
 

@@ -261,7 +261,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"[render] warning: this setting is estimated at {resolved['estimate_gb']} GB, over "
               f"train.memory_gb {resolved['memory_gb']}: it may run out of GPU memory", flush=True)
     path = render(params, resolved)
-    print(f"[render] {path}: {params.recipe} recipe, LoRA r={params.lora.r}, "
+    lora_r = params.internvl.lora.r if params.recipe == "internvl" else params.lora.r
+    print(f"[render] {path}: {params.recipe} recipe, LoRA r={lora_r}, "
           f"quant {params.quant.mode}, {resolved['device']} {resolved['precision']}, "
           f"deepspeed {resolved['deepspeed']}", flush=True)
 
