@@ -54,8 +54,9 @@ def internvl_pieces(record: dict, template: dict) -> list[str]:
     """As `llava_pieces`, for XTuner's InternVL dataset (its system prompt, `<img></img>` around the image)."""
     from stages.internvl import SYSTEM
 
-    turns = [t["value"].replace(IMAGE_TOKEN, "<img></img>\n" if "image" in record else "", 1).strip()
-             for t in record["conversations"]]
+    turns = [t["value"].strip() for t in record["conversations"]]
+    if "image" in record:  # as the dataset: `<image>` out, the image string and a newline in front
+        turns = [("<img></img>\n" + t.replace(IMAGE_TOKEN, "").strip()) if IMAGE_TOKEN in t else t for t in turns]
     return _pieces(SYSTEM, list(zip(turns[::2], turns[1::2])), template)
 
 
