@@ -444,7 +444,8 @@ def _contradictions(p: Params) -> list[str]:
         out.append(f"data.max_length: {p.data.max_length} leaves no room for text after "
                    f"{(v.image_size // v.patch_size) ** 2} image tokens")
     out += _internvl_contradictions(p)
-    if p.data.max_length > t.max_position_embeddings and p.model.path.rstrip("/").endswith("tiny-internlm2"):
+    if p.data.max_length > t.max_position_embeddings and p.model.path.rstrip("/").endswith("tiny-internlm2") and \
+            (p.recipe != "internvl" or p.internvl.path.rstrip("/").endswith("tiny-internvl")):
         out.append(f"data.max_length: {p.data.max_length} exceeds model.tiny.max_position_embeddings "
                    f"{t.max_position_embeddings}")
     return out

@@ -159,7 +159,7 @@ CASES = [
          ("data.max_length: got 8, must be >= 32",)),
     Case("params-general-ratio-1", "generate", param("general_ratio: 0.2", "general_ratio: 1.0"),
          ("data.general_ratio: got 1.0, must be < 1",)),
-    Case("params-llava-repeat-0", "repeat", param("repeat: 20", "repeat: 0"),
+    Case("params-llava-repeat-0", "repeat", param("repeat: 20                 # the", "repeat: 0                 # the"),
          ("data.llava.repeat: got 0, must be >= 1",)),
     Case("params-vocab-too-small", "base", param("vocab_size: 2048", "vocab_size: 100"),
          ("model.tiny.vocab_size: got 100, must be >= 320",)),
