@@ -1,6 +1,7 @@
 """The internvl recipe: the stand-in model, XTuner's InternVL dataset on it, the config, the checkpoint check,
 and the whole chain with the real `dvc exp run -S recipe=internvl` on a copy of the session's built
 (assistant) project."""
+import copy
 import json
 import re
 import shutil
@@ -75,7 +76,10 @@ def test_xtuner_internvl_dataset_reads_the_stand_in_and_validate_counts_its_toke
     from xtuner.dataset import InternVL_V1_5_Dataset
     from xtuner.utils import PROMPT_TEMPLATE
 
-    ds = InternVL_V1_5_Dataset(model_path=str(built / "models/tiny-internvl"), template=PROMPT_TEMPLATE.internlm2_chat,
+    # a copy: XTuner's InternVL dataset rewrites the SYSTEM and INSTRUCTION of the template it is given, and
+    # PROMPT_TEMPLATE's are shared by the whole process (each pipeline stage is its own process)
+    ds = InternVL_V1_5_Dataset(model_path=str(built / "models/tiny-internvl"),
+                               template=copy.deepcopy(PROMPT_TEMPLATE.internlm2_chat),
                                data_paths=str(built / "data/validated/internvl.json"),
                                image_folders=str(built / "data/raw/internvl"), max_length=256)
     item = ds[0]
@@ -188,3 +192,19 @@ def test_internvl_second_repro_runs_nothing(internvl_built, tmp_path):
     shutil.copytree(internvl_built[0], project, symlinks=True)
     out = sh("dvc", "repro", cwd=project).stdout
     assert ran(out) == [] and "Data and pipelines are up to date" in out
+
+
+def test_lmdeploy_backend_is_one_line_without_lmdeploy(tmp_path, monkeypatch):
+    """eval.backend: lmdeploy runs the tutorial's pipeline() in $LMDEPLOY_PYTHON; this machine has none
+    (this interpreter lacks lmdeploy): one line naming the backend, the interpreter and the reason."""
+    monkeypatch.delenv("LMDEPLOY_PYTHON", raising=False)
+    args = (tmp_path, [tmp_path / "a.png"], "请你根据这张图片，讲一个脑洞大开的梗", 8, 0)
+    with pytest.raises(StageError, match="eval.backend: lmdeploy needs its own environment: set LMDEPLOY_PYTHON"):
+        internvl_recipe.lmdeploy_answers(*args)
+    monkeypatch.setenv("LMDEPLOY_PYTHON", sys.executable)
+    with pytest.raises(StageError) as err:
+        internvl_recipe.lmdeploy_answers(*args)
+    assert str(err.value) == f"eval.backend: lmdeploy failed in {sys.executable} (ModuleNotFoundError: No module " \
+                             "named 'lmdeploy')"
+    assert "model_name=req[\"template\"]" in internvl_recipe.LMDEPLOY_SCRIPT
+    assert internvl_recipe.LMDEPLOY_TEMPLATE == "internvl2-internlm2"
