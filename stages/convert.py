@@ -4,6 +4,8 @@ pth_to_hf from the same rendered config as training.
 The adapter keeps the training precision: fp32 when training ran in fp32 (CPU), else XTuner's
 fp16. `target_modules` in adapter_config.json is sorted, so the file is the same on every rerun.
 Recipe llava: the same converter writes llm_adapter/, visual_encoder_adapter/ and projector/.
+Recipe internvl: XTuner's pth_to_hf has no InternVL path; the trained weights (LoRA, mlp1) are checked and
+saved as adapter.safetensors (stages/internvl_recipe.py), and the merge stage runs convert_to_official.
 
     python -m stages.convert         # writes models/adapter/
 """
@@ -78,11 +80,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     from stages.xtuner_api import lean_imports
 
     lean_imports()
-    P.load(args.params)
+    params = P.load(args.params)
     from stages.xtuner_api import read_pipeline
 
     pipeline = read_pipeline(CONFIG)
-    if pipeline.get("recipe") == "llava":
+    if pipeline.get("recipe") == "internvl":  # stages/internvl_recipe.py
+        from dataclasses import asdict
+
+        from stages import internvl_recipe
+
+        internvl_recipe.save_adapter(ADAPTER_PTH, ADAPTER, asdict(params.internvl.lora))
+    elif pipeline.get("recipe") == "llava":
         convert_llava(CONFIG, ADAPTER_PTH, ADAPTER, fp32=pipeline["precision"] == "fp32")
     else:
         convert(CONFIG, ADAPTER_PTH, ADAPTER, fp32=pipeline["precision"] == "fp32")

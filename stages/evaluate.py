@@ -19,6 +19,12 @@ merged fine-tune, greedy. Measured for both: the share of answers equal to the d
 image, their mean similarity to it (difflib ratio), answer length and tokens/s. Rows (kind `image`)
 also hold the image and the reference answer.
 
+Recipe internvl, as the tutorial asks InternVL2-2B about a picture: each of `internvl.eval_images` with
+`internvl.eval_prompt` ("请你根据这张图片，讲一个脑洞大开的梗"), asked of `internvl.path` and of the converted
+fine-tune, greedy, through the model's own chat() (transformers), or on a GPU host through LMDeploy with
+the `internvl2-internlm2` chat template (eval.backend; stages/internvl_recipe.py). Measured as for llava,
+against each image's caption in the data.
+
     python -m stages.evaluate
 """
 from __future__ import annotations
@@ -271,6 +277,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     P.log_section("evaluate", params.eval)
     import torch
 
+    if params.recipe == "internvl":
+        from stages import internvl_recipe
+
+        backend = pick_backend(params.eval.backend, torch.cuda.is_available(), lmdeploy_configured())
+        rows, metrics = internvl_recipe.evaluate(params, backend)
+        write_jsonl(GENERATIONS, rows)
+        write_json(EVAL_METRICS, metrics)
+        b, t = metrics["base"], metrics["tuned"]
+        print(f"[evaluate] {backend}, {len(rows)} images asked {params.internvl.eval_prompt!r}: captions matched "
+              f"{b['answer_match_rate']} -> {t['answer_match_rate']}, similarity {b['answer_similarity']} -> "
+              f"{t['answer_similarity']}", flush=True)
+        return
     if params.recipe == "llava":
         rows, metrics = evaluate_llava(params)
         write_jsonl(GENERATIONS, rows)

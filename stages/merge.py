@@ -12,6 +12,9 @@ visual_encoder/, projector/). Checked the same way, on the evaluation images: ba
 against the merged parts, both loaded in float32. XTuner saves the merged LLM in float16, so the
 tolerance is `llava.merge_tolerance` (about 8e-3 is what float16 weights cost the tiny models).
 
+Recipe internvl: XTuner's convert_to_official (merges LoRA, saves bfloat16), the model's remote-code files
+copied in (the tool does not), checked as above against the trained model (stages/internvl_recipe.py).
+
     python -m stages.merge           # writes models/merged/, reports/merge.json
 """
 from __future__ import annotations
@@ -120,6 +123,15 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     lean_imports()
     params = P.load(args.params)
+    if params.recipe == "internvl":  # stages/internvl_recipe.py
+        from stages import internvl_recipe
+
+        metrics = internvl_recipe.run_merge(params)
+        write_json(MERGE_METRICS, metrics)
+        print(f"[merge] {MERGED}: convert_to_official ({metrics['dtype']}) + remote code "
+              f"{', '.join(metrics['remote_code_copied']) or '(none)'}; trained vs converted max |logit diff| "
+              f"{metrics['max_logit_diff']:.2e} (tolerance {metrics['tolerance']:g})", flush=True)
+        return
     if params.recipe == "llava":
         metrics = merge_llava(params, ADAPTER, MERGED)
         write_json(MERGE_METRICS, metrics)

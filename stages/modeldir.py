@@ -14,7 +14,8 @@ WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin", "*.safet
 def check(path: str | Path, key: str = "model.path") -> Path:
     """Fail with one line unless `path` holds a config, a tokenizer and weights."""
     folder = Path(path)
-    how = "build it with `dvc repro base`" if folder.name == "tiny-internlm2" else \
+    built = {"tiny-internlm2": "base", "tiny-internvl": "internvl"}.get(folder.name)
+    how = f"build it with `dvc repro {built}`" if built else \
         "download the model there first (README.md, 'A real model on a GPU host')"
     if not folder.is_dir():
         fail(f"{key}: {folder} is not a directory; {how}")

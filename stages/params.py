@@ -73,6 +73,7 @@ class Data:
     overlong: Literal["error", "drop", "truncate"] = spec(
         "records longer than max_length: error lists them, drop leaves them out, truncate lets XTuner cut them")
     llava: Llava = spec("the LLaVA sample and its repetition")
+    internvl: Llava = spec("the InternVL (CLoT-style) sample and its repetition")
 
 
 @dataclass(frozen=True)
@@ -212,9 +213,56 @@ class LlavaRecipe:
 
 
 @dataclass(frozen=True)
+class TinyInternVL:
+    """The internvl recipe's embedded stand-in: a CLIP vision model, mlp1 and models/tiny-internlm2 as
+    its LLM, with InternVL's interface (stage internvl)."""
+
+    image_size: int = spec("tile side in pixels (force_image_size; 448 for InternVL2-2B)", minimum=14)
+    patch_size: int = spec("patch side in pixels", minimum=1)
+    hidden_size: int = spec("vision encoder width", minimum=8)
+    num_layers: int = spec("vision encoder layers", minimum=1)
+    num_heads: int = spec("attention heads; must divide hidden_size", minimum=1)
+    intermediate_size: int = spec("vision MLP width", minimum=8)
+    downsample_ratio: float = spec("pixel shuffle: (image_size / patch_size)^2 x ratio^2 image tokens per tile "
+                                   "(0.5 as InternVL2)", exclusiveMinimum=0, maximum=1)
+    max_dynamic_patch: int = spec("most tiles an image is cut into (a thumbnail is added when more than one)",
+                                  minimum=1)
+    seed: int = spec("seed of the weight initialisation", minimum=0)
+
+
+@dataclass(frozen=True)
+class InternVLLora:
+    r: int = spec("LoRA rank of the LLM's adapter (the tutorial's: 128)", minimum=1)
+    alpha: float = spec("LoRA alpha (the tutorial's: 256; scaling = alpha / r)", exclusiveMinimum=0)
+    dropout: float = spec("LoRA dropout", minimum=0, exclusiveMaximum=1)
+
+
+@dataclass(frozen=True)
+class InternVLRecipe:
+    """recipe: internvl, XTuner's internvl_v2_internlm2_2b_qlora_finetune as the tutorial runs it: QLoRA on
+    the LLM (4-bit when quant.mode is not none), frozen vision encoder, mlp1 trained."""
+
+    path: str = spec("InternVL model directory with its remote code (config.json, *.py, weights, tokenizer); "
+                     "models/tiny-internvl is the stand-in built by `dvc repro internvl`", minLength=1)
+    tiny: TinyInternVL = spec("shape of the locally built stand-in's vision part")
+    lora: InternVLLora = spec("LoRA adapter of the LLM")
+    lr: float = spec("peak learning rate (the tutorial's 1e-6 is for 2B on 2000 records)", exclusiveMinimum=0)
+    max_iters: int = spec("training iterations", minimum=1)
+    warmup_iters: int = spec("linear warm-up iterations (at 1, mmengine's LinearLR never leaves its start factor)",
+                             minimum=2)
+    eval_images: list[str] = spec("images (relative to data.internvl.image_folder) asked about before and after "
+                                  "fine-tuning", minItems=1)
+    eval_prompt: str = spec("the question asked about each eval image", minLength=1)
+    merge_tolerance: float = spec(
+        "largest allowed |logit| difference between the trained model (float32) and the converted one; "
+        "convert_to_official saves bfloat16, so this is loose", exclusiveMinimum=0)
+
+
+@dataclass(frozen=True)
 class Params:
-    recipe: Literal["assistant", "llava"] = spec(
-        "which fine-tune to run: assistant (self-cognition text QLoRA) or llava (image chat, LLaVA)")
+    recipe: Literal["assistant", "llava", "internvl"] = spec(
+        "which fine-tune to run: assistant (self-cognition text QLoRA), llava (image chat, LLaVA) or internvl "
+        "(InternVL2 image chat QLoRA)")
     model: Model = spec("the base model")
     data: Data = spec("dataset generation, repetition and validation")
     lora: Lora = spec("LoRA adapter")
@@ -223,6 +271,7 @@ class Params:
     merge: Merge = spec("merging the adapter into the base model")
     eval: Eval = spec("evaluation: prompts during training, and the evaluate stage")
     llava: LlavaRecipe = spec("the llava recipe: vision encoder, projector, its phases")
+    internvl: InternVLRecipe = spec("the internvl recipe: model directory, stand-in shape, LoRA, schedule")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,9 +443,32 @@ def _contradictions(p: Params) -> list[str]:
             p.data.max_length <= (v.image_size // v.patch_size) ** 2:
         out.append(f"data.max_length: {p.data.max_length} leaves no room for text after "
                    f"{(v.image_size // v.patch_size) ** 2} image tokens")
-    if p.data.max_length > t.max_position_embeddings and p.model.path.rstrip("/").endswith("tiny-internlm2"):
+    out += _internvl_contradictions(p)
+    if p.data.max_length > t.max_position_embeddings and p.model.path.rstrip("/").endswith("tiny-internlm2") and \
+            (p.recipe != "internvl" or p.internvl.path.rstrip("/").endswith("tiny-internvl")):
         out.append(f"data.max_length: {p.data.max_length} exceeds model.tiny.max_position_embeddings "
                    f"{t.max_position_embeddings}")
+    return out
+
+
+def _internvl_contradictions(p: Params) -> list[str]:
+    iv, out = p.internvl.tiny, []
+    grid = iv.image_size // iv.patch_size
+    side = round(1 / iv.downsample_ratio)
+    if iv.image_size % iv.patch_size:
+        out.append(f"internvl.tiny.image_size: {iv.image_size} is not a multiple of patch_size {iv.patch_size}")
+    elif abs(side * iv.downsample_ratio - 1) > 1e-9 or grid % side:
+        out.append(f"internvl.tiny.downsample_ratio: {iv.downsample_ratio} must be 1/k with k dividing the "
+                   f"{grid} x {grid} patch grid")
+    if iv.hidden_size % iv.num_heads:
+        out.append(f"internvl.tiny.num_heads: {iv.num_heads} does not divide hidden_size {iv.hidden_size}")
+    if p.internvl.warmup_iters >= p.internvl.max_iters:
+        out.append(f"internvl.warmup_iters: {p.internvl.warmup_iters} is not below max_iters {p.internvl.max_iters}")
+    if p.recipe == "internvl" and p.internvl.path.rstrip("/").endswith("tiny-internvl") and not out:
+        tokens = (grid // side) ** 2 * (iv.max_dynamic_patch + (iv.max_dynamic_patch > 1))
+        if p.data.max_length <= tokens:
+            out.append(f"data.max_length: {p.data.max_length} leaves no room for text after up to {tokens} image "
+                       "tokens (internvl.tiny)")
     return out
 
 

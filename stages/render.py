@@ -6,6 +6,9 @@ stages/memory.py) and written as literal values, with the DeepSpeed JSON beside 
 is used.
 The rendered file is loaded back with mmengine as a check. Output: models/config/.
 
+Recipe `internvl` renders stages/templates/internvl.py.j2 (XTuner's internvl_v2_internlm2_2b_qlora_finetune
+as the tutorial edits it) the same way, with the llava recipe's batch rule.
+
 Recipe `llava` renders stages/templates/llava.py.j2 (XTuner's LLaVA fine-tune: QLoRA LLM, LoRA vision
 encoder, LengthGroupedSampler) to the same path; the same template's pretrain phase is rendered by the
 pretrain stage. Its micro-batch is train.micro_batch when that is a number, else 1 (the memory planner
@@ -25,7 +28,7 @@ from stages import params as P
 from stages.errors import fail
 from stages.io import output_dir, write_json
 from stages.paths import (CONFIG_DIR, PRETRAIN, PRETRAIN_WORK, TEMPLATES, TRAIN_WORK, VALIDATED_ASSISTANT,
-                          VALIDATED_LLAVA)
+                          VALIDATED_INTERNVL, VALIDATED_LLAVA)
 
 LLAVA_TEXT = PRETRAIN / "llava_text"  # the pretrain stage's tokenized LLaVA text (both phases read it)
 PROJECTOR_PTH = PRETRAIN / "projector.pth"  # the projector the fine-tune starts from
@@ -79,9 +82,9 @@ def resolve(p: P.Params, cuda: bool, bf16: bool, card_gb: float | None = None,
 
 def resolve_here(p: P.Params, machine_facts: dict | None = None) -> dict:
     """resolve for this machine (or the one described), with the shape of the model at model.path;
-    the llava recipe's batch settings applied. What every stage that renders a config uses."""
+    the image recipes' batch settings applied. What every stage that renders a config uses."""
     resolved = resolve(p, **(machine_facts or machine()), shape=memory.shape_of(p.model.path))
-    return llava_batch(p, resolved) if p.recipe == "llava" else resolved
+    return llava_batch(p, resolved) if p.recipe in ("llava", "internvl") else resolved
 
 
 def context(p: P.Params, resolved: dict, out: Path = CONFIG_DIR) -> dict:
@@ -179,6 +182,33 @@ def llava_context(p: P.Params, resolved: dict, phase: str, out: Path = CONFIG_DI
     }
 
 
+def internvl_context(p: P.Params, resolved: dict, out: Path = CONFIG_DIR) -> dict:
+    """The internvl template's variables (XTuner's internvl_v2_internlm2_2b_qlora_finetune, the tutorial's
+    edits: LoRA from `internvl.lora`, schedule from `internvl`)."""
+    iv, t = p.internvl, p.train
+    ds, amp = resolved["deepspeed"], resolved["precision"] != "fp32"
+    return {
+        "header": "Rendered by `dvc repro render` (stages/templates/internvl.py.j2) from params.yaml. Do not edit: "
+                  "change params.yaml.",
+        "command": f"python -m xtuner.tools.train {out / 'xtuner_config.py'} --work-dir {TRAIN_WORK}" + (
+            f" --deepspeed {out / 'deepspeed.json'}" if ds != "none" else ""),
+        "model_path": iv.path, "data_path": str(VALIDATED_INTERNVL), "image_folder": p.data.internvl.image_folder,
+        "max_length": p.data.max_length, "batch_size": resolved["micro_batch"], "grad_accum": resolved["grad_accum"],
+        "lr": iv.lr, "betas": tuple(t.betas), "weight_decay": t.weight_decay, "max_norm": t.max_norm,
+        "warmup_iters": iv.warmup_iters, "max_iters": iv.max_iters,
+        "save_interval": min(t.save_interval, iv.max_iters), "save_total_limit": t.save_total_limit,
+        "quantization_llm": p.quant.mode != "none", "torch_dtype": resolved["torch_dtype"],
+        "lora": {"r": iv.lora.r, "alpha": iv.lora.alpha, "dropout": iv.lora.dropout}, "seed": t.seed,
+        "optim_wrapper": "AmpOptimWrapper" if amp else "OptimWrapper",
+        "amp_dtype": DTYPES[resolved["precision"]] if amp else None,
+        "loss_scale": "dynamic" if resolved["precision"] == "fp16" else None,
+        "log_interval": 1 if resolved["device"] == "cpu" else 10,
+        "dist_backend": "nccl" if resolved["device"] == "cuda" else "gloo",
+        "pipeline": {**resolved, "recipe": "internvl", "quant": p.quant.mode,
+                     "deepspeed_config": "deepspeed.json" if ds != "none" else None},
+    }
+
+
 def render_text(recipe: str, ctx: dict) -> str:
     import jinja2
 
@@ -212,6 +242,9 @@ def render(p: P.Params, resolved: dict, out: Path = CONFIG_DIR) -> Path:
     if p.recipe == "llava":
         resolved = llava_batch(p, resolved)
         text = render_text("llava", llava_context(p, resolved, "finetune", out))
+    elif p.recipe == "internvl":
+        resolved = llava_batch(p, resolved)
+        text = render_text("internvl", internvl_context(p, resolved, out))
     else:
         text = render_text(p.recipe, context(p, resolved, out))
     with output_dir(out) as tmp:
@@ -233,7 +266,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"[render] warning: this setting is estimated at {resolved['estimate_gb']} GB, over "
               f"train.memory_gb {resolved['memory_gb']}: it may run out of GPU memory", flush=True)
     path = render(params, resolved)
-    print(f"[render] {path}: {params.recipe} recipe, LoRA r={params.lora.r}, "
+    lora_r = params.internvl.lora.r if params.recipe == "internvl" else params.lora.r
+    print(f"[render] {path}: {params.recipe} recipe, LoRA r={lora_r}, "
           f"quant {params.quant.mode}, {resolved['device']} {resolved['precision']}, "
           f"deepspeed {resolved['deepspeed']}", flush=True)
 

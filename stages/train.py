@@ -1,5 +1,8 @@
 """Stage `train`: QLoRA fine-tuning with XTuner's trainer, from the rendered config.
 
+Recipe internvl: XTuner's InternVL_V1_5 (QLoRA LLM, frozen vision encoder, mlp1) from `internvl.path`,
+run in the rendered dtype in one process (stages/xtuner_api.py patch_internvl); the same outputs.
+
 Recipe llava: XTuner's LLaVA fine-tune (QLoRA LLM, LoRA vision encoder, the projector), after checking
 that models/pretrain/projector.pth fits the two models; the same outputs.
 
@@ -33,7 +36,7 @@ from typing import Sequence
 from stages import params as P
 from stages.errors import fail, note
 from stages.paths import (ADAPTER_PTH, CONFIG, CONFIG_DIR, DATA_STATS, PRETRAIN, TRAIN_WORK, VALIDATED_ASSISTANT,
-                          VALIDATED_LLAVA)
+                          VALIDATED_INTERNVL, VALIDATED_LLAVA)
 from stages.train_log import write_live
 
 FINGERPRINT = "pipeline-inputs.json"
@@ -152,6 +155,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     pipeline = load_config(CONFIG).pipeline
     kernels.apply(pipeline)
     deepspeed = CONFIG_DIR / pipeline["deepspeed_config"] if pipeline["deepspeed_config"] else None
+    if pipeline.get("recipe") == "internvl":  # XTuner's InternVL_V1_5 in the rendered dtype, one process or many
+        from stages.xtuner_api import patch_internvl
+
+        patch_internvl(pipeline["torch_dtype"])
     if args.worker:  # one of torchrun's processes
         with out_of_memory_says_what_to_lower(pipeline):
             run_trainer(CONFIG, TRAIN_WORK, deepspeed, Path(args.resume) if args.resume else None, "pytorch")
@@ -170,6 +177,11 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"{params.model.path} + {params.llava.visual_encoder}", flush=True)
         fp = fingerprint(CONFIG_DIR, VALIDATED_LLAVA, Path(params.model.path),
                          extra=(PRETRAIN, Path(params.llava.visual_encoder)))
+    elif params.recipe == "internvl":
+        from stages.modeldir import check
+
+        check(params.internvl.path, "internvl.path")
+        fp = fingerprint(CONFIG_DIR, VALIDATED_INTERNVL, Path(params.internvl.path))
     else:
         fp = fingerprint(CONFIG_DIR, VALIDATED_ASSISTANT, Path(params.model.path))
     resume = prepare_work_dir(TRAIN_WORK, fp)

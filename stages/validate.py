@@ -1,6 +1,7 @@
 """Stage `validate`: nothing reaches training unless it passed here.
 
-For each dataset (the generated self-cognition conversations; the repeated LLaVA data) it checks
+For each dataset (the generated self-cognition conversations; the repeated LLaVA data; the repeated
+CLoT-style InternVL data, measured as XTuner's InternVL dataset encodes it) it checks
 every record (JSON Schema of its format; roles alternate; no empty content; images exist and decode;
 exactly one `<image>` per image sample), measures token lengths with the base model's tokenizer and
 XTuner's prompt template (a LLaVA record's image tokens included), counts records over
@@ -23,8 +24,8 @@ from stages import params as P
 from stages.checks import IMAGE_TOKEN, Problem, check_records, raise_problems
 from stages.errors import fail
 from stages.io import read_json, read_jsonl, write_json, write_jsonl
-from stages.paths import (DATA_STATS, LLAVA_REPEATED, SELF_COGNITION, VALIDATED_ASSISTANT,
-                          VALIDATED_LLAVA)
+from stages.paths import (DATA_STATS, INTERNVL_REPEATED, LLAVA_REPEATED, SELF_COGNITION, VALIDATED_ASSISTANT,
+                          VALIDATED_INTERNVL, VALIDATED_LLAVA)
 
 
 def openai_pieces(record: dict, template: dict) -> list[str]:
@@ -39,6 +40,24 @@ def llava_pieces(record: dict, template: dict) -> list[str]:
     """As `openai_pieces`, for a LLaVA record; `<image>` is left out (its tokens come from the encoder)."""
     turns = [t["value"].replace(IMAGE_TOKEN, "").strip() for t in record["conversations"]]
     return _pieces("", list(zip(turns[::2], turns[1::2])), template)
+
+
+# What XTuner's InternVL_V1_5_Dataset encodes for an InternLM2-based model: its own system line and
+# instruction (it replaces the template's), the template's SUFFIX, no SEP between turns. The image is
+# `<img>` + `<IMG_CONTEXT>` x its image tokens + `</img>` + newline; the context tokens are counted apart.
+INTERNVL_TEMPLATE = {"SYSTEM": "<|im_start|>system\n{system}<|im_end|>",
+                     "INSTRUCTION": "<|im_start|>user\n{input}<|im_end|><|im_start|>assistant\n",
+                     "SUFFIX": "<|im_end|>", "SEP": ""}
+
+
+def internvl_pieces(record: dict, template: dict) -> list[str]:
+    """As `llava_pieces`, for XTuner's InternVL dataset (its system prompt, `<img></img>` around the image)."""
+    from stages.internvl import SYSTEM
+
+    turns = [t["value"].strip() for t in record["conversations"]]
+    if "image" in record:  # as the dataset: `<image>` out, the image string and a newline in front
+        turns = [("<img></img>\n" + t.replace(IMAGE_TOKEN, "").strip()) if IMAGE_TOKEN in t else t for t in turns]
+    return _pieces(SYSTEM, list(zip(turns[::2], turns[1::2])), template)
 
 
 def _pieces(system: str, pairs: list[tuple[str, str]], template: dict) -> list[str]:
@@ -97,23 +116,39 @@ def apply_overlong(records: list, lengths: list[int], file: str, data: P.Data, i
 
 
 def validate_dataset(records: list, file: str, fmt: str, tokenizer: Any, template: dict, data: P.Data,
-                     image_folder: Path | None = None, image_tokens: int = 0) -> tuple[list, dict]:
+                     image_folder: Path | None = None, image_tokens: int | list[int] = 0) -> tuple[list, dict]:
     """Check, measure and filter one dataset; returns (records kept, statistics). A LLaVA record's
     length counts its image's `image_tokens` too: they share the LLM's context (XTuner cuts the text
-    at max_length minus them)."""
-    raise_problems(check_records(records, file, fmt, image_folder))
-    pieces = openai_pieces if fmt == "openai" else llava_pieces
+    at max_length minus them). `fmt` internvl: LLaVA-format records as XTuner's InternVL dataset
+    encodes them, `image_tokens` one count per record (an image's tiles depend on its shape)."""
+    raise_problems(check_records(records, file, "openai" if fmt == "openai" else "llava", image_folder))
+    pieces = {"openai": openai_pieces, "llava": llava_pieces, "internvl": internvl_pieces}[fmt]
     lengths = token_lengths(records, pieces, tokenizer, template)
-    lengths = [n + (image_tokens if "image" in r else 0) for n, r in zip(lengths, records)]
-    kept = apply_overlong(records, lengths, file, data, image_tokens)
+    per = image_tokens if isinstance(image_tokens, list) else [image_tokens if "image" in r else 0 for r in records]
+    lengths = [n + k for n, k in zip(lengths, per)]
+    kept = apply_overlong(records, lengths, file, data, max(per, default=0))
     if not kept:
         fail(f"{file}: every record is longer than data.max_length {data.max_length}; nothing left to train on")
     stats = {"records": len(records), "kept": len(kept), "dropped": len(records) - len(kept),
              "tokens": length_stats(lengths), "over_max_length": sum(n > data.max_length for n in lengths),
              "duplicate_rate": duplicate_rate(records, ignore=("id",))}
-    if fmt == "llava":
+    if fmt != "openai":
         images = [r["image"] for r in records if "image" in r]
         stats.update(image_records=len(images), unique_images=len(set(images)))
+    return kept, stats
+
+
+def validate_internvl(p: P.Params) -> tuple[list, dict]:
+    """The repeated CLoT-style data, measured with `internvl.path`'s tokenizer and image tiling."""
+    from stages.internvl import image_token_counts
+    from stages.modeldir import load_tokenizer
+
+    records = read_json(INTERNVL_REPEATED, "run `dvc repro repeat` first")
+    folder = Path(p.data.internvl.image_folder)
+    raise_problems(check_records(records, str(INTERNVL_REPEATED), "llava", folder))
+    tokenizer = load_tokenizer(p.internvl.path, "internvl.path")
+    kept, stats = validate_dataset(records, str(INTERNVL_REPEATED), "internvl", tokenizer, INTERNVL_TEMPLATE,
+                                   p.data, folder, image_token_counts(records, folder, Path(p.internvl.path)))
     return kept, stats
 
 
@@ -138,11 +173,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     kept_l, stats_l = validate_dataset(llava, str(LLAVA_REPEATED), "llava", tokenizer, template, data,
                                        Path(data.llava.image_folder), encoder_image_tokens(params))
     stats_l["image_tokens"] = encoder_image_tokens(params)
+    kept_i, stats_i = validate_internvl(params)
     write_jsonl(VALIDATED_ASSISTANT, kept_a)
     write_json(VALIDATED_LLAVA, kept_l, indent=None)
-    stats = {"max_length": data.max_length, "assistant": stats_a, "llava": stats_l}
+    write_json(VALIDATED_INTERNVL, kept_i, indent=None)
+    stats = {"max_length": data.max_length, "assistant": stats_a, "llava": stats_l, "internvl": stats_i}
     write_json(DATA_STATS, stats)
-    for name, s in (("assistant", stats_a), ("llava", stats_l)):
+    for name, s in (("assistant", stats_a), ("llava", stats_l), ("internvl", stats_i)):
         t = s["tokens"]
         print(f"[validate] {name}: {s['kept']}/{s['records']} records kept, tokens min {t['min']} "
               f"p50 {t['p50']} p95 {t['p95']} max {t['max']}, {s['over_max_length']} over max_length "

@@ -283,3 +283,96 @@ class _ConfigWithoutQuantization:
         if llm is not None:
             llm.pop("quantization_config", None)
         return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# InternVL (recipe internvl)
+
+
+_INTERNVL_DTYPE: list[str] = []
+
+
+def patch_internvl(torch_dtype: str) -> None:
+    """XTuner's InternVL_V1_5 as the run was rendered for (`torch_dtype`: float32 on CPU), in one process.
+
+    - It loads the model with `torch_dtype=torch.bfloat16`, 4-bit compute in float16 and
+      `flash_attention_2` forced into `llm_config`: on a CPU (no flash-attn, no fast bf16) that fails
+      (`ImportError: ... flash_attn ...`) or trains in another precision than rendered. Its
+      `AutoModel` is given a loader that uses `torch_dtype` for both, and keeps flash_attention_2 only
+      where flash-attn is importable and a GPU is visible (else eager attention).
+    - Its `_llm_forward` calls `torch.distributed.get_rank()` unconditionally: `ValueError: Default
+      process group has not been initialized` in a single-process run. get_rank answers 0 when no
+      process group exists (what a single process is), and asks the group otherwise.
+    """
+    patch_stack()
+    import torch
+    import transformers
+    import xtuner.model.internvl as internvl
+
+    _INTERNVL_DTYPE[:] = [torch_dtype]
+    dist = torch.distributed
+    if not getattr(dist.get_rank, "_pipeline", False):
+        original = dist.get_rank
+
+        def get_rank(group=None):
+            return original(group) if dist.is_available() and dist.is_initialized() else 0
+
+        get_rank._pipeline = True
+        dist.get_rank = get_rank
+    if getattr(internvl.AutoModel, "_pipeline", False):
+        return
+
+    class AutoModel:
+        """transformers.AutoModel with the rendered dtype and an attention that runs here."""
+
+        _pipeline = True
+
+        @staticmethod
+        def from_pretrained(path, torch_dtype=None, quantization_config=None, config=None, **kwargs):
+            dtype = getattr(torch, _INTERNVL_DTYPE[0])
+            if quantization_config is not None:
+                quantization_config.bnb_4bit_compute_dtype = dtype
+            llm = getattr(config, "llm_config", None)
+            if llm is not None and not _flash_attention_usable():
+                if getattr(llm, "model_type", "") == "internlm2":  # InternLM2's remote code reads this one
+                    llm.attn_implementation = "eager"
+                llm._attn_implementation = "eager"
+            return transformers.AutoModel.from_pretrained(path, torch_dtype=dtype, quantization_config=quantization_config,
+                                                          config=config, **kwargs)
+
+    internvl.AutoModel = AutoModel
+
+
+def _flash_attention_usable() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+def internvl_tiles(size: tuple[int, int], min_num: int, max_num: int, image_size: int, thumbnail: bool) -> int:
+    """Tiles XTuner's InternVL dataset cuts an image of `size` (w, h) into (its own function; the thumbnail
+    counted only where it adds one: more than one tile)."""
+    patch_stack()
+    from xtuner.dataset.internvl_dataset import total_image_token
+
+    tiles = total_image_token(size, min_num, max_num, image_size, use_thumbnail=False)
+    return tiles + (1 if thumbnail and tiles > 1 else 0)
+
+
+def convert_to_official(config: Path, pth: Path, out: Path, torch_dtype: str) -> None:
+    """XTuner's `xtuner/configs/internvl/v1_5/convert_to_official.py CONFIG PTH OUT`, in this process:
+    the model rebuilt from the config without quantization, the checkpoint loaded, LoRA merged, saved in
+    bfloat16 with the tokenizer. It does not copy the model's remote code (the caller does)."""
+    patch_internvl(torch_dtype)
+    spec = importlib.util.find_spec("xtuner")
+    script = Path(next(iter(spec.submodule_search_locations))) / "configs/internvl/v1_5/convert_to_official.py"
+    if not script.is_file():
+        fail(f"{script}: not found; XTuner 0.2.0's InternVL converter is needed")
+    module_spec = importlib.util.spec_from_file_location("xtuner_convert_to_official", script)
+    tool = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(tool)
+    saved, sys.argv = sys.argv, ["convert_to_official.py", str(config), str(pth), str(out)]
+    try:
+        tool.main()
+    finally:
+        sys.argv = saved

@@ -30,6 +30,7 @@ LLAVA = "data/raw/llava/unique_data.json"
 IMAGE = "data/raw/llava/images/red_circle_on_white.png"
 TEMPLATES = "data/raw/self_cognition.json"
 MODEL = "models/tiny-internlm2"
+INTERNVL = "data/raw/internvl/unique_data.json"
 GENERATED = "data/generated/self_cognition.jsonl"
 
 
@@ -85,10 +86,10 @@ def remove(name: str) -> Callable[[Path], None]:
     return edit
 
 
-def llava(mutate: Callable[[list], object]) -> Callable[[Path], None]:
+def llava(mutate: Callable[[list], object], source: str = LLAVA) -> Callable[[Path], None]:
     """Change the LLaVA source records (a list of dicts) and write them back."""
     def edit(project: Path) -> None:
-        path = project / LLAVA
+        path = project / source
         records = json.loads(path.read_text(encoding="utf-8"))
         mutate(records)
         path.write_text(json.dumps(records, ensure_ascii=False, indent=2), encoding="utf-8")
@@ -158,7 +159,7 @@ CASES = [
          ("data.max_length: got 8, must be >= 32",)),
     Case("params-general-ratio-1", "generate", param("general_ratio: 0.2", "general_ratio: 1.0"),
          ("data.general_ratio: got 1.0, must be < 1",)),
-    Case("params-llava-repeat-0", "repeat", param("repeat: 20", "repeat: 0"),
+    Case("params-llava-repeat-0", "repeat", param("repeat: 20                 # the", "repeat: 0                 # the"),
          ("data.llava.repeat: got 0, must be >= 1",)),
     Case("params-vocab-too-small", "base", param("vocab_size: 2048", "vocab_size: 100"),
          ("model.tiny.vocab_size: got 100, must be >= 320",)),
@@ -268,6 +269,23 @@ CASES = [
          (LLAVA, "[4] conversations[1].value: empty")),
     Case("llava-missing-conversations", "repeat", llava(lambda rs: rs[5].pop("conversations")),
          (LLAVA, "[5] conversations: missing")),
+
+    # the internvl recipe: its params, its CLoT-style records (met by repeat), its model directory
+    Case("params-internvl-downsample", "internvl", param("downsample_ratio: 0.5", "downsample_ratio: 0.3"),
+         ("internvl.tiny.downsample_ratio: 0.3 must be 1/k with k dividing the 8 x 8 patch grid",)),
+    Case("params-internvl-empty-prompt", "render", param("eval_prompt: 请你根据这张图片，讲一个脑洞大开的梗", "eval_prompt: ''"),
+         ("internvl.eval_prompt: must not be empty",)),
+    Case("params-internvl-lora-r-string", "render", param("    r: 128", "    r: r128"),
+         ("internvl.lora.r: got 'r128' (a string), expected an integer",)),
+    Case("internvl-missing-image", "repeat", llava(lambda rs: rs[2].update(image="images/cat.jpg"), INTERNVL),
+         (INTERNVL, "[2] image", "images/cat.jpg", "not found")),
+    Case("internvl-two-images", "repeat",
+         llava(lambda rs: turn(0, value="<image>\n<image>\n讲个梗")(rs[1]), INTERNVL),
+         (INTERNVL, "[1] conversations", "2 <image> tokens")),
+    Case("internvl-path-not-a-directory", "validate", param("path: models/tiny-internvl", "path: models/InternVL2-2B"),
+         ("internvl.path: models/InternVL2-2B is not a directory", "download the model")),
+    Case("internvl-path-not-internvl", "validate", write("models/tiny-internvl/config.json", '{"model_type": "llama"}'),
+         ("internvl.path: models/tiny-internvl/config.json lacks InternVL's 'force_image_size'",)),
 
     # the base model directory: met by validate (its tokenizer counts the tokens)
     Case("model-not-a-directory", "validate", param("path: models/tiny-internlm2", "path: models/internlm2-chat-1_8b"),

@@ -132,7 +132,8 @@ def test_schema_is_derived_from_the_dataclasses():
     assert schema["properties"]["lora"]["additionalProperties"] is False
     assert schema["properties"]["lora"]["properties"]["r"] == {
         "type": "integer", "minimum": 1, "description": "LoRA rank"}
-    assert set(schema["required"]) == {"recipe", "model", "data", "lora", "quant", "train", "merge", "eval", "llava"}
+    assert set(schema["required"]) == {"recipe", "model", "data", "lora", "quant", "train", "merge", "eval", "llava",
+                                       "internvl"}
 
 
 def test_cli_prints_one_line_and_exits_nonzero(tmp_path):

@@ -8,7 +8,7 @@ from tests.conftest import sh
 
 pytestmark = pytest.mark.e2e
 
-STAGES = ["base", "vision", "generate", "repeat", "validate", "pretrain", "render", "train", "convert", "merge",
+STAGES = ["base", "vision", "internvl", "generate", "repeat", "validate", "pretrain", "render", "train", "convert", "merge",
           "evaluate", "report"]
 
 
@@ -19,7 +19,9 @@ def ran(output: str) -> list[str]:
 def test_first_repro_ran_every_stage_and_wrote_outputs(built):
     for path in ("models/tiny-internlm2/model.safetensors", "data/generated/self_cognition.jsonl",
                  "data/generated/llava/repeated_data.json", "data/validated/assistant.jsonl",
-                 "data/validated/llava.json", "reports/data_stats.json", "dvc.lock"):
+                 "data/validated/llava.json", "data/generated/internvl/repeated_data.json",
+                 "data/validated/internvl.json", "models/tiny-internvl/modeling_internvl_chat.py",
+                 "reports/data_stats.json", "dvc.lock"):
         assert (built / path).is_file(), path
     lock = (built / "dvc.lock").read_text()
     assert all(f"\n  {s}:" in lock for s in STAGES)
@@ -48,7 +50,8 @@ def test_generation_param_reruns_exactly_its_dependents(project):
 
 def test_llava_param_leaves_the_assistant_data_alone(project):
     path = project / "params.yaml"
-    path.write_text(path.read_text(encoding="utf-8").replace("repeat: 20", "repeat: 5"), encoding="utf-8")
+    text = path.read_text(encoding="utf-8").replace("repeat: 20", "repeat: 5", 1)  # data.llava's (data.internvl's next)
+    path.write_text(text, encoding="utf-8")
     before = (project / "data/validated/assistant.jsonl").read_bytes()
     # validated assistant data unchanged: no retraining; the llava recipe's pretrain stage only rewrites its
     # note (same bytes), the report only refreshes its stage timings

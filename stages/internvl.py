@@ -1,0 +1,147 @@
+"""Stage `internvl`: build the internvl recipe's stand-in model, deterministically.
+
+InternVL needs its model's own remote code, and no InternVL model is on a CPU machine. The stand-in
+is a tiny model with the structure XTuner's InternVL_V1_5 and InternVL_V1_5_Dataset expect, written
+for this project (stages/remote_code/internvl/, copied into the model directory as InternVL2-2B ships
+its `*.py`): a CLIP vision transformer of the shape in `internvl.tiny` (random, from its seed), `mlp1`
+(LayerNorm, Linear, GELU, Linear over pixel-shuffled patch features; random), and as language model
+models/tiny-internlm2 (the base stage's tiny chat model) with the tokenizer extended by `<img>`,
+`</img>` and `<IMG_CONTEXT>` (the vocabulary padded to a multiple of 64: bitsandbytes' CPU 4-bit
+kernels need output rows in blocks of 32, and XTuner quantizes the output head too). It exercises the
+plumbing (training, conversion, remote code, chat); it knows nothing. A real InternVL2-2B directory
+goes in `internvl.path` on a GPU host.
+
+Loads with `AutoModel.from_pretrained(path, trust_remote_code=True)` and `AutoTokenizer`. Same params,
+same bytes.
+
+    python -m stages.internvl        # writes models/tiny-internvl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+from stages import params as P
+from stages.paths import INTERNVL_CODE, TINY_INTERNVL, TINY_MODEL
+
+IMAGE_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>"]
+# The system prompt XTuner's InternVL_V1_5_Dataset trains InternLM2-based models with; the stand-in's
+# chat() uses it too, so its prompt at evaluation is the one it was trained on.
+SYSTEM = "You are an AI assistant whose name is InternLM (书生·浦语)."
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what InternVL_V1_5_Dataset normalises tiles with
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def image_tokens(shape: P.TinyInternVL) -> int:
+    """Image tokens per tile: (image_size / patch_size)^2 x downsample_ratio^2."""
+    return int((shape.image_size // shape.patch_size) ** 2 * shape.downsample_ratio ** 2)
+
+
+def image_token_counts(records: list[dict], folder: Path, model: Path) -> list[int]:
+    """Image tokens of each record as XTuner's InternVL dataset makes them: the image's tiles (InternVL's
+    dynamic tiling for its aspect ratio, plus a thumbnail) x tokens per tile, from `model`'s config.json."""
+    from PIL import Image
+
+    from stages.errors import fail
+    from stages.io import read_json
+    from stages.xtuner_api import internvl_tiles
+
+    cfg = read_json(Path(model) / "config.json", "internvl.path (an InternVL model directory)")
+    try:
+        size, patch = int(cfg["force_image_size"]), int(cfg["vision_config"]["patch_size"])
+        per_tile = int((size // patch) ** 2 * float(cfg["downsample_ratio"]) ** 2)
+        tiling = (int(cfg.get("min_dynamic_patch", 1)), int(cfg.get("max_dynamic_patch", 6)), size,
+                  bool(cfg.get("use_thumbnail", False)))
+    except (KeyError, TypeError, ValueError) as err:
+        fail(f"internvl.path: {Path(model) / 'config.json'} lacks InternVL's {err} (not an InternVL model?)")
+    sizes: dict[str, tuple[int, int]] = {}
+    out = []
+    for r in records:
+        if "image" not in r:
+            out.append(0)
+            continue
+        if r["image"] not in sizes:
+            with Image.open(folder / r["image"]) as img:
+                sizes[r["image"]] = img.size
+        out.append(per_tile * internvl_tiles(sizes[r["image"]], *tiling))
+    return out
+
+
+def config_dict(shape: P.TinyInternVL, llm_config: dict) -> dict:
+    """config.json of the stand-in: InternVL's fields, a CLIP vision config, the tiny LLM's config."""
+    vision = {"model_type": "clip_vision_model", "hidden_size": shape.hidden_size,
+              "intermediate_size": shape.intermediate_size, "projection_dim": shape.hidden_size,
+              "num_hidden_layers": shape.num_layers, "num_attention_heads": shape.num_heads, "num_channels": 3,
+              "image_size": shape.image_size, "patch_size": shape.patch_size, "hidden_act": "quick_gelu",
+              "layer_norm_eps": 1e-5}
+    llm = {**llm_config, "architectures": ["InternLM2ForCausalLM"]}  # the chat format it speaks (see module doc)
+    return {"architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
+            "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+                         "AutoModel": "modeling_internvl_chat.InternVLChatModel"},
+            "vision_config": vision, "llm_config": llm, "template": "internlm2-chat", "system_message": SYSTEM,
+            "select_layer": -1, "force_image_size": shape.image_size, "downsample_ratio": shape.downsample_ratio,
+            "ps_version": "v2", "dynamic_image_size": True, "use_thumbnail": True, "min_dynamic_patch": 1,
+            "max_dynamic_patch": shape.max_dynamic_patch, "torch_dtype": "float32"}
+
+
+def build(shape: P.TinyInternVL, llm: Path, out: Path) -> dict:
+    """Write the stand-in to `out`, whole or not at all; return a summary."""
+    from stages.io import output_dir, write_json
+    from stages.modeldir import check, load_tokenizer
+    from stages.xtuner_api import patch_stack
+
+    patch_stack()
+    import torch
+    from transformers import AutoConfig, AutoModel, LlamaForCausalLM
+
+    check(llm, "the stand-in's LLM")
+    tokenizer = load_tokenizer(llm, "the stand-in's LLM")
+    tokenizer.add_tokens(IMAGE_TOKENS, special_tokens=True)
+    lm = LlamaForCausalLM.from_pretrained(str(llm), torch_dtype=torch.float32, local_files_only=True)
+    torch.manual_seed(shape.seed)
+    lm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
+    llm_config = {k: v for k, v in lm.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    with output_dir(out) as tmp:
+        for code in sorted(INTERNVL_CODE.glob("*.py")):
+            shutil.copy2(code, tmp / code.name)
+        write_json(tmp / "config.json", config_dict(shape, llm_config))
+        config = AutoConfig.from_pretrained(str(tmp), trust_remote_code=True, local_files_only=True)
+        torch.manual_seed(shape.seed)
+        model = AutoModel.from_config(config, trust_remote_code=True, torch_dtype=torch.float32)
+        model.language_model.load_state_dict(lm.state_dict())
+        model.eval().save_pretrained(tmp, safe_serialization=True)
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg["auto_map"] = config_dict(shape, llm_config)["auto_map"]  # save_pretrained may drop it
+        cfg.pop("_name_or_path", None)  # the temporary folder's name
+        write_json(tmp / "config.json", cfg)
+        tokenizer.save_pretrained(tmp)
+        for code in sorted(INTERNVL_CODE.glob("*.py")):  # and rewrite them
+            shutil.copy2(code, tmp / code.name)
+    return {"path": str(out), "parameters": sum(p.numel() for p in model.parameters()),
+            "vision_parameters": sum(p.numel() for p in model.vision_model.parameters()),
+            "vocabulary": len(tokenizer), "embedding_rows": lm.get_input_embeddings().weight.shape[0],
+            "image_tokens_per_tile": image_tokens(shape), **asdict(shape)}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.internvl", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default=str(P.PARAMS), help="params file (default: params.yaml)")
+    parser.add_argument("--llm", default=str(TINY_MODEL), help=f"the stand-in's LLM (default: {TINY_MODEL})")
+    parser.add_argument("--out", default=str(TINY_INTERNVL), help=f"output folder (default: {TINY_INTERNVL})")
+    args = parser.parse_args(argv)
+    shape = P.load(args.params).internvl.tiny
+    P.log_section("internvl", shape)
+    info = build(shape, Path(args.llm), Path(args.out))
+    print(f"[internvl] {info['path']}: InternVL stand-in, {info['parameters']:,} parameters "
+          f"({info['vision_parameters']:,} in the vision model), vocabulary {info['vocabulary']:,} "
+          f"(+<img>, </img>, <IMG_CONTEXT>), {info['image_tokens_per_tile']} image tokens per tile", flush=True)
+
+
+if __name__ == "__main__":
+    from stages.errors import run
+
+    run(main, stage="internvl")

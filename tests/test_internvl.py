@@ -1,0 +1,210 @@
+"""The internvl recipe: the stand-in model, XTuner's InternVL dataset on it, the config, the checkpoint check,
+and the whole chain with the real `dvc exp run -S recipe=internvl` on a copy of the session's built
+(assistant) project."""
+import copy
+import json
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from stages import internvl, internvl_recipe, params as P, render
+from stages.errors import StageError
+from tests.conftest import ROOT, env, sh
+
+PARAMS = replace(P.load(ROOT / "params.yaml"), recipe="internvl")
+INTERNVL_STAGES = ["pretrain", "render", "train", "convert", "merge", "evaluate", "report"]
+
+
+def ran(output: str) -> list[str]:
+    return re.findall(r"Running stage '([\w@-]+)'", output)
+
+
+@pytest.fixture(scope="session")
+def internvl_built(built, tmp_path_factory) -> tuple[Path, str]:
+    """A copy of the built assistant project, switched to the internvl recipe by an experiment."""
+    project = tmp_path_factory.mktemp("internvl") / "project"
+    shutil.copytree(built, project, symlinks=True)
+    sh("git", "add", "-A", cwd=project)
+    sh("git", "commit", "-q", "--allow-empty", "-m", "baseline", cwd=project)
+    out = sh("dvc", "exp", "run", "-S", "recipe=internvl", "-n", "internvl", cwd=project).stdout
+    return project, out
+
+
+def load(path: Path):
+    from transformers import AutoModel, AutoTokenizer
+
+    return (AutoModel.from_pretrained(str(path), trust_remote_code=True, local_files_only=True),
+            AutoTokenizer.from_pretrained(str(path), trust_remote_code=True, local_files_only=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# the stand-in
+
+
+def test_stand_in_is_deterministic_and_has_internvls_interface(built, tmp_path):
+    shape, llm = PARAMS.internvl.tiny, built / "models/tiny-internlm2"
+    internvl.build(shape, llm, tmp_path / "a")
+    internvl.build(shape, llm, tmp_path / "b")
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert {"config.json", "configuration_internvl_chat.py", "modeling_internvl_chat.py", "model.safetensors",
+            "tokenizer.json"} <= set(files)
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    internvl.build(replace(shape, seed=shape.seed + 1), llm, tmp_path / "c")
+    assert (tmp_path / "c" / "model.safetensors").read_bytes() != (tmp_path / "a" / "model.safetensors").read_bytes()
+    model, tok = load(tmp_path / "a")
+    assert {"vision_model", "mlp1", "language_model"} <= {name for name, _ in model.named_children()}
+    assert model.num_image_token == internvl.image_tokens(shape) == 16
+    assert [tok.convert_tokens_to_ids(t) for t in internvl.IMAGE_TOKENS] == [2048, 2049, 2050]
+    assert model.language_model.get_input_embeddings().weight.shape[0] % 64 == 0  # 4-bit head on CPU
+    assert model.config.llm_config.architectures == ["InternLM2ForCausalLM"]  # XTuner's dataset template check
+    cfg = json.loads((tmp_path / "a/config.json").read_text())
+    assert cfg["auto_map"]["AutoModel"] == "modeling_internvl_chat.InternVLChatModel" and "_name_or_path" not in cfg
+
+
+def test_xtuner_internvl_dataset_reads_the_stand_in_and_validate_counts_its_tokens(built):
+    """XTuner's own InternVL_V1_5_Dataset on the validated data: the token count validate reported for a
+    record is the length of what the dataset feeds the model, image tokens included."""
+    from stages.xtuner_api import patch_stack
+
+    patch_stack()
+    from xtuner.dataset import InternVL_V1_5_Dataset
+    from xtuner.utils import PROMPT_TEMPLATE
+
+    # a copy: XTuner's InternVL dataset rewrites the SYSTEM and INSTRUCTION of the template it is given, and
+    # PROMPT_TEMPLATE's are shared by the whole process (each pipeline stage is its own process)
+    ds = InternVL_V1_5_Dataset(model_path=str(built / "models/tiny-internvl"),
+                               template=copy.deepcopy(PROMPT_TEMPLATE.internlm2_chat),
+                               data_paths=str(built / "data/validated/internvl.json"),
+                               image_folders=str(built / "data/raw/internvl"), max_length=256)
+    item = ds[0]
+    assert tuple(item["pixel_values"].shape) == (1, 3, 112, 112)
+    assert item["input_ids"].count(2050) == 16  # <IMG_CONTEXT> x 16
+    stats = json.loads((built / "reports/data_stats.json").read_text())["internvl"]
+    lengths = {len(ds[i]["input_ids"]) for i in range(8)}
+    assert stats["tokens"]["min"] == min(lengths) and stats["tokens"]["max"] == max(lengths)
+
+
+def test_internvl_params_that_cannot_work_are_one_line():
+    tiny = PARAMS.internvl.tiny
+    bad = replace(PARAMS, internvl=replace(PARAMS.internvl, tiny=replace(tiny, image_size=100)))
+    assert P._contradictions(bad) == ["internvl.tiny.image_size: 100 is not a multiple of patch_size 14"]
+    bad = replace(PARAMS, internvl=replace(PARAMS.internvl, warmup_iters=400))
+    assert P._contradictions(bad) == ["internvl.warmup_iters: 400 is not below max_iters 400"]
+    bad = replace(PARAMS, data=replace(PARAMS.data, max_length=48))
+    assert P._contradictions(bad) == ["data.max_length: 48 leaves no room for text after up to 48 image tokens "
+                                      "(internvl.tiny)"]
+
+
+# ---------------------------------------------------------------------------------------------
+# config, patches, checkpoint
+
+
+def test_internvl_config_is_the_tutorial_recipe_and_loads(tmp_path):
+    path = render.render(PARAMS, render.resolve(PARAMS, cuda=False, bf16=False), tmp_path / "config")
+    cfg = render.check_config(path)
+    assert cfg.model.type.__name__ == "InternVL_V1_5" and cfg.model.model_path == "models/tiny-internvl"
+    assert (cfg.model.llm_lora.r, cfg.model.llm_lora.lora_alpha, cfg.model.llm_lora.target_modules) == (128, 256, None)
+    assert cfg.model.quantization_llm is True and cfg.model.freeze_visual_encoder and cfg.model.freeze_llm
+    assert cfg.llava_dataset.type.__name__ == "InternVL_V1_5_Dataset"
+    assert cfg.train_dataloader.sampler.type.__name__ == "LengthGroupedSampler"
+    assert cfg.pipeline["recipe"] == "internvl" and cfg.optim_wrapper.type.__name__ == "OptimWrapper"
+    from tests.test_render import MACHINES
+
+    gpu = render.render_text("internvl", render.internvl_context(PARAMS, render.llava_batch(
+        PARAMS, render.resolve(PARAMS, **MACHINES["gpu_bf16"])), tmp_path))
+    assert "AmpOptimWrapper" in gpu and "dtype='bfloat16'" in gpu
+
+
+def test_patch_internvl_makes_xtuners_single_process_rank_work():
+    """Without the patch, XTuner's _llm_forward's get_rank() fails outside a process group."""
+    code = ("import torch\n"
+            "try:\n    torch.distributed.get_rank()\nexcept (ValueError, RuntimeError) as e:\n    print('unpatched:', e)\n"
+            "from stages.xtuner_api import patch_internvl\npatch_internvl('float32')\n"
+            "import xtuner.model.internvl as m\nprint('patched:', torch.distributed.get_rank(), m.AutoModel._pipeline)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env(), capture_output=True, text=True).stdout
+    assert "unpatched: Default process group has not been initialized" in out and "patched: 0 True" in out
+
+
+def test_convert_refuses_a_checkpoint_of_another_recipe(built, tmp_path):
+    """The assistant recipe's adapter.pth: convert_to_official would load nothing (strict=False)."""
+    with pytest.raises(StageError) as err:
+        internvl_recipe.save_adapter(built / "models/adapter.pth", tmp_path / "adapter", {"r": 128})
+    message = str(err.value)
+    assert "\n" not in message and "not an InternVL QLoRA checkpoint (0 LoRA keys of model.language_model" in message
+    assert not (tmp_path / "adapter").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end
+
+
+@pytest.mark.e2e
+def test_exp_run_internvl_runs_the_recipe_chain(internvl_built):
+    project, out = internvl_built
+    assert ran(out) == INTERNVL_STAGES
+    adapter = json.loads((project / "models/adapter/adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_tensors"], adapter["mlp1_tensors"]) == (128, 28, 6)
+    merged = project / "models/merged"
+    assert {"modeling_internvl_chat.py", "configuration_internvl_chat.py", "model.safetensors"} <= \
+        {p.name for p in merged.iterdir()}
+    assert json.loads((merged / "config.json").read_text())["torch_dtype"] == "bfloat16"  # convert_to_official's
+    merge = json.loads((project / "reports/merge.json").read_text())
+    assert merge["remote_code_copied"] == ["modeling_internvl_chat.py"]
+    assert 0 < merge["max_logit_diff"] < merge["tolerance"] and merge["max_logit_change_from_base"] > 1
+    model, _ = load(merged)  # with the remote code the stage copied
+    assert type(model).__name__ == "InternVLChatModel"
+
+
+@pytest.mark.e2e
+def test_internvl_fine_tune_learns_the_captions(internvl_built):
+    project, _ = internvl_built
+    metrics = json.loads((project / "reports/eval/metrics.json").read_text())
+    assert metrics["backend"] == "transformers"
+    assert metrics["tuned"]["answer_similarity"] > metrics["base"]["answer_similarity"] + 0.3
+    train = json.loads((project / "reports/train/metrics.json").read_text())
+    assert train["final_loss"] < train["first_loss"] / 2 and train["iters"] == PARAMS.internvl.max_iters
+
+
+@pytest.mark.e2e
+def test_internvl_report_shows_the_image_prompt(internvl_built):
+    project, _ = internvl_built
+    report = (project / "reports/report.md").read_text(encoding="utf-8")
+    assert "# Fine-tune report: internvl" in report and "请你根据这张图片，讲一个脑洞大开的梗" in report
+    assert "the stand-in: it exercises the plumbing" in report
+    images = re.findall(r'<img src="([^"]+)"', report)
+    assert len(images) == len(PARAMS.internvl.eval_images)
+    assert all((project / "reports" / src).resolve().is_file() for src in images)
+    rows = [json.loads(line) for line in (project / "reports/eval/generations.jsonl").read_text().splitlines()]
+    assert [Path(r["image"]).name for r in rows] == [Path(i).name for i in PARAMS.internvl.eval_images]
+    assert all(r["reference"] and isinstance(r["tuned"], str) for r in rows)
+    assert any(r["tuned"] == r["reference"] for r in rows)
+
+
+@pytest.mark.e2e
+def test_internvl_second_repro_runs_nothing(internvl_built, tmp_path):
+    project = tmp_path / "copy"
+    shutil.copytree(internvl_built[0], project, symlinks=True)
+    out = sh("dvc", "repro", cwd=project).stdout
+    assert ran(out) == [] and "Data and pipelines are up to date" in out
+
+
+def test_lmdeploy_backend_is_one_line_without_lmdeploy(tmp_path, monkeypatch):
+    """eval.backend: lmdeploy runs the tutorial's pipeline() in $LMDEPLOY_PYTHON; this machine has none
+    (this interpreter lacks lmdeploy): one line naming the backend, the interpreter and the reason."""
+    monkeypatch.delenv("LMDEPLOY_PYTHON", raising=False)
+    args = (tmp_path, [tmp_path / "a.png"], "请你根据这张图片，讲一个脑洞大开的梗", 8, 0)
+    with pytest.raises(StageError, match="eval.backend: lmdeploy needs its own environment: set LMDEPLOY_PYTHON"):
+        internvl_recipe.lmdeploy_answers(*args)
+    monkeypatch.setenv("LMDEPLOY_PYTHON", sys.executable)
+    with pytest.raises(StageError) as err:
+        internvl_recipe.lmdeploy_answers(*args)
+    assert str(err.value) == f"eval.backend: lmdeploy failed in {sys.executable} (ModuleNotFoundError: No module " \
+                             "named 'lmdeploy')"
+    assert "model_name=req[\"template\"]" in internvl_recipe.LMDEPLOY_SCRIPT
+    assert internvl_recipe.LMDEPLOY_TEMPLATE == "internvl2-internlm2"
