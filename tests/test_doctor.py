@@ -74,3 +74,5 @@ def test_memory_check_weighs_the_setting_against_the_card(tmp_path, monkeypatch)
     assert not check.ok and check.fatal and "lower train.memory_gb" in check.detail
     auto = doctor.check_memory(replace(p, train=replace(p.train, micro_batch="auto", activation_checkpointing="auto")))
     assert auto.ok and "micro-batch 16 x 1, checkpointing True" in auto.detail
+    image = doctor.check_memory(replace(p, recipe="llava"))  # the estimate models the text recipe only
+    assert image.ok and "not estimated for recipe llava: micro-batch 16 x 1" in image.detail
