@@ -7,6 +7,7 @@
 #   OUT=bench bash benchmarks/stage_runs.sh oom               # the out-of-memory message
 #   OUT=bench bash benchmarks/stage_runs.sh convert           # 1.8B default, then convert + merge
 #   OUT=bench bash benchmarks/stage_runs.sh llava [ITERS]     # the llava recipe, whole DAG, real shapes
+#   OUT=bench bash benchmarks/stage_runs.sh internvl          # the internvl recipe's stand-in, whole DAG
 set -euo pipefail
 SUITE=${1:-compare}; ITERS=${2:-30}; OUT=${OUT:-bench}
 mkdir -p "$OUT" /tmp/bin /tmp/models
@@ -52,6 +53,27 @@ run() {  # name, params updates
   if python -m dvc repro train >"$log" 2>&1; then record "$1" $(( $(date +%s) - t0 ))
   else grep -E "^error:|^ERROR" "$log" | tail -n 3; record "$1" $(( $(date +%s) - t0 )) failed; fi
 }
+dag() {  # recipe, name: the whole DAG with that recipe; every stage's record, metrics and report
+  python - "$1" <<'PY'
+import sys
+from ruamel.yaml import YAML
+yaml = YAML(); p = yaml.load(open("params.yaml")); p["recipe"] = sys.argv[1]; yaml.dump(p, open("params.yaml", "w"))
+PY
+  local t0=$(date +%s) status=ok
+  python -m dvc repro >"$OUT/$1.log" 2>&1 || { status=failed; grep -E "^error:|^ERROR" "$OUT/$1.log" | tail -n 3; }
+  python - "$OUT/stage.jsonl" "$2" "$status" $(( $(date +%s) - t0 )) <<'PY'
+import json, sys
+from pathlib import Path
+rec = {"run": sys.argv[2], "status": sys.argv[3], "repro_wall_s": int(sys.argv[4])}
+rec["stages"] = {p.stem: json.loads(p.read_text()) for p in sorted(Path("reports/stages").glob("*.json"))}
+for name in ("train/metrics.json", "merge.json", "eval/metrics.json", "data_stats.json"):
+    path = Path("reports", name)
+    if path.is_file():
+        rec[name] = json.loads(path.read_text())
+open(sys.argv[1], "a").write(json.dumps(rec) + "\n"); print(json.dumps(rec), flush=True)
+PY
+  cp reports/report.md "$OUT/$1-report.md" 2>/dev/null || true
+}
 DEFAULT="{'train': {'micro_batch': 'auto', 'memory_gb': 24, 'activation_checkpointing': 'auto', 'fused_loss': True,
   'compile_layers': 'auto', 'deepspeed': 'auto', 'precision': 'auto', 'optimizer': 'adamw'}, 'quant': {'upcast_frozen': False}}"
 case $SUITE in
@@ -88,22 +110,7 @@ PY
       'num_heads': 16, 'intermediate_size': 4096, 'seed': 0}, 'pretrain': {'lr': 1e-3, 'max_iters': $ITERS, 'warmup_iters': 2},
       'finetune': {'lr': 2e-4, 'max_iters': $ITERS, 'warmup_iters': 2}, 'merge_tolerance': 1.0},
       'eval': {'max_new_tokens': 16}, 'train': {'micro_batch': 8, 'global_batch': 16}}"
-    python - <<'PY'
-from ruamel.yaml import YAML
-yaml = YAML(); p = yaml.load(open("params.yaml")); p["recipe"] = "llava"; yaml.dump(p, open("params.yaml", "w"))
-PY
-    t0=$(date +%s)
-    if python -m dvc repro >"$OUT/llava.log" 2>&1; then status=ok; else status=failed; grep -E "^error:|^ERROR" "$OUT/llava.log" | tail -n 3; fi
-    python - "$OUT/stage.jsonl" "$status" $(( $(date +%s) - t0 )) <<'PY'
-import json, sys
-from pathlib import Path
-rec = {"run": "llava recipe, InternLM2-1.8B + CLIP ViT-L/14-336 shapes", "status": sys.argv[2], "repro_wall_s": int(sys.argv[3])}
-rec["stages"] = {p.stem: json.loads(p.read_text()) for p in sorted(Path("reports/stages").glob("*.json"))}
-for name in ("train/metrics.json", "merge.json", "eval/metrics.json", "data_stats.json"):
-    path = Path("reports", name)
-    if path.is_file():
-        rec[name] = json.loads(path.read_text())
-open(sys.argv[1], "a").write(json.dumps(rec) + "\n"); print(json.dumps(rec), flush=True)
-PY
-    cp reports/report.md "$OUT/llava-report.md" 2>/dev/null || true ;;
+    dag llava "llava recipe, InternLM2-1.8B + CLIP ViT-L/14-336 shapes" ;;
+  internvl)  # the internvl recipe's tiny stand-in on a GPU: bf16, 4-bit on CUDA, every stage
+    dag internvl "internvl recipe, the tiny stand-in on the GPU" ;;
 esac

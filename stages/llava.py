@@ -64,6 +64,17 @@ def tokenize(data: Path, llm: Path, prompt_template: str, max_length: int, out: 
     return len(text)
 
 
+def mean_sample_tokens(text_folder: Path, image_tokens: int) -> float:
+    """Mean tokens a tokenized sample (tokenize's output) feeds the LLM: its text, each image
+    placeholder counted as the image's tokens."""
+    from datasets import load_from_disk
+    from xtuner.utils import IMAGE_TOKEN_INDEX
+
+    ids = load_from_disk(str(text_folder))["input_ids"]
+    sizes = [len(x) + (image_tokens - 1) * x.count(IMAGE_TOKEN_INDEX) for x in ids]
+    return round(sum(sizes) / len(sizes), 1) if sizes else 0.0
+
+
 # ---------------------------------------------------------------------------------------------
 # pretrained_pth
 

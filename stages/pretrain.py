@@ -51,6 +51,7 @@ def prepare(p: P.Params, out: Path) -> dict:
         summary["samples"] = llava.tokenize(VALIDATED_LLAVA, llm, p.train.prompt_template, ctx["max_length"],
                                             tmp / "llava_text")
         summary["tokenize_s"] = round(time.time() - start, 2)
+        summary["mean_tokens"] = llava.mean_sample_tokens(tmp / "llava_text", ctx["image_tokens"])  # for tokens/s
         if p.llava.pretrained_pth:
             source = Path(p.llava.pretrained_pth)
             summary["projector_from"] = str(source)

@@ -35,7 +35,7 @@ from typing import Sequence
 
 from stages import params as P
 from stages.errors import fail, note
-from stages.paths import (ADAPTER_PTH, CONFIG, CONFIG_DIR, DATA_STATS, PRETRAIN, TRAIN_WORK, VALIDATED_ASSISTANT,
+from stages.paths import (ADAPTER_PTH, CONFIG, CONFIG_DIR, PRETRAIN, TRAIN_WORK, VALIDATED_ASSISTANT,
                           VALIDATED_INTERNVL, VALIDATED_LLAVA)
 from stages.train_log import write_live
 
@@ -203,11 +203,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def llava_tokens_per_iter(pipeline: dict) -> float | None:
     """The llava recipe's tokens per iteration (XTuner's throughput hook serves the text recipe only):
-    micro-batch x GPUs x the mean validated record length, its image tokens included. Records of one
-    dataset differ little in length, and the sampler draws them all each epoch."""
-    if pipeline.get("recipe") != "llava" or not DATA_STATS.is_file():
+    micro-batch x GPUs x the mean tokenized sample, its image tokens included (the pretrain stage's
+    figure). Samples of one dataset differ little in length, and the sampler draws them all each epoch."""
+    summary = PRETRAIN / "summary.json"
+    if pipeline.get("recipe") != "llava" or not summary.is_file():
         return None
-    mean = json.loads(DATA_STATS.read_text()).get("llava", {}).get("tokens", {}).get("mean")
+    mean = json.loads(summary.read_text()).get("mean_tokens")
     return mean * pipeline["micro_batch"] * pipeline["gpus"] if mean else None
 
 

@@ -341,6 +341,29 @@ def patch_internvl(torch_dtype: str) -> None:
                                                           config=config, **kwargs)
 
     internvl.AutoModel = AutoModel
+    _internvl_trainable_in_float32(internvl.InternVL_V1_5)
+
+
+def _internvl_trainable_in_float32(model_class: Any) -> None:
+    """Prevents `NotImplementedError: "_amp_foreach_non_finite_check_and_unscale_cuda" not implemented
+    for 'BFloat16'` when InternVL trains in bf16 on one GPU with mmengine's AMP wrapper (the tutorial's
+    DeepSpeed keeps float32 master weights; without it the LoRA and mlp1 weights were bf16, and so were
+    their gradients and AdamW's updates). The trainable weights are made float32 once the model is built;
+    the frozen ones keep the rendered dtype, and autocast runs the matmuls in bf16."""
+    import torch
+
+    init = model_class.__init__
+    if getattr(init, "_pipeline", False):
+        return
+
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        for param in self.parameters():
+            if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+                param.data = param.data.float()
+
+    __init__._pipeline = True
+    model_class.__init__ = __init__
 
 
 def _flash_attention_usable() -> bool:

@@ -131,6 +131,21 @@ def test_patch_internvl_makes_xtuners_single_process_rank_work():
     assert "unpatched: Default process group has not been initialized" in out and "patched: 0 True" in out
 
 
+def test_internvl_trains_float32_weights_over_a_bf16_model(built):
+    """On a GPU the model is built in bf16; its trainable weights (LoRA, mlp1) must be float32, or the
+    AMP wrapper's gradient unscaling fails on bf16 gradients (it did, on the H100)."""
+    code = ("from stages.xtuner_api import patch_internvl\npatch_internvl('bfloat16')\n"
+            "import torch\nfrom peft import LoraConfig\nfrom xtuner.model import InternVL_V1_5\n"
+            "m = InternVL_V1_5('models/tiny-internvl', freeze_llm=True, freeze_visual_encoder=True,\n"
+            "    llm_lora=dict(type=LoraConfig, r=8, lora_alpha=16, lora_dropout=0.0, task_type='CAUSAL_LM'))\n"
+            "dtypes = lambda train: sorted({str(p.dtype) for p in m.parameters() if p.requires_grad == train})\n"
+            "print(dtypes(True), dtypes(False))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=built, env=env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    trainable, frozen = proc.stdout.strip().splitlines()[-1].split("] [")
+    assert trainable == "['torch.float32'" and "torch.bfloat16" in frozen
+
+
 def test_convert_refuses_a_checkpoint_of_another_recipe(built, tmp_path):
     """The assistant recipe's adapter.pth: convert_to_official would load nothing (strict=False)."""
     with pytest.raises(StageError) as err:

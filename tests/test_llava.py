@@ -215,6 +215,10 @@ def test_llava_fine_tune_learns_the_images(llava_built):
     assert metrics["tuned"]["answer_similarity"] > metrics["base"]["answer_similarity"] + 0.3
     train = json.loads((project / "reports/train/metrics.json").read_text())
     assert train["final_loss"] < train["first_loss"]
+    # tokens/s from the iteration time: micro-batch 1 x the mean sample, its 64 image tokens counted
+    mean = json.loads((project / "models/pretrain/summary.json").read_text())["mean_tokens"]
+    stats = json.loads((project / "reports/data_stats.json").read_text())["llava"]["tokens"]
+    assert stats["min"] <= mean <= stats["max"] and train["tokens_per_sec"] > 0
 
 
 @pytest.mark.e2e
