@@ -151,6 +151,22 @@ class TransformersChat:
         return round(math.exp(nll / count), 3)
 
 
+def score_image_answers(rows: list[dict], side: str, n_tokens: int, seconds: float) -> dict:
+    """The image recipes' figures for one side (base or tuned): answers equal to the data's, their mean
+    similarity to it (difflib ratio), answer length and tokens/s."""
+    import difflib
+
+    scored = [r for r in rows if r["reference"]]
+    return {
+        "answer_match_rate": round(sum(r[side] == r["reference"] for r in scored) / len(scored), 4)
+        if scored else None,
+        "answer_similarity": round(sum(difflib.SequenceMatcher(None, r[side], r["reference"]).ratio()
+                                       for r in scored) / len(scored), 4) if scored else None,
+        "mean_answer_tokens": round(n_tokens / len(rows), 1),
+        "generation_tokens_per_sec": round(n_tokens / seconds, 1) if seconds else None,
+    }
+
+
 def pick_backend(requested: str, cuda: bool, lmdeploy_python: bool = False) -> str:
     """auto: LMDeploy where a GPU is visible and an LMDeploy interpreter is configured."""
     if requested != "auto":
@@ -223,8 +239,6 @@ def evaluate(p: P.Params, backend: str, device: str) -> tuple[list[dict], dict]:
 
 def evaluate_llava(p: P.Params) -> tuple[list[dict], dict]:
     """Image prompts before and after fine-tuning (see the module docstring)."""
-    import difflib
-
     import torch
 
     from stages import llava
@@ -256,15 +270,7 @@ def evaluate_llava(p: P.Params) -> tuple[list[dict], dict]:
             row[side], n = chat.answer(Path(row["image"]), row["prompt"], p.eval.max_new_tokens, p.eval.system)
             n_tokens += n
         seconds = time.time() - start
-        scored = [r for r in rows if r["reference"]]
-        metrics[side] = {
-            "answer_match_rate": round(sum(r[side] == r["reference"] for r in scored) / len(scored), 4)
-            if scored else None,
-            "answer_similarity": round(sum(difflib.SequenceMatcher(None, r[side], r["reference"]).ratio()
-                                           for r in scored) / len(scored), 4) if scored else None,
-            "mean_answer_tokens": round(n_tokens / len(rows), 1),
-            "generation_tokens_per_sec": round(n_tokens / seconds, 1) if seconds else None,
-        }
+        metrics[side] = score_image_answers(rows, side, n_tokens, seconds)
         del chat
     return rows, metrics
 

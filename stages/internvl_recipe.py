@@ -280,10 +280,9 @@ def reference_answers(source: Path) -> dict[str, str]:
 def evaluate(p: Any, backend: str) -> tuple[list[dict], dict]:
     """The image prompt about each of `internvl.eval_images`, asked of `internvl.path` (before fine-tuning)
     and of models/merged (after): answers, and their match and similarity to the data's caption."""
-    import difflib
-
     import torch
 
+    from stages.evaluate import score_image_answers
     from stages.paths import MERGED
 
     folder = Path(p.data.internvl.image_folder)
@@ -314,13 +313,5 @@ def evaluate(p: Any, backend: str) -> tuple[list[dict], dict]:
             del chat
         for row, answer in zip(rows, answers):
             row[side] = answer
-        scored = [r for r in rows if r["reference"]]
-        metrics[side] = {
-            "answer_match_rate": round(sum(r[side] == r["reference"] for r in scored) / len(scored), 4)
-            if scored else None,
-            "answer_similarity": round(sum(difflib.SequenceMatcher(None, r[side], r["reference"]).ratio()
-                                           for r in scored) / len(scored), 4) if scored else None,
-            "mean_answer_tokens": round(n_tokens / len(rows), 1),
-            "generation_tokens_per_sec": round(n_tokens / seconds, 1) if seconds else None,
-        }
+        metrics[side] = score_image_answers(rows, side, n_tokens, seconds)
     return rows, metrics
