@@ -84,8 +84,15 @@ def tiles(image: Path, model_config: Any) -> Any:
     return torch.stack([transform(p) for p in parts])
 
 
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 class Chat:
-    """An InternVL model directory loaded with its remote code, float32, eval mode."""
+    """An InternVL model directory loaded with its remote code, float32, eval mode, on the GPU where
+    there is one."""
 
     def __init__(self, path: Path, key: str) -> None:
         from stages.modeldir import check, load_tokenizer
@@ -98,7 +105,7 @@ class Chat:
         check(path, key)
         try:
             self.model = AutoModel.from_pretrained(str(path), trust_remote_code=True, local_files_only=True,
-                                                   torch_dtype=torch.float32).eval()
+                                                   torch_dtype=torch.float32).to(device()).eval()
         except Exception as err:  # a missing modeling file, damaged weights: each raises its own kind
             fail(f"{key}: {path} does not load as an InternVL model with its remote code "
                  f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
@@ -109,7 +116,7 @@ class Chat:
         import torch
 
         with torch.no_grad():
-            text = self.model.chat(self.tokenizer, tiles(image, self.model.config), prompt,
+            text = self.model.chat(self.tokenizer, tiles(image, self.model.config).to(self.model.device), prompt,
                                    dict(max_new_tokens=max_new_tokens, do_sample=False))
         return text, len(self.tokenizer.encode(text, add_special_tokens=False))
 
@@ -173,7 +180,7 @@ def trained_model(config: Path, pth: Path) -> Any:
     if result.unexpected_keys:
         fail(f"{pth}: {len(result.unexpected_keys)} weights find no place in the model built from {config} "
              f"(such as {result.unexpected_keys[0]})")
-    return model.model.to(torch.float32).eval()
+    return model.model.to(torch.float32).to(device()).eval()
 
 
 def merge(config: Path, pth: Path, model_dir: Path, out: Path, torch_dtype: str, images: list[Path], prompt: str,
