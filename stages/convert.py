@@ -55,7 +55,10 @@ def convert(config: Path, pth: Path, out: Path, fp32: bool) -> None:
     if not pth.is_file():
         fail(f"{pth}: not found; run `dvc repro train` first")
     start = time.time()
-    from stages.xtuner_api import load_checkpoint_weights, pth_to_hf
+    from stages.xtuner_api import load_checkpoint_weights, patch_stack, pth_to_hf
+
+    patch_stack()
+    import xtuner.tools.model_converters.pth_to_hf  # noqa: F401  (timed apart: most of the stage on a GPU host)
 
     imported = time.time()
     load_checkpoint_weights(pth)  # a damaged file is one line here, not a traceback inside pth_to_hf
@@ -64,13 +67,9 @@ def convert(config: Path, pth: Path, out: Path, fp32: bool) -> None:
         pth_to_hf(config, pth, tmp, fp32)
         note(import_s=round(imported - start, 2), check_pth_s=round(checked - imported, 2),
              pth_to_hf_s=round(time.time() - checked, 2))
-        cfg_path = tmp / "adapter_config.json"
-        if not cfg_path.is_file() or not list(tmp.glob("*.safetensors")):
+        if not (tmp / "adapter_config.json").is_file() or not list(tmp.glob("*.safetensors")):
             fail(f"{pth}: pth_to_hf wrote no adapter (adapter_config.json and safetensors expected)")
-        cfg = json.loads(cfg_path.read_text())
-        if isinstance(cfg.get("target_modules"), list):
-            cfg["target_modules"] = sorted(cfg["target_modules"])
-        write_json(cfg_path, cfg)
+        _sort_targets(tmp)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

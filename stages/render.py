@@ -87,10 +87,21 @@ def resolve_here(p: P.Params, machine_facts: dict | None = None) -> dict:
     return llava_batch(p, resolved) if p.recipe in ("llava", "internvl") else resolved
 
 
+def run_settings(resolved: dict, max_iters: int | None) -> dict:
+    """What every recipe's template takes alike from the resolved settings: the optimizer wrapper
+    (mmengine's AMP one unless fp32; loss scaling for fp16 only), the log interval (every step on a
+    CPU, else 10, or fewer when the run is shorter) and the distributed backend."""
+    amp = resolved["precision"] != "fp32"
+    return {"optim_wrapper": "AmpOptimWrapper" if amp else "OptimWrapper",
+            "amp_dtype": DTYPES[resolved["precision"]] if amp else None,
+            "loss_scale": "dynamic" if resolved["precision"] == "fp16" else None,
+            "log_interval": 1 if resolved["device"] == "cpu" else min(10, max_iters or 10),
+            "dist_backend": "nccl" if resolved["device"] == "cuda" else "gloo"}
+
+
 def context(p: P.Params, resolved: dict, out: Path = CONFIG_DIR) -> dict:
     """The template's variables: params and resolved settings, as literal values."""
-    t, amp = p.train, resolved["precision"] != "fp32"
-    ds = resolved["deepspeed"]
+    t, ds = p.train, resolved["deepspeed"]
     command = f"python -m xtuner.tools.train {out / 'xtuner_config.py'} --work-dir {TRAIN_WORK}" + (
         f" --deepspeed {out / 'deepspeed.json'}" if ds != "none" else "")
     if resolved["gpus"] > 1:
@@ -114,12 +125,8 @@ def context(p: P.Params, resolved: dict, out: Path = CONFIG_DIR) -> dict:
         "quant": None if p.quant.mode == "none" else p.quant.mode, "double_quant": p.quant.double_quant,
         "lora_r": p.lora.r, "lora_alpha": p.lora.alpha, "lora_dropout": p.lora.dropout,
         "target_modules": None if p.lora.target_modules == "all-linear" else list(p.lora.target_modules),
-        "optim_wrapper": "AmpOptimWrapper" if amp else "OptimWrapper",
-        "amp_dtype": DTYPES[resolved["precision"]] if amp else None,
-        "loss_scale": "dynamic" if resolved["precision"] == "fp16" else None,
+        **run_settings(resolved, t.max_iters),
         "map_num_proc": 1 if resolved["device"] == "cpu" else 8,
-        "log_interval": 1 if resolved["device"] == "cpu" else min(10, t.max_iters or 10),
-        "dist_backend": "nccl" if resolved["device"] == "cuda" else "gloo",
         "pipeline": {**resolved, "deepspeed_config": "deepspeed.json" if ds != "none" else None},
     }
 
@@ -145,7 +152,6 @@ def llava_context(p: P.Params, resolved: dict, phase: str, out: Path = CONFIG_DI
     name = "pretrain_config.py" if phase == "pretrain" else "xtuner_config.py"
     work = PRETRAIN_WORK if phase == "pretrain" else TRAIN_WORK
     ds = resolved["deepspeed"]
-    amp = resolved["precision"] != "fp32"
     lora = p.lora
     return {
         "header": f"Rendered by `dvc repro {'pretrain' if phase == 'pretrain' else 'render'}` "
@@ -172,11 +178,7 @@ def llava_context(p: P.Params, resolved: dict, phase: str, out: Path = CONFIG_DI
         "visual_lora": {"r": lv.visual_lora.r, "alpha": lv.visual_lora.alpha, "dropout": lv.visual_lora.dropout,
                         "target_modules": None},
         "visual_select_layer": -2, "seed": t.seed,
-        "optim_wrapper": "AmpOptimWrapper" if amp else "OptimWrapper",
-        "amp_dtype": DTYPES[resolved["precision"]] if amp else None,
-        "loss_scale": "dynamic" if resolved["precision"] == "fp16" else None,
-        "log_interval": 1 if resolved["device"] == "cpu" else min(10, ph.max_iters),
-        "dist_backend": "nccl" if resolved["device"] == "cuda" else "gloo",
+        **run_settings(resolved, ph.max_iters),
         "pipeline": {**resolved, "recipe": "llava", "phase": phase, "image_tokens": tokens,
                      "deepspeed_config": "deepspeed.json" if ds != "none" else None},
     }
@@ -186,7 +188,7 @@ def internvl_context(p: P.Params, resolved: dict, out: Path = CONFIG_DIR) -> dic
     """The internvl template's variables (XTuner's internvl_v2_internlm2_2b_qlora_finetune, the tutorial's
     edits: LoRA from `internvl.lora`, schedule from `internvl`)."""
     iv, t = p.internvl, p.train
-    ds, amp = resolved["deepspeed"], resolved["precision"] != "fp32"
+    ds = resolved["deepspeed"]
     return {
         "header": "Rendered by `dvc repro render` (stages/templates/internvl.py.j2) from params.yaml. Do not edit: "
                   "change params.yaml.",
@@ -199,11 +201,7 @@ def internvl_context(p: P.Params, resolved: dict, out: Path = CONFIG_DIR) -> dic
         "save_interval": min(t.save_interval, iv.max_iters), "save_total_limit": t.save_total_limit,
         "quantization_llm": p.quant.mode != "none", "torch_dtype": resolved["torch_dtype"],
         "lora": {"r": iv.lora.r, "alpha": iv.lora.alpha, "dropout": iv.lora.dropout}, "seed": t.seed,
-        "optim_wrapper": "AmpOptimWrapper" if amp else "OptimWrapper",
-        "amp_dtype": DTYPES[resolved["precision"]] if amp else None,
-        "loss_scale": "dynamic" if resolved["precision"] == "fp16" else None,
-        "log_interval": 1 if resolved["device"] == "cpu" else 10,
-        "dist_backend": "nccl" if resolved["device"] == "cuda" else "gloo",
+        **run_settings(resolved, iv.max_iters),
         "pipeline": {**resolved, "recipe": "internvl", "quant": p.quant.mode,
                      "deepspeed_config": "deepspeed.json" if ds != "none" else None},
     }

@@ -91,14 +91,23 @@ def headline(train: dict, merge: dict, ev: dict, data: dict) -> dict:
     }
 
 
-def headline_llava(train: dict, merge: dict, ev: dict, data: dict) -> dict:
+def headline_image(train: dict, merge: dict, ev: dict, records: int | None) -> dict:
+    """The image recipes' numbers for `dvc metrics diff`; `records`: the training records kept."""
     t, b = ev.get("tuned", {}), ev.get("base", {})
     return {
         **_training_headline(train, merge),
         "answer_match_rate_base": b.get("answer_match_rate"), "answer_match_rate_tuned": t.get("answer_match_rate"),
         "answer_similarity_base": b.get("answer_similarity"), "answer_similarity_tuned": t.get("answer_similarity"),
-        "train_records": data.get("llava", {}).get("kept"),
+        "train_records": records,
     }
+
+
+def image_metric_names(reference: str) -> list[tuple[str, str]]:
+    """The image recipes' evaluation rows; `reference`: what the data holds for an image (answer, caption)."""
+    return [("answer_match_rate", f"answers equal to the data's {reference}"),
+            ("answer_similarity", f"similarity to the data's {reference} (difflib ratio)"),
+            ("mean_answer_tokens", "mean answer length (tokens)"),
+            ("generation_tokens_per_sec", "generation tokens/s")]
 
 
 LLAVA_SHARED_ROWS = ("model", "recipe", "LoRA", "quantization", "device / precision / DeepSpeed")
@@ -212,10 +221,7 @@ def build_llava_report(p: P.Params) -> tuple[str, dict]:
     """The llava recipe's page: the same sections, image prompts with thumbnails."""
     resolved, data, train, merge, ev, rows = _inputs("Training loss (LLaVA fine-tune)")
     s = data.get("llava", {})
-    metric_names = [("answer_match_rate", "answers equal to the data's answer"),
-                    ("answer_similarity", "similarity to the data's answer (difflib ratio)"),
-                    ("mean_answer_tokens", "mean answer length (tokens)"),
-                    ("generation_tokens_per_sec", "generation tokens/s")]
+    metric_names = image_metric_names("answer")
     md = [
         f"# Fine-tune report: {p.recipe}", "",
         f"{p.model.path} with the vision encoder {p.llava.visual_encoder}, fine-tuned on "
@@ -239,7 +245,7 @@ def build_llava_report(p: P.Params) -> tuple[str, dict]:
         "",
         "## Stages", "", table(["stage", "wall time (s)", "peak RSS (MB)", "peak GPU (MB)"], stage_rows()), "",
     ]
-    return "\n".join(md), headline_llava(train, merge, ev, data)
+    return "\n".join(md), headline_image(train, merge, ev, s.get("kept"))
 
 
 def image_data_table(name: str, s: dict) -> str:
@@ -263,10 +269,7 @@ def build_internvl_report(p: P.Params) -> tuple[str, dict]:
     resolved, data, train, merge, ev, rows = _inputs("Training loss (InternVL QLoRA fine-tune)")
     s, iv = data.get("internvl", {}), p.internvl
     stand_in = iv.path.rstrip("/").endswith("tiny-internvl")
-    metric_names = [("answer_match_rate", "answers equal to the data's caption"),
-                    ("answer_similarity", "similarity to the data's caption (difflib ratio)"),
-                    ("mean_answer_tokens", "mean answer length (tokens)"),
-                    ("generation_tokens_per_sec", "generation tokens/s")]
+    metric_names = image_metric_names("caption")
     settings = [r for r in params_rows(p, resolved) if r[0] in ("recipe", "quantization", "device / precision / DeepSpeed")]
     settings = [["model", iv.path + (" (the stand-in: it exercises the plumbing, it knows nothing; see README.md)"
                                      if stand_in else "")]] + settings + [
@@ -297,7 +300,7 @@ def build_internvl_report(p: P.Params) -> tuple[str, dict]:
         "",
         "## Stages", "", table(["stage", "wall time (s)", "peak RSS (MB)", "peak GPU (MB)"], stage_rows()), "",
     ]
-    return "\n".join(md), {**headline_llava(train, merge, ev, {"llava": s}),
+    return "\n".join(md), {**headline_image(train, merge, ev, s.get("kept")),
                            "merge_max_logit_change_from_base": merge.get("max_logit_change_from_base")}
 
 

@@ -47,21 +47,20 @@ CODE = [Path(__file__), Path(__file__).with_name("train_log.py"), Path(__file__)
 
 
 def fingerprint(config_dir: Path, data: Path, model: Path, code: list[Path] = CODE,
-                extra: Sequence[Path] = ()) -> str:
-    """What a resume must not cross, as in the stage's deps in dvc.yaml: the rendered config, data
-    and code by content, the base model by file names, sizes and times (hashing gigabytes of weights
-    at every start would cost minutes)."""
+                extra: Sequence[Path] = (), extra_models: Sequence[Path] = ()) -> str:
+    """What a resume must not cross, as in the stage's deps in dvc.yaml: the rendered config, data,
+    code and `extra` folders by content, the base model (and `extra_models`) by file names, sizes and
+    times (hashing gigabytes of weights at every start would cost minutes)."""
     h = hashlib.sha256()
-    for path in sorted(config_dir.rglob("*")) + [data] + list(code):
+    extras = [f for folder in extra for f in sorted(Path(folder).rglob("*"))]
+    for path in sorted(config_dir.rglob("*")) + [data] + list(code) + extras:
         if path.is_file():
             h.update(f"{path.name}\0".encode() + path.read_bytes())
-    for path in [f for folder in extra for f in sorted(Path(folder).rglob("*"))]:
-        if path.is_file():
-            h.update(f"{path.name}\0".encode() + path.read_bytes())
-    for path in sorted(model.rglob("*")):
-        if path.is_file():
-            st = path.stat()
-            h.update(f"{path.relative_to(model)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    for folder in [model, *extra_models]:
+        for path in sorted(Path(folder).rglob("*")):
+            if path.is_file():
+                st = path.stat()
+                h.update(f"{path.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
     return h.hexdigest()
 
 
@@ -175,8 +174,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                              Path(params.llava.visual_encoder), key=str(PRETRAIN / "projector.pth"))
         print(f"[train] {PRETRAIN / 'projector.pth'}: all {len(weights)} projector tensors fit "
               f"{params.model.path} + {params.llava.visual_encoder}", flush=True)
-        fp = fingerprint(CONFIG_DIR, VALIDATED_LLAVA, Path(params.model.path),
-                         extra=(PRETRAIN, Path(params.llava.visual_encoder)))
+        fp = fingerprint(CONFIG_DIR, VALIDATED_LLAVA, Path(params.model.path), extra=(PRETRAIN,),
+                         extra_models=(Path(params.llava.visual_encoder),))
     elif params.recipe == "internvl":
         from stages.modeldir import check
 

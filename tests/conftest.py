@@ -3,6 +3,7 @@ temporary git clone of the working tree; tests that change things work on copies
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -52,6 +53,20 @@ def built(tmp_path_factory) -> Path:
     project = clone_worktree(tmp_path_factory.mktemp("built"))
     sh("dvc", "repro", cwd=project)
     return project
+
+
+def ran(output: str) -> list[str]:
+    """The stages a `dvc repro` / `dvc exp run` output says it ran, in order."""
+    return re.findall(r"Running stage '([\w@-]+)'", output)
+
+
+def recipe_experiment(built: Path, dest: Path, recipe: str) -> tuple[Path, str]:
+    """A copy of the built (assistant) project at `dest`, switched to `recipe` by a real
+    `dvc exp run -S recipe=...`; returns the copy and the command's output."""
+    shutil.copytree(built, dest, symlinks=True)
+    sh("git", "add", "-A", cwd=dest)
+    sh("git", "commit", "-q", "--allow-empty", "-m", "baseline", cwd=dest)
+    return dest, sh("dvc", "exp", "run", "-S", f"recipe={recipe}", "-n", recipe, cwd=dest).stdout
 
 
 @pytest.fixture

@@ -14,25 +14,16 @@ import pytest
 
 from stages import internvl, internvl_recipe, params as P, render
 from stages.errors import StageError
-from tests.conftest import ROOT, env, sh
+from tests.conftest import ROOT, env, ran, recipe_experiment, sh
 
 PARAMS = replace(P.load(ROOT / "params.yaml"), recipe="internvl")
 INTERNVL_STAGES = ["pretrain", "render", "train", "convert", "merge", "evaluate", "report"]
 
 
-def ran(output: str) -> list[str]:
-    return re.findall(r"Running stage '([\w@-]+)'", output)
-
-
 @pytest.fixture(scope="session")
 def internvl_built(built, tmp_path_factory) -> tuple[Path, str]:
     """A copy of the built assistant project, switched to the internvl recipe by an experiment."""
-    project = tmp_path_factory.mktemp("internvl") / "project"
-    shutil.copytree(built, project, symlinks=True)
-    sh("git", "add", "-A", cwd=project)
-    sh("git", "commit", "-q", "--allow-empty", "-m", "baseline", cwd=project)
-    out = sh("dvc", "exp", "run", "-S", "recipe=internvl", "-n", "internvl", cwd=project).stdout
-    return project, out
+    return recipe_experiment(built, tmp_path_factory.mktemp("internvl") / "project", "internvl")
 
 
 def load(path: Path):

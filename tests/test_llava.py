@@ -11,26 +11,17 @@ import pytest
 
 from stages import llava, params as P, render, vision
 from stages.errors import StageError
-from tests.conftest import ROOT, assert_one_line_error, run_stage, sh
+from tests.conftest import ROOT, assert_one_line_error, ran, recipe_experiment, run_stage, sh
 
 GOLDEN = ROOT / "tests" / "golden"
 PARAMS = replace(P.load(ROOT / "params.yaml"), recipe="llava")
 LLAVA_STAGES = ["pretrain", "render", "train", "convert", "merge", "evaluate", "report"]
 
 
-def ran(output: str) -> list[str]:
-    return re.findall(r"Running stage '([\w@-]+)'", output)
-
-
 @pytest.fixture(scope="session")
 def llava_built(built, tmp_path_factory) -> tuple[Path, str]:
     """A copy of the built assistant project, switched to the llava recipe by an experiment."""
-    project = tmp_path_factory.mktemp("llava") / "project"
-    shutil.copytree(built, project, symlinks=True)
-    sh("git", "add", "-A", cwd=project)
-    sh("git", "commit", "-q", "--allow-empty", "-m", "baseline", cwd=project)
-    out = sh("dvc", "exp", "run", "-S", "recipe=llava", "-n", "llava", cwd=project).stdout
-    return project, out
+    return recipe_experiment(built, tmp_path_factory.mktemp("llava") / "project", "llava")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,19 +1,14 @@
 """End to end with the real DVC: a clean clone, `dvc repro`, then what reruns when."""
 import json
-import re
 
 import pytest
 
-from tests.conftest import sh
+from tests.conftest import ran, sh
 
 pytestmark = pytest.mark.e2e
 
 STAGES = ["base", "vision", "internvl", "generate", "repeat", "validate", "pretrain", "render", "train", "convert", "merge",
           "evaluate", "report"]
-
-
-def ran(output: str) -> list[str]:
-    return re.findall(r"Running stage '([\w@-]+)'", output)
 
 
 def test_first_repro_ran_every_stage_and_wrote_outputs(built):
