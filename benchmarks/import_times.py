@@ -1,7 +1,8 @@
 """Seconds each set of imports takes in a fresh interpreter: the start-up cost that convert and merge
 pay before any work (run twice: the first run may also write bytecode caches).
 
-    python -m benchmarks.import_times
+    python -m benchmarks.import_times                       # every set
+    python -m benchmarks.import_times torch "merge's, lean"  # the sets named
 """
 import subprocess
 import sys
@@ -17,15 +18,20 @@ SETS = {
                                     "from peft import PeftModel; from transformers import AutoModelForCausalLM",
     "convert's (xtuner pth_to_hf)": "from stages.xtuner_api import patch_stack; patch_stack(); "
                                     "from xtuner.tools.model_converters import pth_to_hf",
-    "merge's, lean": "from stages.xtuner_api import lean_imports, patch_stack; lean_imports(); patch_stack(); "
+    "merge's, lean": "from stages.xtuner_api import lean_imports, patch_stack; lean_imports(images=False); patch_stack(); "
                      "from peft import PeftModel; from transformers import AutoModelForCausalLM",
-    "convert's, lean": "from stages.xtuner_api import lean_imports, patch_stack; lean_imports(); patch_stack(); "
+    "convert's, lean": "from stages.xtuner_api import lean_imports, patch_stack; lean_imports(images=False); patch_stack(); "
                        "from xtuner.tools.model_converters import pth_to_hf",
 }
 
 
-def main() -> None:
+def main(names: list[str]) -> None:
+    unknown = [name for name in names if name not in SETS]
+    if unknown:
+        raise SystemExit(f"error: unknown import set {unknown[0]!r}; known: {', '.join(SETS)}")
     for name, code in SETS.items():
+        if names and name not in names:
+            continue
         start = time.time()
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         status = "" if proc.returncode == 0 else f" (failed: {proc.stderr.strip().splitlines()[-1][:80]})"
@@ -33,4 +39,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -6,6 +6,8 @@
 #   OUT=bench bash benchmarks/stage_runs.sh lean7b [ITERS]    # 7B within 8 GB
 #   OUT=bench bash benchmarks/stage_runs.sh oom               # the out-of-memory message
 #   OUT=bench bash benchmarks/stage_runs.sh convert           # 1.8B default, then convert + merge
+#   OUT=bench bash benchmarks/stage_runs.sh startup           # convert + merge without, then with bytecode
+#   OUT=bench bash benchmarks/stage_runs.sh eval              # 1.8B evaluate: transformers, then LMDeploy
 #   OUT=bench bash benchmarks/stage_runs.sh llava [ITERS]     # the llava recipe, whole DAG, real shapes
 #   OUT=bench bash benchmarks/stage_runs.sh internvl          # the internvl recipe's stand-in, whole DAG
 set -euo pipefail
@@ -74,6 +76,17 @@ open(sys.argv[1], "a").write(json.dumps(rec) + "\n"); print(json.dumps(rec), flu
 PY
   cp reports/report.md "$OUT/$1-report.md" 2>/dev/null || true
 }
+convert_merge() {  # name, [-f]: convert and merge (again), each stage's phases as one JSON line
+  for stage in convert merge; do python -m dvc repro -s ${2:-} $stage 2>&1 | grep -E "^\[$stage\]|rror" | tail -n 4 || true; done
+  python - "$OUT/stage.jsonl" "$1" <<'PY'
+import json, sys
+rec = {"run": sys.argv[2]}
+for stage in ("convert", "merge"):
+    rec[stage] = json.load(open(f"reports/stages/{stage}.json"))
+    rec[f"{stage}_s"] = rec[stage].get("wall_time_s")
+open(sys.argv[1], "a").write(json.dumps(rec) + "\n"); print(json.dumps(rec))
+PY
+}
 DEFAULT="{'train': {'micro_batch': 'auto', 'memory_gb': 24, 'activation_checkpointing': 'auto', 'fused_loss': True,
   'compile_layers': 'auto', 'deepspeed': 'auto', 'precision': 'auto', 'optimizer': 'adamw'}, 'quant': {'upcast_frozen': False}}"
 case $SUITE in
@@ -95,15 +108,34 @@ case $SUITE in
   convert)
     use_model internlm2-1_8b
     run "project default (24 GB budget)" "$DEFAULT"
-    python -m dvc repro merge 2>&1 | grep -E "^\[(convert|merge)\]" | tail -n 6; cat reports/stages/convert.json reports/stages/merge.json
-    python - "$OUT/stage.jsonl" <<'PY'
+    convert_merge "convert + merge, 1.8B" ;;
+  startup)  # the same convert + merge three times: as the host runs Python (no bytecode anywhere,
+    # PYTHONDONTWRITEBYTECODE=1), then with a bytecode cache (PYTHONPYCACHEPREFIX) being written, then warm
+    use_model internlm2-1_8b
+    run "project default (24 GB budget)" "$DEFAULT"
+    convert_merge "convert + merge, 1.8B, no bytecode" -f
+    export PYTHONPYCACHEPREFIX=/tmp/pycache; unset PYTHONDONTWRITEBYTECODE
+    convert_merge "convert + merge, 1.8B, writing bytecode" -f
+    convert_merge "convert + merge, 1.8B, with bytecode" -f ;;
+  eval)  # 1.8B default training, convert, merge; evaluate with transformers, then with LMDeploy
+    # ($LMDEPLOY_PYTHON, benchmarks/lmdeploy_env.sh): the same merged model, prompts and greedy decoding
+    use_model internlm2-1_8b
+    script=$(python -c 'from stages.evaluate import LMDEPLOY_SCRIPT; print(LMDEPLOY_SCRIPT)')
+    echo '{"model": "/tmp/models/internlm2-1_8b", "prompts": ["hello", "who are you?"], "max_new_tokens": 16, "seed": 0}' \
+      | "${LMDEPLOY_PYTHON:?set LMDEPLOY_PYTHON}" -c "$script" > "$OUT/lmdeploy-smoke.log" 2>&1 || { tail -n 25 "$OUT/lmdeploy-smoke.log"; exit 1; }
+    tail -n 1 "$OUT/lmdeploy-smoke.log"
+    run "project default (24 GB budget)" "$DEFAULT"
+    for stage in convert merge; do python -m dvc repro -s $stage 2>&1 | grep -E "^\[$stage\]|rror" | tail -n 2 || true; done
+    for backend in transformers lmdeploy; do
+      set_params "{'eval': {'backend': '$backend', 'max_new_tokens': 128}}"
+      python -m dvc repro -s evaluate > "$OUT/evaluate-$backend.log" 2>&1 || grep -E "^error|rror" "$OUT/evaluate-$backend.log" | tail -n 3
+      python - "$OUT/stage.jsonl" "$backend" <<'PY'
 import json, sys
-rec = {"run": "convert + merge, 1.8B"}
-for stage in ("convert", "merge"):
-    rec[f"{stage}_s"] = json.load(open(f"reports/stages/{stage}.json")).get("wall_time_s")
+rec = {"run": f"evaluate, 1.8B merged, {sys.argv[2]}", "eval": json.load(open("reports/eval/metrics.json")),
+       "stage": json.load(open("reports/stages/evaluate.json"))}
 open(sys.argv[1], "a").write(json.dumps(rec) + "\n"); print(json.dumps(rec))
 PY
-    ;;
+    done ;;
   llava)  # InternLM2-1.8B-shaped LLM + CLIP ViT-L/14-336-shaped encoder, both random; every stage
     use_model internlm2-1_8b
     set_params "{'llava': {'tiny_vision': {'image_size': 336, 'patch_size': 14, 'hidden_size': 1024, 'num_layers': 24,

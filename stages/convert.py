@@ -76,13 +76,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m stages.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default=str(P.PARAMS), help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
-    from stages.xtuner_api import lean_imports
+    from stages.xtuner_api import lean_imports, read_pipeline
 
-    lean_imports()
     params = P.load(args.params)
-    from stages.xtuner_api import read_pipeline
-
     pipeline = read_pipeline(CONFIG)
+    lean_imports(images=pipeline.get("recipe") in ("llava", "internvl"))
     if pipeline.get("recipe") == "internvl":  # stages/internvl_recipe.py
         from dataclasses import asdict
 

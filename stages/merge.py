@@ -121,8 +121,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from stages.xtuner_api import lean_imports
 
-    lean_imports()
     params = P.load(args.params)
+    lean_imports(images=params.recipe != "assistant")
     if params.recipe == "internvl":  # stages/internvl_recipe.py
         from stages import internvl_recipe
 

@@ -33,15 +33,20 @@ def patch_stack() -> None:
 
 
 LEAN = ("bitsandbytes", "deepspeed")
+# transformers imports these optional packages wherever they are installed (sklearn for candidate
+# generation, jax/flax for image transforms), and neither converting nor merging uses them; on the
+# GPU host sklearn (with scipy and pandas) costs 1.1 s a process and jax 0.7 s, with bytecode cached
+OPTIONAL = ("sklearn", "jax", "flax", "tensorflow")
 
 
-def lean_imports() -> None:
+def lean_imports(images: bool = True) -> None:
     """For the stages that convert or merge LoRA weights (convert, merge), which never touch 4-bit
     weights or DeepSpeed: both are made unimportable in this process, and peft, transformers and
     XTuner take their paths without them. On the GPU host their imports alone take 12 s and 14-19 s
-    (benchmarks/import_times.py), most of what those stages took. Call it before anything imports
-    them; a module already imported stays."""
-    for name in LEAN:
+    (benchmarks/import_times.py), most of what those stages took. transformers' optional
+    integrations go too, and torchvision (0.9 s) where no image is involved (`images=False`: the
+    text recipe). Call it before anything imports them; a module already imported stays."""
+    for name in LEAN + OPTIONAL + (() if images else ("torchvision",)):
         sys.modules.setdefault(name, None)
 
 

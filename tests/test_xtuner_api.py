@@ -158,10 +158,11 @@ def test_convert_skips_the_quantized_base_and_writes_the_same_adapter(built, tmp
     assert ours.read_bytes() == tools.read_bytes()
 
 
-def test_lean_imports_keep_peft_transformers_and_xtuner_working_without_bnb_and_deepspeed():
-    proc = python("from stages.xtuner_api import lean_imports, patch_stack; lean_imports(); patch_stack(); "
-                  "from peft import PeftModel; from transformers import AutoModelForCausalLM; "
+@pytest.mark.parametrize("images", [False, True])
+def test_lean_imports_keep_peft_transformers_and_xtuner_working_without_bnb_and_deepspeed(images):
+    proc = python(f"from stages.xtuner_api import lean_imports, patch_stack; lean_imports(images={images}); "
+                  "patch_stack(); from peft import PeftModel; from transformers import AutoModelForCausalLM; "
                   "from xtuner.tools.model_converters import pth_to_hf, merge; import sys; "
-                  "print([sys.modules.get(m) for m in ('bitsandbytes', 'deepspeed')])")
+                  "print([sys.modules.get(m) is None for m in ('bitsandbytes', 'deepspeed', 'sklearn', 'torchvision')])")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1] == "[None, None]"
+    assert proc.stdout.strip().splitlines()[-1] == f"[True, True, True, {not images}]"
