@@ -116,13 +116,17 @@ case $SUITE in
     convert_merge "convert + merge, 1.8B, no bytecode" -f
     export PYTHONPYCACHEPREFIX=/tmp/pycache; unset PYTHONDONTWRITEBYTECODE
     convert_merge "convert + merge, 1.8B, writing bytecode" -f
-    convert_merge "convert + merge, 1.8B, with bytecode" -f ;;
+    for i in 1 2 3; do convert_merge "convert + merge, 1.8B, with bytecode ($i)" -f; done ;;
   eval)  # 1.8B default training, convert, merge; evaluate with transformers, then with LMDeploy
     # ($LMDEPLOY_PYTHON, benchmarks/lmdeploy_env.sh): the same merged model, prompts and greedy decoding
     use_model internlm2-1_8b
-    script=$(python -c 'from stages.evaluate import LMDEPLOY_SCRIPT; print(LMDEPLOY_SCRIPT)')
-    echo '{"model": "/tmp/models/internlm2-1_8b", "prompts": ["hello", "who are you?"], "max_new_tokens": 16, "seed": 0}' \
-      | "${LMDEPLOY_PYTHON:?set LMDEPLOY_PYTHON}" -c "$script" > "$OUT/lmdeploy-smoke.log" 2>&1 || { tail -n 25 "$OUT/lmdeploy-smoke.log"; exit 1; }
+    python - <<'PY' | "${LMDEPLOY_PYTHON:?set LMDEPLOY_PYTHON}" -c "$(python -c 'from stages.evaluate import LMDEPLOY_SCRIPT; print(LMDEPLOY_SCRIPT)')" \
+      > "$OUT/lmdeploy-smoke.log" 2>&1 || { tail -n 25 "$OUT/lmdeploy-smoke.log"; exit 1; }  # fails fast
+import json
+from stages.evaluate import lmdeploy_template
+print(json.dumps({"models": ["/tmp/models/internlm2-1_8b"], "prompts": ["hello", "who are you?"],
+                  "template": lmdeploy_template(""), "max_new_tokens": 16, "seed": 0}))
+PY
     tail -n 1 "$OUT/lmdeploy-smoke.log"
     run "project default (24 GB budget)" "$DEFAULT"
     for stage in convert merge; do python -m dvc repro -s $stage 2>&1 | grep -E "^\[$stage\]|rror" | tail -n 2 || true; done

@@ -107,7 +107,7 @@ class TransformersChat:
         return self.tok(text)["input_ids"]
 
     def generate(self, prompts: list[str], max_new_tokens: int, seed: int) -> tuple[list[str], int, float]:
-        """Answers, generated tokens, seconds."""
+        """Answers, tokens generated (up to each answer's stop), seconds generating after a warm-up."""
         import torch
 
         torch.manual_seed(seed)
@@ -118,8 +118,10 @@ class TransformersChat:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         stop = [i for i in {self.tok.eos_token_id, self.tok.convert_tokens_to_ids("<|im_end|>")}
                 if isinstance(i, int) and i != self.tok.unk_token_id]
-        start = time.time()
         with torch.no_grad():
+            self.model.generate(**{k: v[:1] for k, v in batch.items()}, max_new_tokens=2, do_sample=False,
+                                pad_token_id=self.tok.pad_token_id)  # warm-up, untimed (as LMDeploy's)
+            start = time.time()
             out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
                                       pad_token_id=self.tok.pad_token_id)
         seconds = time.time() - start
@@ -174,25 +176,44 @@ def pick_backend(requested: str, cuda: bool, lmdeploy_python: bool = False) -> s
     return "lmdeploy" if cuda and lmdeploy_python else "transformers"
 
 
+# LMDeploy, in an interpreter of its own: each model in turn, one warm-up generation, then the prompts
+# timed (tokens/s after start-up, as transformers' figure is); the engine's start-up is reported apart
 LMDEPLOY_SCRIPT = """
 import json, sys, time
 from lmdeploy import ChatTemplateConfig, GenerationConfig, PytorchEngineConfig, pipeline
 req = json.load(sys.stdin)
-pipe = pipeline(req["model"], backend_config=PytorchEngineConfig(),
-                chat_template_config=ChatTemplateConfig(model_name="internlm2"))
 gen = GenerationConfig(max_new_tokens=req["max_new_tokens"], do_sample=False, random_seed=req["seed"])
-start = time.time()
-out = pipe(req["prompts"], gen_config=gen)
-json.dump({"answers": [o.text.strip() for o in out], "tokens": sum(o.generate_token_len for o in out),
-           "seconds": time.time() - start}, sys.stdout)
+results = []
+for model in req["models"]:
+    start = time.time()
+    pipe = pipeline(model, backend_config=PytorchEngineConfig(), chat_template_config=ChatTemplateConfig(**req["template"]))
+    pipe(req["prompts"][:1], gen_config=GenerationConfig(max_new_tokens=4, do_sample=False))
+    ready = time.time()
+    out = pipe(req["prompts"], gen_config=gen)
+    results.append({"answers": [o.text.strip() for o in out], "tokens": sum(o.generate_token_len for o in out),
+                    "seconds": time.time() - ready, "start_s": ready - start})
+    pipe.close()
+json.dump(results, sys.stdout)
 """
 
 
-def lmdeploy_answers(path: Path, prompts: list[str], p: P.Params) -> tuple[list[str], int, float]:
-    """LMDeploy's pipeline() with InternLM2's chat template, as the tutorial chats with the result.
+def lmdeploy_template(system: str) -> dict:
+    """XTuner's internlm2_chat template (the tutorial's) spelled out for LMDeploy's ChatTemplateConfig:
+    recent LMDeploy releases dropped their built-in `internlm2` template, and a name they do not know
+    falls back to plain text. The same prompt as the tokenizer's chat template, system block included
+    only when eval.system is set."""
+    return {"model_name": "internlm2", "system": "<|im_start|>system\n" if system else "",
+            "meta_instruction": system, "eosys": "<|im_end|>\n" if system else "", "user": "<|im_start|>user\n",
+            "eoh": "<|im_end|>\n", "assistant": "<|im_start|>assistant\n", "eoa": "<|im_end|>", "separator": "\n",
+            "stop_words": ["<|im_end|>"]}
+
+
+def run_lmdeploy(script: str, request: dict) -> Any:
+    """`script` in $LMDEPLOY_PYTHON with `request` as JSON on stdin; its last line of output, parsed.
 
     LMDeploy cannot share XTuner 0.2.0's environment (every release that runs on a current torch wants
-    transformers >= 4.56; XTuner pins 4.48), so it runs in its own interpreter: $LMDEPLOY_PYTHON."""
+    transformers >= 4.56; XTuner pins 4.48), so it runs in its own interpreter
+    (benchmarks/lmdeploy_env.sh builds one for a GPU host)."""
     import json
     import subprocess
 
@@ -200,13 +221,22 @@ def lmdeploy_answers(path: Path, prompts: list[str], p: P.Params) -> tuple[list[
     if not python:
         fail("eval.backend: lmdeploy needs its own environment: set LMDEPLOY_PYTHON to a Python that has "
              "lmdeploy (see README.md), or use eval.backend: transformers")
-    request = {"model": str(path), "prompts": prompts, "max_new_tokens": p.eval.max_new_tokens, "seed": p.eval.seed}
-    proc = subprocess.run([python, "-c", LMDEPLOY_SCRIPT], input=json.dumps(request), capture_output=True, text=True)
+    try:
+        proc = subprocess.run([python, "-c", script], input=json.dumps(request), capture_output=True, text=True)
+    except OSError as err:
+        fail(f"eval.backend: lmdeploy: LMDEPLOY_PYTHON={python} cannot run ({err.strerror})")
     if proc.returncode:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         fail(f"eval.backend: lmdeploy failed in {python} ({last})")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    return out["answers"], out["tokens"], out["seconds"]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def lmdeploy_answers(paths: list[Path], prompts: list[str], p: P.Params) -> list[dict]:
+    """LMDeploy's pipeline() with InternLM2's chat template, as the tutorial chats with the result: for
+    each model, its answers, tokens generated, seconds generating and seconds starting the engine."""
+    return run_lmdeploy(LMDEPLOY_SCRIPT, {"models": [str(path) for path in paths], "prompts": prompts,
+                                          "template": lmdeploy_template(p.eval.system),
+                                          "max_new_tokens": p.eval.max_new_tokens, "seed": p.eval.seed})
 
 
 def lmdeploy_configured() -> bool:
@@ -219,12 +249,18 @@ def evaluate(p: P.Params, backend: str, device: str) -> tuple[list[dict], dict]:
     questions = [q for _, q in prompts]
     rows = [{"prompt": q, "kind": kind} for kind, q in prompts]
     metrics: dict[str, Any] = {"backend": backend, "prompts": len(prompts)}
-    for side, path in (("base", Path(p.model.path)), ("tuned", MERGED)):
+    sides = (("base", Path(p.model.path)), ("tuned", MERGED))
+    served = dict(zip(("base", "tuned"), lmdeploy_answers([path for _, path in sides], questions, p))) \
+        if backend == "lmdeploy" else {}  # first, alone on the GPU; perplexity below is transformers'
+    for side, path in sides:
+        start = time.time()
         chat = TransformersChat(path, device, p.eval.system)
-        if backend == "lmdeploy":
-            answers, n_tokens, seconds = lmdeploy_answers(path, questions, p)
+        if side in served:
+            out = served[side]
+            answers, n_tokens, seconds, ready = out["answers"], out["tokens"], out["seconds"], out["start_s"]
         else:
             answers, n_tokens, seconds = chat.generate(questions, p.eval.max_new_tokens, p.eval.seed)
+            ready = time.time() - start - seconds
         for row, answer in zip(rows, answers):
             row[side] = answer
         metrics[side] = {
@@ -232,6 +268,7 @@ def evaluate(p: P.Params, backend: str, device: str) -> tuple[list[dict], dict]:
             "perplexity_general": chat.perplexity(conversations),
             "mean_answer_tokens": round(n_tokens / len(answers), 1),
             "generation_tokens_per_sec": round(n_tokens / seconds, 1) if seconds else None,
+            "start_s": round(ready, 2),
         }
         del chat
     return rows, metrics

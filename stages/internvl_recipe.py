@@ -16,7 +16,6 @@ Every XTuner import happens after `xtuner_api.patch_stack()`.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -25,6 +24,8 @@ from typing import Any
 from stages.errors import fail
 
 LMDEPLOY_TEMPLATE = "internvl2-internlm2"  # the chat template the tutorial's lmdeploy pipeline uses for InternVL2-2B
+# its system prompt; recent LMDeploy releases dropped the built-in template, so it is spelled out
+INTERNVL2_SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +225,7 @@ import json, sys, time
 from lmdeploy import ChatTemplateConfig, GenerationConfig, pipeline
 from lmdeploy.vl import load_image
 req = json.load(sys.stdin)
-pipe = pipeline(req["model"], chat_template_config=ChatTemplateConfig(model_name=req["template"]))
+pipe = pipeline(req["model"], chat_template_config=ChatTemplateConfig(**req["template"]))
 gen = GenerationConfig(max_new_tokens=req["max_new_tokens"], do_sample=False, random_seed=req["seed"])
 start = time.time()
 out = pipe([(req["prompt"], load_image(path)) for path in req["images"]], gen_config=gen)
@@ -237,19 +238,11 @@ def lmdeploy_answers(model: Path, images: list[Path], prompt: str, max_new_token
     """The tutorial's `pipeline(model)((prompt, load_image(image)))` with the internvl2-internlm2 chat
     template, in LMDeploy's own interpreter ($LMDEPLOY_PYTHON: it cannot share XTuner 0.2.0's
     environment)."""
-    import subprocess
+    from stages.evaluate import lmdeploy_template, run_lmdeploy
 
-    python = os.environ.get("LMDEPLOY_PYTHON")
-    if not python:
-        fail("eval.backend: lmdeploy needs its own environment: set LMDEPLOY_PYTHON to a Python that has "
-             "lmdeploy (see README.md), or use eval.backend: transformers")
-    request = {"model": str(model), "images": [str(i) for i in images], "prompt": prompt, "template": LMDEPLOY_TEMPLATE,
-               "max_new_tokens": max_new_tokens, "seed": seed}
-    proc = subprocess.run([python, "-c", LMDEPLOY_SCRIPT], input=json.dumps(request), capture_output=True, text=True)
-    if proc.returncode:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        fail(f"eval.backend: lmdeploy failed in {python} ({last})")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    template = {**lmdeploy_template(INTERNVL2_SYSTEM), "model_name": LMDEPLOY_TEMPLATE}
+    return run_lmdeploy(LMDEPLOY_SCRIPT, {"model": str(model), "images": [str(i) for i in images], "prompt": prompt,
+                                          "template": template, "max_new_tokens": max_new_tokens, "seed": seed})
 
 
 # ---------------------------------------------------------------------------------------------

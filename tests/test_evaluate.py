@@ -56,11 +56,30 @@ def test_backend_choice():
     assert evaluate.pick_backend("auto", cuda=True, lmdeploy_python=True) == "lmdeploy"
 
 
-def test_lmdeploy_without_its_environment_is_one_line(monkeypatch):
+def test_lmdeploy_without_its_environment_is_one_line(monkeypatch, tmp_path):
     monkeypatch.delenv("LMDEPLOY_PYTHON", raising=False)
     p = P.load(ROOT / "params.yaml")
     with pytest.raises(StageError, match="eval.backend: lmdeploy needs its own environment"):
-        evaluate.lmdeploy_answers(ROOT / "models/merged", ["hi"], p)
+        evaluate.lmdeploy_answers([ROOT / "models/merged"], ["hi"], p)
+    monkeypatch.setenv("LMDEPLOY_PYTHON", str(tmp_path / "nowhere/python"))
+    with pytest.raises(StageError, match=r"^eval.backend: lmdeploy: LMDEPLOY_PYTHON=.*nowhere/python cannot run "
+                                         r"\(No such file or directory\)$"):
+        evaluate.lmdeploy_answers([ROOT / "models/merged"], ["hi"], p)
+
+
+@pytest.mark.parametrize("system", ["", "You are XiaoPu."])
+def test_lmdeploy_prompt_is_the_tokenizers_chat_template(built, system):
+    """LMDeploy gets XTuner's internlm2_chat template spelled out (its own `internlm2` is gone from
+    recent releases); laid out as LMDeploy's BaseChatTemplate lays out one user turn, it must be the
+    prompt the transformers backend builds from the tokenizer's chat template."""
+    from transformers import AutoTokenizer
+
+    t = evaluate.lmdeploy_template(system)
+    lmdeploy_prompt = t["system"] + t["meta_instruction"] + t["eosys"] + t["user"] + "你是谁" + t["eoh"] + t["assistant"]
+    tok = AutoTokenizer.from_pretrained(built / "models/tiny-internlm2")
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "你是谁"}]
+    assert tok.bos_token + lmdeploy_prompt == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert t["stop_words"] == ["<|im_end|>"]
 
 
 def test_stage_outputs_hold_real_numbers(built):

@@ -212,5 +212,5 @@ def test_lmdeploy_backend_is_one_line_without_lmdeploy(tmp_path, monkeypatch):
         internvl_recipe.lmdeploy_answers(*args)
     assert str(err.value) == f"eval.backend: lmdeploy failed in {sys.executable} (ModuleNotFoundError: No module " \
                              "named 'lmdeploy')"
-    assert "model_name=req[\"template\"]" in internvl_recipe.LMDEPLOY_SCRIPT
+    assert "ChatTemplateConfig(**req[\"template\"])" in internvl_recipe.LMDEPLOY_SCRIPT
     assert internvl_recipe.LMDEPLOY_TEMPLATE == "internvl2-internlm2"
