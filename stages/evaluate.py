@@ -301,6 +301,7 @@ def evaluate_llava(p: P.Params) -> tuple[list[dict], dict]:
     metrics: dict[str, Any] = {"backend": "transformers", "prompts": len(rows)}
     for side, load in models.items():
         chat = load()
+        chat.answer(Path(rows[0]["image"]), rows[0]["prompt"], 2, p.eval.system)  # warm-up, untimed
         torch.manual_seed(p.eval.seed)
         n_tokens, start = 0, time.time()
         for row in rows:

@@ -296,14 +296,15 @@ def evaluate(p: Any, backend: str) -> tuple[list[dict], dict]:
     metrics: dict[str, Any] = {"backend": backend, "prompts": len(rows),
                                "chat_template": LMDEPLOY_TEMPLATE if backend == "lmdeploy" else "the model's chat()"}
     for side, path, key in (("base", Path(p.internvl.path), "internvl.path"), ("tuned", MERGED, str(MERGED))):
-        torch.manual_seed(p.eval.seed)
-        start = time.time()
         if backend == "lmdeploy":
             out = lmdeploy_answers(path, [Path(r["image"]) for r in rows], p.internvl.eval_prompt,
                                    p.eval.max_new_tokens, p.eval.seed)
             answers, n_tokens, seconds = out["answers"], sum(out["tokens"]), out["seconds"]
         else:
             chat = Chat(path, key)
+            chat.answer(Path(rows[0]["image"]), rows[0]["prompt"], 2)  # warm-up, untimed (as the text recipe's)
+            torch.manual_seed(p.eval.seed)
+            start = time.time()
             answers, n_tokens = [], 0
             for row in rows:
                 text, n = chat.answer(Path(row["image"]), row["prompt"], p.eval.max_new_tokens)
