@@ -227,8 +227,10 @@ from lmdeploy.vl import load_image
 req = json.load(sys.stdin)
 pipe = pipeline(req["model"], chat_template_config=ChatTemplateConfig(**req["template"]))
 gen = GenerationConfig(max_new_tokens=req["max_new_tokens"], do_sample=False, random_seed=req["seed"])
+images = [load_image(path) for path in req["images"]]
+pipe([(req["prompt"], images[0])], gen_config=GenerationConfig(max_new_tokens=2, do_sample=False))
 start = time.time()
-out = pipe([(req["prompt"], load_image(path)) for path in req["images"]], gen_config=gen)
+out = pipe([(req["prompt"], image) for image in images], gen_config=gen)
 json.dump({"answers": [o.text.strip() for o in out], "tokens": [o.generate_token_len for o in out],
            "seconds": time.time() - start}, sys.stdout)
 """
