@@ -187,7 +187,8 @@ def build_report(p: P.Params) -> tuple[str, dict]:
                     ("general_identity_leak", "general answers naming the identity"),
                     ("perplexity_general", "perplexity, held-out general conversations"),
                     ("mean_answer_tokens", "mean answer length (tokens)"),
-                    ("generation_tokens_per_sec", "generation tokens/s")]
+                    ("generation_tokens_per_sec", "generation tokens/s (after a warm-up)"),
+                    ("start_s", "start-up: loading, warm-up (s)")]
     md = [
         f"# Fine-tune report: {p.recipe}", "",
         f"{p.model.path} fine-tuned to answer as **{p.data.assistant_name}**, made by **{p.data.author}**. "
