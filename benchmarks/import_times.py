@@ -25,10 +25,15 @@ SETS = {
 }
 
 
-def main(names: list[str]) -> None:
+def main(argv: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.import_times", description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", metavar="SET", help=f"import sets to time (default: all): {', '.join(SETS)}")
+    names = parser.parse_args(argv).names
     unknown = [name for name in names if name not in SETS]
     if unknown:
-        raise SystemExit(f"error: unknown import set {unknown[0]!r}; known: {', '.join(SETS)}")
+        parser.error(f"unknown import set {unknown[0]!r}; known: {', '.join(SETS)}")
     for name, code in SETS.items():
         if names and name not in names:
             continue
