@@ -4,7 +4,7 @@
 # LMDeploy wants >= 4.56, which the host's own Python has (5.17, with torch 2.11 and triton 3.6).
 # LMDeploy's wheel is 107 MB, 91 MB of it TurboMind built for CUDA 12, which the CUDA 13 host cannot
 # load; the PyTorch engine needs none of it. So:
-#   bash benchmarks/lmdeploy_env.sh collect         # here: ./.whl-lmdeploy/ (about 12 MB), TurboMind left out
+#   bash benchmarks/lmdeploy_env.sh collect         # here: ./.whl-lmdeploy/ (about 11 MB), TurboMind left out
 #   bash benchmarks/lmdeploy_env.sh install DIR     # there: installs into DIR, writes DIR/python, the
 #                                                   #   interpreter to name in LMDEPLOY_PYTHON
 set -euo pipefail
@@ -40,10 +40,12 @@ for wheel in tmp.glob("*.whl"):
 PY
     du -sh "$dest" ;;
   install)
-    dir=${2:?usage: lmdeploy_env.sh install DIR}; mkdir -p "$dir"
+    dir=${2:?usage: lmdeploy_env.sh install DIR}
+    compgen -G ".whl-lmdeploy/lmdeploy-*.whl" >/dev/null || { echo "error: no .whl-lmdeploy/lmdeploy-*.whl here: run \`bash benchmarks/lmdeploy_env.sh collect\` first (and carry .whl-lmdeploy)" >&2; exit 1; }
+    mkdir -p "$dir"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$dir/site" .whl-lmdeploy/*.whl
     printf '#!/bin/sh\n# LMDeploy over the host Python: its packages, none of the XTuner environment\'"'"'s\nPYTHONPATH=%s exec %s "$@"\n' \
       "$dir/site" "$(command -v python3)" > "$dir/python"
     chmod +x "$dir/python"; "$dir/python" -c "import lmdeploy, transformers, torch; print('lmdeploy', lmdeploy.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)" ;;
-  *) sed -n 2,10p "$0"; exit 2 ;;
+  *) sed -n 2,9p "$0"; exit 2 ;;
 esac
