@@ -8,6 +8,7 @@
 #   OUT=bench bash benchmarks/stage_runs.sh convert           # 1.8B default, then convert + merge
 #   OUT=bench bash benchmarks/stage_runs.sh startup           # convert + merge without, then with bytecode
 #   OUT=bench bash benchmarks/stage_runs.sh eval              # 1.8B evaluate: transformers, then LMDeploy
+#   OUT=bench bash benchmarks/stage_runs.sh text [ITERS]      # the text recipe's whole DAG, 1.8B, defaults
 #   OUT=bench bash benchmarks/stage_runs.sh llava [ITERS]     # the llava recipe, whole DAG, real shapes
 #   OUT=bench bash benchmarks/stage_runs.sh internvl          # the internvl recipe's stand-in, whole DAG
 set -euo pipefail
@@ -140,6 +141,10 @@ rec = {"run": f"evaluate, 1.8B merged, {sys.argv[2]}", "eval": json.load(open("r
 open(sys.argv[1], "a").write(json.dumps(rec) + "\n"); print(json.dumps(rec))
 PY
     done ;;
+  text)  # the text recipe's whole DAG at the 1.8B shape with the default GPU settings
+    use_model internlm2-1_8b
+    set_params "$DEFAULT"
+    dag assistant "assistant recipe, InternLM2-1.8B shape, default GPU settings" ;;
   llava)  # InternLM2-1.8B-shaped LLM + CLIP ViT-L/14-336-shaped encoder, both random; every stage
     use_model internlm2-1_8b
     set_params "{'llava': {'tiny_vision': {'image_size': 336, 'patch_size': 14, 'hidden_size': 1024, 'num_layers': 24,
