@@ -16,7 +16,6 @@ Every XTuner import happens after `xtuner_api.patch_stack()`.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -153,17 +152,6 @@ def prompt_text(model: Any, prompt: str, num_patches: int) -> str:
 # merge
 
 
-def copy_remote_code(model_dir: Path, out: Path) -> list[str]:
-    """The model's `*.py` files, which convert_to_official does not copy (without them the converted
-    model does not load: no modeling_internvl_chat.py)."""
-    copied = []
-    for code in sorted(Path(model_dir).glob("*.py")):
-        if not (out / code.name).exists():
-            shutil.copy2(code, out / code.name)
-            copied.append(code.name)
-    return copied
-
-
 def trained_model(config: Path, pth: Path) -> Any:
     """XTuner's InternVL_V1_5 from the rendered config, unquantized, float32, the checkpoint loaded
     (LoRA unmerged); fails when a checkpoint key finds no place (XTuner's strict=False would not)."""
@@ -188,23 +176,22 @@ def merge(config: Path, pth: Path, model_dir: Path, out: Path, torch_dtype: str,
           tolerance: float) -> dict:
     """convert_to_official into `out` (whole or not at all), the remote code copied, then the checks."""
     from stages.io import output_dir
-    from stages.modeldir import load_tokenizer
+    from stages.modeldir import copy_remote_code
     from stages.xtuner_api import convert_to_official
 
     start = time.time()
     with output_dir(out) as tmp:
         convert_to_official(config, pth, tmp, torch_dtype)
-        copied = copy_remote_code(model_dir, tmp)
+        copied = copy_remote_code(model_dir, tmp)  # convert_to_official does not: no modeling_internvl_chat.py
         seconds = time.time() - start
         merged = Chat(tmp, str(out))
         saved_dtype = json.loads((tmp / "config.json").read_text()).get("torch_dtype")
         trained = trained_model(config, pth)
         base = Chat(model_dir, "internvl.path")
-        tokenizer = load_tokenizer(model_dir, "internvl.path")
         diff = change = 0.0
         for image in images:
             m = merged.logits(image, prompt)
-            diff = max(diff, (m - logits_of(trained, tokenizer, image, prompt)).abs().max().item())
+            diff = max(diff, (m - logits_of(trained, base.tokenizer, image, prompt)).abs().max().item())
             change = max(change, (m - base.logits(image, prompt)).abs().max().item())
         if diff > tolerance:
             fail(f"internvl.merge_tolerance: the converted model's logits differ from the trained model's by "
@@ -254,7 +241,7 @@ def lmdeploy_answers(model: Path, images: list[Path], prompt: str, max_new_token
 def run_merge(p: Any) -> dict:
     """The merge stage for recipe internvl: models/merged from models/adapter.pth."""
     from stages.paths import ADAPTER, ADAPTER_PTH, CONFIG, MERGED
-    from stages.xtuner_api import load_config
+    from stages.xtuner_api import read_pipeline
 
     if not (ADAPTER / "adapter.safetensors").is_file():
         fail(f"{ADAPTER}: no adapter; run `dvc repro convert` first")
@@ -263,7 +250,7 @@ def run_merge(p: Any) -> dict:
     for image in images:
         if not image.is_file():
             fail(f"internvl.eval_images: {image.relative_to(folder)}: not found in data.internvl.image_folder ({folder})")
-    dtype = load_config(CONFIG).pipeline["torch_dtype"]
+    dtype = read_pipeline(CONFIG)["torch_dtype"]
     return merge(CONFIG, ADAPTER_PTH, Path(p.internvl.path), MERGED, dtype, images, p.internvl.eval_prompt,
                  p.internvl.merge_tolerance)
 

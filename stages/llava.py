@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -143,18 +142,10 @@ def check_pretrained_pth(path: Path, llm: Path, visual_encoder: Path, key: str =
 # convert and merge
 
 
-def _run_tool(module: Any, prog: str, argv: list[str]) -> None:
-    saved, sys.argv = sys.argv, [prog, *argv]
-    try:
-        module.main()
-    finally:
-        sys.argv = saved
-
-
 def merge_tool(base: Path, adapter: Path, out: Path, is_clip: bool) -> None:
     """`xtuner convert merge BASE ADAPTER OUT [--is-clip] --safe-serialization --device cuda|cpu`, in
     this process. XTuner loads, merges and saves the LLM in float16 (hard-coded); the CLIP in its own dtype."""
-    from stages.xtuner_api import patch_stack
+    from stages.xtuner_api import patch_stack, run_tool
 
     patch_stack()
     from xtuner.tools.model_converters import merge as tool
@@ -163,7 +154,7 @@ def merge_tool(base: Path, adapter: Path, out: Path, is_clip: bool) -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     argv = [str(base), str(adapter), str(out), "--safe-serialization", "--device", device]
-    _run_tool(tool, "xtuner-merge", argv + (["--is-clip"] if is_clip else []))
+    run_tool(tool, "xtuner-merge", argv + (["--is-clip"] if is_clip else []))
 
 
 def merge_llava(hf: Path, llm: Path, visual_encoder: Path, out: Path) -> None:
@@ -171,6 +162,7 @@ def merge_llava(hf: Path, llm: Path, visual_encoder: Path, out: Path) -> None:
     out/llm (LLM + llm_adapter, with the tokenizer), out/visual_encoder (CLIP + visual_encoder_adapter,
     with the image processor), out/projector (copied). A part without an adapter is copied."""
     from stages.io import output_dir
+    from stages.modeldir import copy_remote_code
 
     with output_dir(out) as tmp:
         for part, base, clip in (("llm", llm, False), ("visual_encoder", visual_encoder, True)):
@@ -179,9 +171,7 @@ def merge_llava(hf: Path, llm: Path, visual_encoder: Path, out: Path) -> None:
                 merge_tool(base, adapter, tmp / part, is_clip=clip)
             else:
                 shutil.copytree(base, tmp / part)
-        for extra in Path(llm).glob("*.py"):  # remote code (modeling_internlm2.py, ...)
-            if not (tmp / "llm" / extra.name).exists():
-                shutil.copy2(extra, tmp / "llm" / extra.name)
+        copy_remote_code(llm, tmp / "llm")
         shutil.copytree(hf / "projector", tmp / "projector")
 
 

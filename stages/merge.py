@@ -20,7 +20,6 @@ copied in (the tool does not), checked as above against the trained model (stage
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from pathlib import Path
 from typing import Sequence
@@ -46,7 +45,7 @@ def prompt_batch(tokenizer, prompts: list[str], system: str) -> list[list[int]]:
 def merge(base: Path, adapter: Path, out: Path, dtype: str, tolerance: float, prompts: list[str],
           system: str) -> dict:
     begin = time.time()
-    from stages.modeldir import load_model, load_tokenizer
+    from stages.modeldir import copy_remote_code, load_model, load_tokenizer
     from stages.xtuner_api import patch_stack
 
     patch_stack()
@@ -80,9 +79,7 @@ def merge(base: Path, adapter: Path, out: Path, dtype: str, tolerance: float, pr
     with output_dir(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        for extra in base.glob("*.py"):  # remote code (modeling_internlm2.py, ...)
-            if not (tmp / extra.name).exists():
-                shutil.copy2(extra, tmp / extra.name)
+        copy_remote_code(base, tmp)
     end = time.time()
     return {"max_logit_diff": diff, "tolerance": tolerance, "dtype": dtype, "prompts": len(inputs),
             "merge_time_s": round(end - start, 2), "import_s": round(start - begin, 2), "load_s": round(loaded - start, 2),

@@ -70,3 +70,16 @@ def load_model(path: str | Path, key: str, **kwargs: Any) -> Any:
                                                     **kwargs)
     except Exception as err:  # safetensors, torch and transformers each raise their own kinds
         fail(f"{key}: the model in {folder} does not load ({_reason(err)})")
+
+
+def copy_remote_code(model_dir: Path, out: Path) -> list[str]:
+    """The model's remote-code files (`*.py`: modeling_internlm2.py, ...) that `out` lacks, copied from
+    `model_dir`, as a model saved from it needs them to load with trust_remote_code; their names."""
+    import shutil
+
+    copied = []
+    for code in sorted(Path(model_dir).glob("*.py")):
+        if not (out / code.name).exists():
+            shutil.copy2(code, out / code.name)
+            copied.append(code.name)
+    return copied

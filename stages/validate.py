@@ -116,15 +116,17 @@ def apply_overlong(records: list, lengths: list[int], file: str, data: P.Data, i
 
 
 def validate_dataset(records: list, file: str, fmt: str, tokenizer: Any, template: dict, data: P.Data,
-                     image_folder: Path | None = None, image_tokens: int | list[int] = 0) -> tuple[list, dict]:
+                     image_folder: Path | None = None,
+                     image_tokens: int | Callable[[list], list[int]] = 0) -> tuple[list, dict]:
     """Check, measure and filter one dataset; returns (records kept, statistics). A LLaVA record's
     length counts its image's `image_tokens` too: they share the LLM's context (XTuner cuts the text
     at max_length minus them). `fmt` internvl: LLaVA-format records as XTuner's InternVL dataset
-    encodes them, `image_tokens` one count per record (an image's tiles depend on its shape)."""
+    encodes them, `image_tokens` a function giving one count per record (an image's tiles depend on its
+    shape), called once the records passed their checks."""
     raise_problems(check_records(records, file, "openai" if fmt == "openai" else "llava", image_folder))
     pieces = {"openai": openai_pieces, "llava": llava_pieces, "internvl": internvl_pieces}[fmt]
     lengths = token_lengths(records, pieces, tokenizer, template)
-    per = image_tokens if isinstance(image_tokens, list) else [image_tokens if "image" in r else 0 for r in records]
+    per = image_tokens(records) if callable(image_tokens) else [image_tokens if "image" in r else 0 for r in records]
     lengths = [n + k for n, k in zip(lengths, per)]
     kept = apply_overlong(records, lengths, file, data, max(per, default=0))
     if not kept:
@@ -145,11 +147,9 @@ def validate_internvl(p: P.Params) -> tuple[list, dict]:
 
     records = read_json(INTERNVL_REPEATED, "run `dvc repro repeat` first")
     folder = Path(p.data.internvl.image_folder)
-    raise_problems(check_records(records, str(INTERNVL_REPEATED), "llava", folder))
     tokenizer = load_tokenizer(p.internvl.path, "internvl.path")
-    kept, stats = validate_dataset(records, str(INTERNVL_REPEATED), "internvl", tokenizer, INTERNVL_TEMPLATE,
-                                   p.data, folder, image_token_counts(records, folder, Path(p.internvl.path)))
-    return kept, stats
+    return validate_dataset(records, str(INTERNVL_REPEATED), "internvl", tokenizer, INTERNVL_TEMPLATE, p.data, folder,
+                            lambda checked: image_token_counts(checked, folder, Path(p.internvl.path)))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -203,9 +203,14 @@ def run_trainer(config: Path, work_dir: Path, deepspeed: Path | None, resume: Pa
     from xtuner.tools import train
 
     _chat_hook_under_amp()
-    saved, sys.argv = sys.argv, ["xtuner-train", *argv]
+    run_tool(train, "xtuner-train", argv)
+
+
+def run_tool(module: Any, prog: str, argv: list[str]) -> None:
+    """`module.main()` of an XTuner tool, in this process, as if run as `prog ARGV...`."""
+    saved, sys.argv = sys.argv, [prog, *argv]
     try:
-        train.main()
+        module.main()
     finally:
         sys.argv = saved
 
@@ -268,12 +273,11 @@ def pth_to_hf(config: Path, pth: Path, out: Path, fp32: bool) -> None:
     from xtuner.tools.model_converters import pth_to_hf as tool
 
     argv = [str(config), str(pth), str(out), "--safe-serialization"] + (["--fp32"] if fp32 else [])
-    saved, sys.argv = sys.argv, ["xtuner-pth_to_hf", *argv]
     saved_config, tool.Config = tool.Config, _ConfigWithoutQuantization
     try:
-        tool.main()
+        run_tool(tool, "xtuner-pth_to_hf", argv)
     finally:
-        sys.argv, tool.Config = saved, saved_config
+        tool.Config = saved_config
 
 
 class _ConfigWithoutQuantization:
@@ -399,8 +403,4 @@ def convert_to_official(config: Path, pth: Path, out: Path, torch_dtype: str) ->
     module_spec = importlib.util.spec_from_file_location("xtuner_convert_to_official", script)
     tool = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(tool)
-    saved, sys.argv = sys.argv, ["convert_to_official.py", str(config), str(pth), str(out)]
-    try:
-        tool.main()
-    finally:
-        sys.argv = saved
+    run_tool(tool, "convert_to_official.py", [str(config), str(pth), str(out)])

@@ -60,6 +60,12 @@ def ran(output: str) -> list[str]:
     return re.findall(r"Running stage '([\w@-]+)'", output)
 
 
+def repro_in_copy(project: Path, dest: Path) -> str:
+    """`dvc repro` in a copy of `project` at `dest` (the original stays as it is); its output."""
+    shutil.copytree(project, dest, symlinks=True)
+    return sh("dvc", "repro", cwd=dest).stdout
+
+
 def recipe_experiment(built: Path, dest: Path, recipe: str) -> tuple[Path, str]:
     """A copy of the built (assistant) project at `dest`, switched to `recipe` by a real
     `dvc exp run -S recipe=...`; returns the copy and the command's output."""

@@ -4,7 +4,6 @@ and the whole chain with the real `dvc exp run -S recipe=internvl` on a copy of 
 import copy
 import json
 import re
-import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -14,7 +13,7 @@ import pytest
 
 from stages import internvl, internvl_recipe, params as P, render
 from stages.errors import StageError
-from tests.conftest import ROOT, env, ran, recipe_experiment, sh
+from tests.conftest import ROOT, env, ran, recipe_experiment, repro_in_copy
 
 PARAMS = replace(P.load(ROOT / "params.yaml"), recipe="internvl")
 INTERNVL_STAGES = ["pretrain", "render", "train", "convert", "merge", "evaluate", "report"]
@@ -194,9 +193,7 @@ def test_internvl_report_shows_the_image_prompt(internvl_built):
 
 @pytest.mark.e2e
 def test_internvl_second_repro_runs_nothing(internvl_built, tmp_path):
-    project = tmp_path / "copy"
-    shutil.copytree(internvl_built[0], project, symlinks=True)
-    out = sh("dvc", "repro", cwd=project).stdout
+    out = repro_in_copy(internvl_built[0], tmp_path / "copy")
     assert ran(out) == [] and "Data and pipelines are up to date" in out
 
 

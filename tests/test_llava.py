@@ -3,7 +3,6 @@ the real `dvc exp run -S recipe=llava` on a copy of the session's built (assista
 import json
 import os
 import re
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 
 from stages import llava, params as P, render, vision
 from stages.errors import StageError
-from tests.conftest import ROOT, assert_one_line_error, ran, recipe_experiment, run_stage, sh
+from tests.conftest import ROOT, assert_one_line_error, ran, recipe_experiment, repro_in_copy, run_stage, sh
 
 GOLDEN = ROOT / "tests" / "golden"
 PARAMS = replace(P.load(ROOT / "params.yaml"), recipe="llava")
@@ -229,9 +228,7 @@ def test_llava_report_shows_images_and_answers(llava_built):
 
 @pytest.mark.e2e
 def test_llava_second_repro_runs_nothing(llava_built, tmp_path):
-    project = tmp_path / "copy"
-    shutil.copytree(llava_built[0], project, symlinks=True)
-    out = sh("dvc", "repro", cwd=project).stdout
+    out = repro_in_copy(llava_built[0], tmp_path / "copy")
     assert ran(out) == [] and "Data and pipelines are up to date" in out
 
 
