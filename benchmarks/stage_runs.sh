@@ -11,6 +11,8 @@
 #   OUT=bench bash benchmarks/stage_runs.sh text [ITERS]      # the text recipe's whole DAG, 1.8B, defaults
 #   OUT=bench bash benchmarks/stage_runs.sh llava [ITERS]     # the llava recipe, whole DAG, real shapes
 #   OUT=bench bash benchmarks/stage_runs.sh internvl          # the internvl recipe's stand-in, whole DAG
+#   OUT=bench bash benchmarks/stage_runs.sh structures [ITERS] # 1.8B default: Llama beside InternLM2, then InternLM2's DAG
+#   OUT=bench bash benchmarks/stage_runs.sh lean7b-structures [ITERS]  # 7B within 8 GB: Llama beside InternLM2
 set -euo pipefail
 SUITE=${1:-compare}; ITERS=${2:-30}; OUT=${OUT:-bench}
 mkdir -p "$OUT" /tmp/bin /tmp/models
@@ -29,9 +31,9 @@ for section, values in ast.literal_eval(sys.argv[1]).items():
 yaml.dump(p, open("params.yaml", "w"))
 PY
 }
-use_model() {  # shape: make the random model, point params at it, build the data
-  local model=/tmp/models/$1
-  [ -d "$model" ] || python scripts/random_model.py "$1" "$model" --tokenizer models/tiny-internlm2
+use_model() {  # shape, [arch: internlm2 (default) | llama]: make the random model, point params at it, build the data
+  local arch=${2:-internlm2} model=/tmp/models/$1-${2:-internlm2}
+  [ -d "$model" ] || python scripts/random_model.py "$1" "$model" --arch "$arch" --tokenizer models/tiny-internlm2
   set_params "{'model': {'path': '$model'}, 'data': {'repeat': 200, 'max_length': 2048},
     'lora': {'alpha': 16}, 'eval': {'interval': 100000, 'max_new_tokens': 8},
     'train': {'lr': 2e-4, 'global_batch': 16, 'max_iters': $ITERS, 'save_interval': 100000, 'warmup_iters': 2}}"
@@ -97,6 +99,19 @@ case $SUITE in
     run "tutorial (fp16, 1 x 16, ZeRO-2)" "{'train': {'micro_batch': 1, 'memory_gb': 'auto', 'activation_checkpointing': True,
       'fused_loss': False, 'compile_layers': False, 'deepspeed': 'zero2', 'precision': 'fp16', 'optimizer': 'adamw'},
       'quant': {'upcast_frozen': True}}" ;;
+  structures)  # the same default run on both structures of the 1.8B shape, then the rest of InternLM2's DAG
+    use_model internlm2-1_8b llama
+    run "1.8B Llama structure, default (24 GB budget)" "$DEFAULT"
+    use_model internlm2-1_8b internlm2
+    run "1.8B InternLM2 structure, default (24 GB budget)" "$DEFAULT"
+    dag assistant "assistant recipe, InternLM2-1.8B structure, default GPU settings" ;;
+  lean7b-structures)
+    LEAN="{'train': {'micro_batch': 1, 'memory_gb': 8, 'activation_checkpointing': True, 'fused_loss': True,
+      'compile_layers': 'auto', 'deepspeed': 'none', 'optimizer': 'paged_adamw8bit'}, 'quant': {'upcast_frozen': False}}"
+    use_model 7b llama
+    run "7B Llama structure, lean (8 GB budget)" "$LEAN"
+    use_model 7b internlm2
+    run "7B InternLM2 structure, lean (8 GB budget)" "$LEAN" ;;
   lean7b)
     use_model 7b
     run "7B lean (8 GB budget)" "{'train': {'micro_batch': 1, 'memory_gb': 8, 'activation_checkpointing': True,

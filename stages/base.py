@@ -75,28 +75,34 @@ def build_tokenizer(texts: list[str], vocab_size: int):
         clean_up_tokenization_spaces=False)
 
 
-def build_model(tiny: P.TinyModel, tokenizer):
-    """A randomly initialised LlamaForCausalLM of the shape in `tiny`, from its fixed seed."""
-    from stages.xtuner_api import patch_stack
+def build_model(tiny: P.TinyModel, tokenizer, folder: Path):
+    """A randomly initialised causal LM of the architecture and shape in `tiny`, from its fixed seed;
+    `folder` receives its config.json (and remote code), as a downloaded model directory has them."""
+    from transformers import GenerationConfig
 
-    patch_stack()
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from stages.structures import internlm2_config, llama_config, new_causal_lm
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=tiny.hidden_size, intermediate_size=tiny.intermediate_size,
-        num_hidden_layers=tiny.num_layers, num_attention_heads=tiny.num_heads,
-        num_key_value_heads=tiny.num_kv_heads, max_position_embeddings=tiny.max_position_embeddings,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, torch_dtype="float32",
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(tiny.seed)
-    model = LlamaForCausalLM(config)
+    shape = dict(vocab_size=len(tokenizer), hidden_size=tiny.hidden_size, intermediate_size=tiny.intermediate_size,
+                 num_layers=tiny.num_layers, num_heads=tiny.num_heads, num_kv_heads=tiny.num_kv_heads,
+                 max_position_embeddings=tiny.max_position_embeddings, bos=tokenizer.bos_token_id,
+                 eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)
+    config = internlm2_config(**shape) if tiny.architecture == "internlm2" else llama_config(**shape)
+    model = new_causal_lm(folder, config, tiny.seed)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=[tokenizer.eos_token_id, im_end],
         pad_token_id=tokenizer.pad_token_id)
     return model
+
+
+def finish_config(folder: Path) -> None:
+    """config.json as a downloaded model has it: no `_name_or_path` of the temporary folder."""
+    from stages.io import write_json
+
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg.pop("_name_or_path", None)
+    write_json(path, cfg)
 
 
 def chat_corpus(raw: Path = RAW) -> list[list[dict]]:
@@ -144,16 +150,17 @@ def build(tiny: P.TinyModel, out: Path, raw: Path = RAW) -> None:
 
     texts = list(corpus(raw))
     tokenizer = build_tokenizer(texts, tiny.vocab_size)
-    model = build_model(tiny, tokenizer)
-    losses = pretrain(model, tokenizer, chat_corpus(raw), tiny.pretrain_steps, tiny.seed)
-    if losses:
-        print(f"[base] pretrained {len(losses)} steps on {raw / 'general_chat.jsonl'}: loss "
-              f"{losses[0]:.2f} -> {sum(losses[-10:]) / len(losses[-10:]):.2f}", flush=True)
-    n_params = sum(p.numel() for p in model.parameters())
     with output_dir(out) as tmp:
+        model = build_model(tiny, tokenizer, tmp)
+        losses = pretrain(model, tokenizer, chat_corpus(raw), tiny.pretrain_steps, tiny.seed)
+        if losses:
+            print(f"[base] pretrained {len(losses)} steps on {raw / 'general_chat.jsonl'}: loss "
+                  f"{losses[0]:.2f} -> {sum(losses[-10:]) / len(losses[-10:]):.2f}", flush=True)
+        n_params = sum(p.numel() for p in model.parameters())
         tokenizer.save_pretrained(tmp)
         model.save_pretrained(tmp, safe_serialization=True)
-    print(f"[base] {out}: {n_params:,} parameters, vocabulary {len(tokenizer):,} "
+        finish_config(tmp)
+    print(f"[base] {out}: {type(model).__name__}, {n_params:,} parameters, vocabulary {len(tokenizer):,} "
           f"(trained on {len(texts):,} texts from {raw}/)", flush=True)
 
 

@@ -1,15 +1,16 @@
 """Stage `internvl`: build the internvl recipe's stand-in model, deterministically.
 
 InternVL needs its model's own remote code, and no InternVL model is on a CPU machine. The stand-in
-is a tiny model with the structure XTuner's InternVL_V1_5 and InternVL_V1_5_Dataset expect, written
-for this project (stages/remote_code/internvl/, copied into the model directory as InternVL2-2B ships
-its `*.py`): a CLIP vision transformer of the shape in `internvl.tiny` (random, from its seed), `mlp1`
-(LayerNorm, Linear, GELU, Linear over pixel-shuffled patch features; random), and as language model
-models/tiny-internlm2 (the base stage's tiny chat model) with the tokenizer extended by `<img>`,
-`</img>` and `<IMG_CONTEXT>` (the vocabulary padded to a multiple of 64: bitsandbytes' CPU 4-bit
-kernels need output rows in blocks of 32, and XTuner quantizes the output head too). It exercises the
-plumbing (training, conversion, remote code, chat); it knows nothing. A real InternVL2-2B directory
-goes in `internvl.path` on a GPU host.
+has InternVL2-2B's structure at a tiny size: InternViT (`modeling_intern_vit.py`, of the shape in
+`internvl.tiny`, random from its seed), `mlp1` over pixel-shuffled patch features (random), and as
+language model models/tiny-internlm2 (the base stage's tiny InternLM2 chat model) with the tokenizer
+extended by `<img>`, `</img>` and `<IMG_CONTEXT>` (the vocabulary padded to a multiple of 64:
+bitsandbytes' CPU 4-bit kernels need output rows in blocks of 32). The directory holds, as
+InternVL2-2B's does, `modeling_internvl_chat.py` and `configuration_internvl_chat.py` (written for this
+project: stages/remote_code/internvl/) beside InternViT's and InternLM2's code files, copied from the
+installed XTuner package (stages/structures.py). It exercises the plumbing (training, conversion,
+remote code, chat); it knows nothing. A real InternVL2-2B directory goes in `internvl.path` on a GPU
+host.
 
 Loads with `AutoModel.from_pretrained(path, trust_remote_code=True)` and `AutoTokenizer`. Same params,
 same bytes.
@@ -72,20 +73,34 @@ def image_token_counts(records: list[dict], folder: Path, model: Path) -> list[i
 
 
 def config_dict(shape: P.TinyInternVL, llm_config: dict) -> dict:
-    """config.json of the stand-in: InternVL's fields, a CLIP vision config, the tiny LLM's config."""
-    vision = {"model_type": "clip_vision_model", "hidden_size": shape.hidden_size,
-              "intermediate_size": shape.intermediate_size, "projection_dim": shape.hidden_size,
+    """config.json of the stand-in: InternVL2's fields, an InternViT vision config (InternVL2-2B's keys),
+    the tiny InternLM2's config."""
+    vision = {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
+              "hidden_size": shape.hidden_size, "intermediate_size": shape.intermediate_size,
               "num_hidden_layers": shape.num_layers, "num_attention_heads": shape.num_heads, "num_channels": 3,
-              "image_size": shape.image_size, "patch_size": shape.patch_size, "hidden_act": "quick_gelu",
-              "layer_norm_eps": 1e-5}
-    llm = {**llm_config, "architectures": ["InternLM2ForCausalLM"]}  # the chat format it speaks (see module doc)
+              "image_size": shape.image_size, "patch_size": shape.patch_size, "hidden_act": "gelu",
+              "norm_type": "layer_norm", "layer_norm_eps": 1e-6, "qkv_bias": True, "qk_normalization": False,
+              "use_flash_attn": True, "dropout": 0.0, "attention_dropout": 0.0, "drop_path_rate": 0.0,
+              "initializer_range": 0.02, "initializer_factor": 1.0}
+    llm = {**llm_config, "architectures": ["InternLM2ForCausalLM"]}
     return {"architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
             "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
-                         "AutoModel": "modeling_internvl_chat.InternVLChatModel"},
+                         "AutoModel": "modeling_internvl_chat.InternVLChatModel",
+                         "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel"},
             "vision_config": vision, "llm_config": llm, "template": "internlm2-chat", "system_message": SYSTEM,
             "select_layer": -1, "force_image_size": shape.image_size, "downsample_ratio": shape.downsample_ratio,
             "ps_version": "v2", "dynamic_image_size": True, "use_thumbnail": True, "min_dynamic_patch": 1,
             "max_dynamic_patch": shape.max_dynamic_patch, "torch_dtype": "float32"}
+
+
+def write_code(folder: Path) -> None:
+    """The stand-in's remote code: the project's InternVLChat files, InternViT's and InternLM2's."""
+    from stages.structures import copy_code
+
+    for code in sorted(INTERNVL_CODE.glob("*.py")):
+        shutil.copy2(code, folder / code.name)
+    copy_code("intern_vit", folder)
+    copy_code("internlm2", folder)
 
 
 def build(shape: P.TinyInternVL, llm: Path, out: Path) -> dict:
@@ -96,18 +111,20 @@ def build(shape: P.TinyInternVL, llm: Path, out: Path) -> dict:
 
     patch_stack()
     import torch
-    from transformers import AutoConfig, AutoModel, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModel
+
+    from stages.modeldir import load_model
 
     check(llm, "the stand-in's LLM")
     tokenizer = load_tokenizer(llm, "the stand-in's LLM")
     tokenizer.add_tokens(IMAGE_TOKENS, special_tokens=True)
-    lm = LlamaForCausalLM.from_pretrained(str(llm), torch_dtype=torch.float32, local_files_only=True)
+    lm = load_model(llm, "the stand-in's LLM", torch_dtype=torch.float32)
     torch.manual_seed(shape.seed)
     lm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
-    llm_config = {k: v for k, v in lm.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    llm_config = {k: v for k, v in lm.config.to_dict().items()
+                  if k not in ("_name_or_path", "transformers_version", "auto_map")}
     with output_dir(out) as tmp:
-        for code in sorted(INTERNVL_CODE.glob("*.py")):
-            shutil.copy2(code, tmp / code.name)
+        write_code(tmp)
         write_json(tmp / "config.json", config_dict(shape, llm_config))
         config = AutoConfig.from_pretrained(str(tmp), trust_remote_code=True, local_files_only=True)
         torch.manual_seed(shape.seed)
@@ -119,8 +136,7 @@ def build(shape: P.TinyInternVL, llm: Path, out: Path) -> dict:
         cfg.pop("_name_or_path", None)  # the temporary folder's name
         write_json(tmp / "config.json", cfg)
         tokenizer.save_pretrained(tmp)
-        for code in sorted(INTERNVL_CODE.glob("*.py")):  # and rewrite them
-            shutil.copy2(code, tmp / code.name)
+        write_code(tmp)  # and rewrite them
     return {"path": str(out), "parameters": sum(p.numel() for p in model.parameters()),
             "vision_parameters": sum(p.numel() for p in model.vision_model.parameters()),
             "vocabulary": len(tokenizer), "embedding_rows": lm.get_input_embeddings().weight.shape[0],

@@ -36,9 +36,10 @@ def write_jsonl(path: Path, records: Iterable[Any]) -> None:
 
 @contextlib.contextmanager
 def output_dir(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces `path` in one rename."""
+    """Yield a temporary sibling folder; on success it replaces `path` in one rename. Its name has no
+    dots: transformers imports a model directory's remote code as a package named after the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"_{path.name.replace('.', '_')}_partial_"))
     try:
         yield tmp
         os.chmod(tmp, 0o755)

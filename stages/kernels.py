@@ -20,6 +20,9 @@ casts every weight that is not 4-bit (embeddings, output head, norms) to float32
 vocabulary that is 1.5 GB more for a 1.8B model and 3 GB for a 7B one, and makes the output head a
 float32 matmul. With `upcast_frozen: false` they go back to the compute dtype after that call.
 
+Attention: a model whose remote code reads `attn_implementation` from its config.json (InternLM2's
+says `eager`) trains with the SDPA class of the same code (`use_sdpa`).
+
 Compiled layers: a QLoRA step is hundreds of small kernels a layer (4-bit dequantisation, LoRA's
 dropout, scale and add, norms, RoPE, SwiGLU), each launched from Python; on an H100 the GPU waits
 for the launches. `torch.compile` of each decoder layer fuses the element-wise work and cuts the
@@ -159,6 +162,33 @@ def compile_layers(model) -> int:
     return len(layers)
 
 
+def use_sdpa(model) -> int:
+    """Switch a remote-code model that picks its attention class from `config.attn_implementation`
+    (InternLM2's code; the released config.json says `eager`) from the eager class to the SDPA class of
+    the same code; the number of modules switched. The SDPA class is a subclass with the same weights
+    and the same result; eager attention materialises batch x heads x length^2 scores in float32
+    (4.3 GB a layer for 16 x 2048 tokens), SDPA runs a fused kernel and, on packed batches without
+    padding, the causal flash kernel. transformers' own models (Llama) are switched by XTuner already."""
+    import sys
+
+    config = getattr(model, "config", None)
+    if getattr(config, "attn_implementation", None) != "eager":
+        return 0
+    module = sys.modules.get(type(model).__module__)
+    classes = next((v for k, v in vars(module).items() if k.endswith("_ATTENTION_CLASSES") and isinstance(v, dict)),
+                   None) if module else None
+    if not classes or not {"eager", "sdpa"} <= set(classes):
+        return 0
+    switched = 0
+    for sub in model.modules():
+        if type(sub) is classes["eager"]:
+            sub.__class__ = classes["sdpa"]
+            switched += 1
+    if switched:
+        config.attn_implementation = "sdpa"
+    return switched
+
+
 def _frozen_to(model, dtype) -> None:
     for param in model.parameters():
         if not param.requires_grad and param.is_floating_point() and param.dtype != dtype \
@@ -183,6 +213,7 @@ def apply(pipeline: dict) -> None:
 
     def dispatch_modules(model, *args, **kwargs):
         result = dispatch(model, *args, **kwargs)
+        use_sdpa(model)
         if _SETTINGS["fused_loss"]:
             install_fused_loss(model)
         if _SETTINGS["compile_layers"]:

@@ -34,6 +34,20 @@ def check(path: str | Path, key: str = "model.path") -> Path:
     return folder
 
 
+def read_config(path: str | Path, key: str = "model.path") -> dict:
+    """The model directory's config.json, or one line naming what is wrong with it."""
+    file = Path(path) / "config.json"
+    try:
+        cfg = json.loads(file.read_bytes())
+    except FileNotFoundError:
+        fail(f"{key}: {file} is missing; {key} must be a model directory with its config.json")
+    except ValueError as err:
+        fail(f"{key}: {file}: not valid JSON ({str(err).splitlines()[0]})")
+    if not isinstance(cfg, dict):
+        fail(f"{key}: {file}: not a JSON object")
+    return cfg
+
+
 def _reason(err: BaseException) -> str:
     """The first line that says something. A fast tokenizer that fails to load makes transformers try
     a slow one, whose ImportError (protobuf, sentencepiece) hides the reason: report the first error."""

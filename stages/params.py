@@ -31,8 +31,12 @@ def spec(doc: str, **rules: Any) -> Any:
 
 @dataclass(frozen=True)
 class TinyModel:
-    """The embedded default's base model: a Llama-architecture causal LM built locally (stage base)."""
+    """The embedded default's base model: a causal LM built locally (stage base), InternLM2's structure
+    (XTuner's shipped remote code) by default."""
 
+    architecture: Literal["internlm2", "llama"] = spec(
+        "internlm2: InternLM2ForCausalLM through trust_remote_code, as internlm2-chat-1_8b; llama: transformers' "
+        "LlamaForCausalLM (the Llama-format case)")
     vocab_size: int = spec("byte-level BPE vocabulary, special tokens included", minimum=320, maximum=65536)
     hidden_size: int = spec("model width", minimum=8)
     num_layers: int = spec("decoder layers", minimum=1)

@@ -26,7 +26,9 @@ from typing import Any, Sequence
 from stages import memory
 from stages import params as P
 from stages.errors import fail
+from stages.structures import lora_targets
 from stages.io import output_dir, write_json
+from stages.modeldir import read_config
 from stages.paths import (CONFIG_DIR, PRETRAIN, PRETRAIN_WORK, TEMPLATES, TRAIN_WORK, VALIDATED_ASSISTANT,
                           VALIDATED_INTERNVL, VALIDATED_LLAVA)
 
@@ -124,7 +126,7 @@ def context(p: P.Params, resolved: dict, out: Path = CONFIG_DIR) -> dict:
         "torch_dtype": resolved["torch_dtype"], "compute_dtype": resolved["compute_dtype"],
         "quant": None if p.quant.mode == "none" else p.quant.mode, "double_quant": p.quant.double_quant,
         "lora_r": p.lora.r, "lora_alpha": p.lora.alpha, "lora_dropout": p.lora.dropout,
-        "target_modules": None if p.lora.target_modules == "all-linear" else list(p.lora.target_modules),
+        "target_modules": lora_targets(read_config(p.model.path), p.lora.target_modules),
         **run_settings(resolved, t.max_iters),
         "map_num_proc": 1 if resolved["device"] == "cpu" else 8,
         "pipeline": {**resolved, "deepspeed_config": "deepspeed.json" if ds != "none" else None},
@@ -174,7 +176,7 @@ def llava_context(p: P.Params, resolved: dict, phase: str, out: Path = CONFIG_DI
         "torch_dtype": resolved["torch_dtype"], "compute_dtype": resolved["compute_dtype"],
         "quant": None if p.quant.mode == "none" else p.quant.mode, "double_quant": p.quant.double_quant,
         "llm_lora": {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout,
-                     "target_modules": None if lora.target_modules == "all-linear" else list(lora.target_modules)},
+                     "target_modules": lora_targets(read_config(p.model.path), lora.target_modules)},
         "visual_lora": {"r": lv.visual_lora.r, "alpha": lv.visual_lora.alpha, "dropout": lv.visual_lora.dropout,
                         "target_modules": None},
         "visual_select_layer": -2, "seed": t.seed,
@@ -200,7 +202,9 @@ def internvl_context(p: P.Params, resolved: dict, out: Path = CONFIG_DIR) -> dic
         "warmup_iters": iv.warmup_iters, "max_iters": iv.max_iters,
         "save_interval": min(t.save_interval, iv.max_iters), "save_total_limit": t.save_total_limit,
         "quantization_llm": p.quant.mode != "none", "torch_dtype": resolved["torch_dtype"],
-        "lora": {"r": iv.lora.r, "alpha": iv.lora.alpha, "dropout": iv.lora.dropout}, "seed": t.seed,
+        "lora": {"r": iv.lora.r, "alpha": iv.lora.alpha, "dropout": iv.lora.dropout,
+                 "target_modules": lora_targets(read_config(iv.path, "internvl.path").get("llm_config", {}), "all-linear")},
+        "seed": t.seed,
         **run_settings(resolved, iv.max_iters),
         "pipeline": {**resolved, "recipe": "internvl", "quant": p.quant.mode,
                      "deepspeed_config": "deepspeed.json" if ds != "none" else None},

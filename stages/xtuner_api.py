@@ -46,8 +46,28 @@ def lean_imports(images: bool = True) -> None:
     (benchmarks/import_times.py), most of what those stages took. transformers' optional
     integrations go too, and torchvision (0.9 s) where no image is involved (`images=False`: the
     text recipe). Call it before anything imports them; a module already imported stays."""
-    for name in LEAN + OPTIONAL + (() if images else ("torchvision",)):
-        sys.modules.setdefault(name, None)
+    hidden = [name for name in LEAN + OPTIONAL + (() if images else ("torchvision",)) if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None
+    _einops_torch_first(hidden)
+
+
+def _einops_torch_first(hidden: list[str]) -> None:
+    """Prevents `ModuleNotFoundError: import of tensorflow halted; None in sys.modules` when remote
+    code (InternLM2's attention, InternViT) calls einops in a lean process: einops looks for a tensor's
+    backend among the frameworks named in `sys.modules`, and the entries lean_imports leaves there
+    (None) make it import them. Its torch backend is found once, with those entries out of sight, and
+    einops then answers every torch tensor from its cache."""
+    if importlib.util.find_spec("einops") is None:
+        return
+    import torch
+    from einops import _backends
+
+    saved = {name: sys.modules.pop(name) for name in hidden if sys.modules.get(name, 0) is None}
+    try:
+        _backends.get_backend(torch.empty(0))
+    finally:
+        sys.modules.update(saved)
 
 
 def _hidden(name: str) -> bool:
@@ -308,7 +328,7 @@ def patch_internvl(torch_dtype: str) -> None:
       `flash_attention_2` forced into `llm_config`: on a CPU (no flash-attn, no fast bf16) that fails
       (`ImportError: ... flash_attn ...`) or trains in another precision than rendered. Its
       `AutoModel` is given a loader that uses `torch_dtype` for both, and keeps flash_attention_2 only
-      where flash-attn is importable and a GPU is visible (else eager attention).
+      where flash-attn is importable and a GPU is visible (else SDPA for InternLM2, eager for others).
     - Its `_llm_forward` calls `torch.distributed.get_rank()` unconditionally: `ValueError: Default
       process group has not been initialized` in a single-process run. get_rank answers 0 when no
       process group exists (what a single process is), and asks the group otherwise.
@@ -343,9 +363,11 @@ def patch_internvl(torch_dtype: str) -> None:
                 quantization_config.bnb_4bit_compute_dtype = dtype
             llm = getattr(config, "llm_config", None)
             if llm is not None and not _flash_attention_usable():
-                if getattr(llm, "model_type", "") == "internlm2":  # InternLM2's remote code reads this one
-                    llm.attn_implementation = "eager"
-                llm._attn_implementation = "eager"
+                if getattr(llm, "model_type", "") == "internlm2":  # InternLM2's remote code reads this one:
+                    llm.attn_implementation = "sdpa"  # its SDPA class, same weights (stages/kernels.py use_sdpa)
+                    llm._attn_implementation = "sdpa"
+                else:
+                    llm._attn_implementation = "eager"
             return transformers.AutoModel.from_pretrained(path, torch_dtype=dtype, quantization_config=quantization_config,
                                                           config=config, **kwargs)
 

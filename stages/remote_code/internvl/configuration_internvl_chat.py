@@ -1,14 +1,16 @@
-"""InternVLChatConfig of the pipeline's tiny InternVL stand-in (models/tiny-internvl).
+"""InternVLChatConfig of the pipeline's InternVL stand-in (models/tiny-internvl; see stages/internvl.py).
 
-Written for this project, not InternVL's code: a config with the fields XTuner's InternVL_V1_5 model
-and InternVL_V1_5_Dataset read (`vision_config`, `llm_config`, `template`, `downsample_ratio`,
-`select_layer`, `ps_version`, `force_image_size`, `min_dynamic_patch`, `max_dynamic_patch`,
-`use_thumbnail`, `dynamic_image_size`). The vision part is a CLIP vision config, the language part a
-Llama config. `llm_config.architectures` says which chat format the LLM speaks (InternLM2's: XTuner's
-dataset picks its template by it), while `llm_config.model_type` says what it is built as (llama).
-It exercises the pipeline's plumbing; a real InternVL2-2B directory brings its own remote code.
+Written for this project, not InternVL's code. It composes the two configurations that InternVL2-2B's
+directory also carries, copied in beside this file from the installed XTuner package when the
+stand-in is built: InternViT's (`configuration_intern_vit.py`, InternVisionConfig) and InternLM2's
+(`configuration_internlm2.py`, InternLM2Config), with the fields XTuner's InternVL_V1_5 and
+InternVL_V1_5_Dataset read (`template`, `downsample_ratio`, `select_layer`, `ps_version`,
+`force_image_size`, `min_dynamic_patch`, `max_dynamic_patch`, `use_thumbnail`, `dynamic_image_size`).
 """
-from transformers import CLIPVisionConfig, LlamaConfig, PretrainedConfig
+from transformers import LlamaConfig, PretrainedConfig
+
+from .configuration_intern_vit import InternVisionConfig
+from .configuration_internlm2 import InternLM2Config
 
 
 class InternVLChatConfig(PretrainedConfig):
@@ -19,9 +21,16 @@ class InternVLChatConfig(PretrainedConfig):
                  downsample_ratio=0.5, template="internlm2-chat", system_message="", dynamic_image_size=True,
                  use_thumbnail=True, ps_version="v2", min_dynamic_patch=1, max_dynamic_patch=6, **kwargs):
         super().__init__(**kwargs)
-        self.vision_config = vision_config if isinstance(vision_config, CLIPVisionConfig) else \
-            CLIPVisionConfig(**(vision_config or {}))
-        self.llm_config = llm_config if isinstance(llm_config, LlamaConfig) else LlamaConfig(**(llm_config or {}))
+        vision_config = vision_config or {}
+        self.vision_config = vision_config if isinstance(vision_config, PretrainedConfig) else \
+            InternVisionConfig(**vision_config)
+        llm_config = llm_config or {"architectures": ["InternLM2ForCausalLM"]}
+        if isinstance(llm_config, PretrainedConfig):
+            self.llm_config = llm_config
+        elif (llm_config.get("architectures") or [""])[0] == "LlamaForCausalLM":
+            self.llm_config = LlamaConfig(**llm_config)
+        else:
+            self.llm_config = InternLM2Config(**llm_config)
         self.select_layer = select_layer
         self.force_image_size = force_image_size or self.vision_config.image_size
         self.downsample_ratio = downsample_ratio

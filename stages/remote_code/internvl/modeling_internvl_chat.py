@@ -1,19 +1,25 @@
-"""InternVLChatModel of the pipeline's tiny InternVL stand-in (models/tiny-internvl).
+"""InternVLChatModel of the pipeline's InternVL stand-in (models/tiny-internvl; see stages/internvl.py).
 
-Written for this project, not InternVL's code: the interface XTuner's InternVL_V1_5 and the evaluate
-stage use, over small parts. `vision_model` (a CLIP vision transformer), `mlp1` (LayerNorm, Linear,
-GELU, Linear over pixel-shuffled patch features), `language_model` (a Llama causal LM that speaks
-InternLM2's chat format), `extract_feature`, `pixel_shuffle`, `num_image_token`,
-`img_context_token_id`, `forward`, `generate` and `chat`. An image reaches the LLM as
-`<img>` + `<IMG_CONTEXT>` x num_image_token per tile + `</img>`; the `<IMG_CONTEXT>` positions' embeddings
-are replaced by the image's features. It exercises the pipeline's plumbing, nothing more.
+Written for this project, not InternVL's code: InternVL2's composition with the interface XTuner's
+InternVL_V1_5 and the evaluate stage use. Its parts are the real structures, from the files copied in
+beside this one from the installed XTuner package when the stand-in is built, as InternVL2-2B's
+directory carries them: `vision_model` (InternViT, `modeling_intern_vit.py`), `mlp1` (LayerNorm,
+Linear, GELU, Linear over pixel-shuffled patch features, as InternVL2) and `language_model`
+(InternLM2ForCausalLM, `modeling_internlm2.py`). `extract_feature` drops InternViT's CLS token and
+pixel-shuffles the patch grid as InternVL2's v2 shuffle does. An image reaches the LLM as `<img>` +
+`<IMG_CONTEXT>` x num_image_token per tile + `</img>`; the `<IMG_CONTEXT>` positions' embeddings are
+replaced by the image's features. What differs from InternVL2's own file: no conversation-template
+module (the prompt is InternLM2's chat format, built in `prompt`), no batch_chat, no flash-attention
+switches of its own.
 """
 import torch
 from torch import nn
-from transformers import CLIPVisionModel, GenerationConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_internvl_chat import InternVLChatConfig
+from .modeling_intern_vit import InternVisionModel
+from .modeling_internlm2 import InternLM2ForCausalLM
 
 IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN = "<img>", "</img>", "<IMG_CONTEXT>"
 
@@ -22,7 +28,7 @@ class InternVLChatModel(PreTrainedModel):
     config_class = InternVLChatConfig
     main_input_name = "pixel_values"
     base_model_prefix = "language_model"
-    _no_split_modules = ["CLIPEncoderLayer", "LlamaDecoderLayer"]
+    _no_split_modules = ["InternVisionEncoderLayer", "InternLM2DecoderLayer", "LlamaDecoderLayer"]
     _supports_flash_attn_2 = True
     _supports_sdpa = True
 
@@ -34,8 +40,9 @@ class InternVLChatModel(PreTrainedModel):
         self.downsample_ratio = config.downsample_ratio
         self.ps_version = config.ps_version
         self.num_image_token = int((config.force_image_size // patch) ** 2 * config.downsample_ratio ** 2)
-        self.vision_model = vision_model or CLIPVisionModel(config.vision_config)
-        self.language_model = language_model or LlamaForCausalLM(config.llm_config)
+        self.vision_model = vision_model or InternVisionModel(config.vision_config)
+        llm_class = LlamaForCausalLM if config.llm_config.architectures == ["LlamaForCausalLM"] else InternLM2ForCausalLM
+        self.language_model = language_model or llm_class(config.llm_config)
         width = config.vision_config.hidden_size * int(round(1 / config.downsample_ratio)) ** 2
         hidden = config.llm_config.hidden_size
         self.mlp1 = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden))
@@ -54,12 +61,12 @@ class InternVLChatModel(PreTrainedModel):
     # -- image features -----------------------------------------------------------------------
 
     def pixel_shuffle(self, x, scale_factor=0.5):
-        """(n, h, w, c) -> (n, h * s, w * s, c / s^2): each block of 1/s x 1/s neighbouring patches
-        becomes one token with their features side by side."""
-        n, h, w, c = x.shape
-        r = int(round(1 / scale_factor))
-        x = x.reshape(n, h // r, r, w // r, r, c).permute(0, 1, 3, 2, 4, 5)
-        return x.reshape(n, h // r, w // r, r * r * c)
+        """(n, w, h, c) -> (n, w * s, h * s, c / s^2), InternVL2's v2 order: the rows are folded into
+        the channels first, then the columns, so each token holds a block of 1/s x 1/s neighbours."""
+        n, w, h, c = x.shape
+        x = x.reshape(n, w, int(h * scale_factor), int(c / scale_factor)).permute(0, 2, 1, 3)
+        x = x.reshape(n, int(h * scale_factor), int(w * scale_factor), int(c / scale_factor ** 2))
+        return x.permute(0, 2, 1, 3).contiguous()
 
     def extract_feature(self, pixel_values):
         """Tiles (n, 3, H, W) -> LLM-width image tokens (n, num_image_token, hidden)."""
