@@ -122,7 +122,7 @@ def check_pretrained_pth(path: Path, llm: Path, visual_encoder: Path, key: str =
     path = Path(path)
     if not path.exists():
         fail(f"{key}: {path}: not found")
-    weights = load_checkpoint_weights(path)
+    weights = load_checkpoint_weights(path, key)
     expected = expected_projector_from_dirs(llm, visual_encoder)
     p = pth_problems(weights, expected)
     parts = []

@@ -6,6 +6,7 @@ test in tests/test_xtuner_api.py that fails without it.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
@@ -27,9 +28,8 @@ def patch_stack() -> None:
     _torch_cpu_bf16_query()
     _bnb_backend_check()
     _bnb_cpu_packing_off()
-    # Prevents `UnpicklingError: Weights only load failed ... HistoryBuffer` when mmengine resumes
-    # from its own checkpoint on torch >= 2.6 (they hold mmengine objects, not only tensors).
-    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    # No process-wide unpickling setting: checkpoints load with weights only (`weights_only_loads`);
+    # only the trainer resuming from the pipeline's own checkpoint unpickles fully (`full_unpickling`).
 
 
 LEAN = ("bitsandbytes", "deepspeed")
@@ -223,7 +223,11 @@ def run_trainer(config: Path, work_dir: Path, deepspeed: Path | None, resume: Pa
     from xtuner.tools import train
 
     _chat_hook_under_amp()
-    run_tool(train, "xtuner-train", argv)
+    # Only a resume reads a checkpoint that needs more than weights (models/work/, written by this
+    # pipeline's trainer); a fresh run loads its pretrained_pth (models/pretrain/projector.pth) with
+    # weights only, though XTuner asks torch for full unpickling.
+    with full_unpickling() if resume is not None else weights_only_loads():
+        run_tool(train, "xtuner-train", argv)
 
 
 def run_tool(module: Any, prog: str, argv: list[str]) -> None:
@@ -267,17 +271,111 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def load_checkpoint_weights(path: Path) -> dict:
+def load_checkpoint_weights(path: Path, key: str | None = None) -> dict:
     """The model weights of an XTuner checkpoint (a .pth file, or a DeepSpeed checkpoint folder);
-    for a LoRA run these are the adapter's weights only."""
+    for a LoRA run these are the adapter's weights only. Read with weights only (`weights_only_loads`):
+    a file whose pickle would run code is refused, in one line naming it (`key`: the param it came from)."""
     patch_stack()
+    import pickle
+
     from xtuner.model.utils import guess_load_checkpoint
 
+    where = f"{key}: {path}" if key else str(path)
+    if Path(path).is_dir() and not _hidden("deepspeed"):
+        import deepspeed  # noqa: F401  (its classes are allowed by name in a DeepSpeed checkpoint)
     try:
-        return dict(guess_load_checkpoint(str(path)))
+        with weights_only_loads():
+            return dict(guess_load_checkpoint(str(path)))
+    except pickle.UnpicklingError as err:
+        fail(f"{where}: refused: its pickle would call {_unsafe_global(path, err)}, which a checkpoint of weights "
+             "never needs (read with torch.load(weights_only=True); nothing in it ran)")
     except Exception as err:  # torch and DeepSpeed raise many kinds on a damaged file
-        fail(f"{path}: not a readable XTuner checkpoint ({type(err).__name__}: "
+        fail(f"{where}: not a readable XTuner checkpoint ({type(err).__name__}: "
              f"{str(err).splitlines()[0] if str(err) else ''})")
+
+
+def _unsafe_global(path: Path, err: Exception) -> str:
+    """The global a refused pickle names (read from its opcodes, nothing run), else torch's word for it."""
+    import re
+
+    import torch
+
+    if Path(path).is_file():
+        with contextlib.suppress(Exception):
+            allowed = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in checkpoint_globals()}
+            names = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) if g not in allowed]
+            if names:
+                return ", ".join(names)
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    return found.group(1) if found else "code"
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Every torch.load in the block reads weights only (`TORCH_FORCE_WEIGHTS_ONLY_LOAD`: also the calls
+    that ask for `weights_only=False`, as XTuner's guess_load_checkpoint and its DeepSpeed-folder reader
+    do), with the few globals an XTuner checkpoint names beyond torch's own allowed by name
+    (`checkpoint_globals`). A pickle that names any other global is refused before anything in it runs."""
+    import torch
+
+    with _environ(TORCH_FORCE_WEIGHTS_ONLY_LOAD="1", TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=None), \
+            torch.serialization.safe_globals(checkpoint_globals()):
+        yield
+
+
+@contextlib.contextmanager
+def full_unpickling():
+    """Prevents `UnpicklingError: Weights only load failed ... HistoryBuffer` when XTuner's trainer
+    resumes (torch >= 2.6 loads weights only by default; mmengine and DeepSpeed resume with torch's
+    default): for the trainer's resume from models/work/ only, a checkpoint this pipeline wrote."""
+    with _environ(TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", TORCH_FORCE_WEIGHTS_ONLY_LOAD=None):
+        yield
+
+
+@contextlib.contextmanager
+def _environ(**values: str | None):
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def checkpoint_globals() -> list:
+    """What an XTuner/mmengine checkpoint pickles beyond tensors and plain data, allowed by name for
+    weights-only loading: numpy arrays, scalars and dtypes (mmengine's meta and message hub; numpy 1 and
+    2 spell the module differently), mmengine's HistoryBuffer, and the `getattr(HistoryBuffer, 'min')`
+    that names its statistics (a getattr that fetches nothing else). With DeepSpeed imported, its
+    ZeRO stage and loss-scaler classes (a DeepSpeed checkpoint's optimizer files)."""
+    import numpy as np
+    from mmengine.logging import HistoryBuffer
+
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    allowed: list = [np.ndarray, np.dtype, HistoryBuffer, (_history_buffer_statistic, "builtins.getattr")]
+    allowed += [type(np.dtype(t)) for t in ("b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8",
+                                             "O", "U", "S")]
+    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        allowed += [(multiarray._reconstruct, f"{module}._reconstruct"), (multiarray.scalar, f"{module}.scalar")]
+    if sys.modules.get("deepspeed") is not None:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        allowed += [LossScaler, DynamicLossScaler, ZeroStageEnum]
+    return allowed
+
+
+def _history_buffer_statistic(obj: Any, name: str) -> Any:
+    """builtins.getattr as mmengine's checkpoints use it: a statistic method of HistoryBuffer, nothing else."""
+    import pickle
+
+    from mmengine.logging import HistoryBuffer
+
+    if obj is HistoryBuffer and name in {"min", "max", "mean", "current", *getattr(HistoryBuffer, "_statistics_methods", {})}:
+        return getattr(obj, name)
+    raise pickle.UnpicklingError(f"GLOBAL builtins.getattr of {type(obj).__name__}.{name} is not allowed")
 
 
 def pth_to_hf(config: Path, pth: Path, out: Path, fp32: bool) -> None:
@@ -295,7 +393,8 @@ def pth_to_hf(config: Path, pth: Path, out: Path, fp32: bool) -> None:
     argv = [str(config), str(pth), str(out), "--safe-serialization"] + (["--fp32"] if fp32 else [])
     saved_config, tool.Config = tool.Config, _ConfigWithoutQuantization
     try:
-        run_tool(tool, "xtuner-pth_to_hf", argv)
+        with weights_only_loads():
+            run_tool(tool, "xtuner-pth_to_hf", argv)
     finally:
         tool.Config = saved_config
 
@@ -425,4 +524,5 @@ def convert_to_official(config: Path, pth: Path, out: Path, torch_dtype: str) ->
     module_spec = importlib.util.spec_from_file_location("xtuner_convert_to_official", script)
     tool = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(tool)
-    run_tool(tool, "convert_to_official.py", [str(config), str(pth), str(out)])
+    with weights_only_loads():
+        run_tool(tool, "convert_to_official.py", [str(config), str(pth), str(out)])

@@ -104,6 +104,16 @@ def recode(name: str, encoding: str) -> Callable[[Path], None]:
     return edit
 
 
+def pretrained_pth_running_code(project: Path) -> None:
+    """The llava recipe with a downloaded `iter_2181.pth` whose pickle would write data/raw/ran_code.txt
+    (the table's check of data/raw proves it never ran)."""
+    from tests.test_xtuner_api import crafted_pth
+
+    crafted_pth(project / "iter_2181.pth", project / "data/raw/ran_code.txt")
+    param("recipe: assistant ", "recipe: llava     ")(project)
+    param("  pretrained_pth:     ", "  pretrained_pth: iter_2181.pth")(project)
+
+
 def conv(*turns: tuple[str, object]) -> str:
     return json.dumps({"messages": [{"role": r, "content": c} for r, c in turns]}, ensure_ascii=False)
 
@@ -286,6 +296,11 @@ CASES = [
          ("internvl.path: models/InternVL2-2B is not a directory", "download the model")),
     Case("internvl-path-not-internvl", "validate", write("models/tiny-internvl/config.json", '{"model_type": "llama"}'),
          ("internvl.path: models/tiny-internvl/config.json lacks InternVL's 'force_image_size'",)),
+
+    # a downloaded checkpoint: met by pretrain (the llava recipe's llava.pretrained_pth)
+    Case("pretrained-pth-runs-code", "pretrain", pretrained_pth_running_code,
+         ("llava.pretrained_pth: iter_2181.pth: refused: its pickle would call builtins.exec", "nothing in it ran"),
+         subprocess=True),
 
     # the base model directory: met by validate (its tokenizer counts the tokens)
     Case("model-not-a-directory", "validate", param("path: models/tiny-internlm2", "path: models/internlm2-chat-1_8b"),

@@ -46,11 +46,24 @@ def test_bitsandbytes_kernels_run_here(built):
     assert check.ok, check.detail
 
 
-def test_disk_needs_room_for_three_copies_of_the_model(built, monkeypatch):
-    p = P.load(built / "params.yaml")
-    monkeypatch.chdir(built)
-    check = doctor.check_disk(p)
-    assert check.ok and "GiB free" in check.detail
+def test_disk_needs_room_for_three_copies_of_the_model(tmp_path, monkeypatch):
+    """The rule, on a model of known size and a disk of given room: 3 x the model + 1 GiB free passes,
+    a byte less fails (whatever this machine's disk holds)."""
+    import collections
+
+    model = tmp_path / "model"
+    (model / "sub").mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(b"\0" * 3000)
+    (model / "sub" / "tokenizer.json").write_bytes(b"\0" * 1000)
+    need = 3 * 4000 + 2**30
+    usage = collections.namedtuple("usage", "total used free")
+    base = P.load()
+    p = replace(base, model=replace(base.model, path=str(model)))
+    for free, ok in ((need, True), (need - 1, False)):
+        monkeypatch.setattr(doctor.shutil, "disk_usage", lambda root, free=free: usage(2 * need, need, free))
+        check = doctor.check_disk(p, tmp_path)
+        assert check.name == "disk" and check.ok == ok, (free, check.detail)
+        assert check.detail == f"{free / 2**30:.1f} GiB free, about {need / 2**30:.1f} GiB needed"
 
 
 def test_memory_check_weighs_the_setting_against_the_card(tmp_path, monkeypatch):

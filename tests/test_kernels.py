@@ -66,13 +66,88 @@ def test_frozen_weights_return_to_the_compute_dtype():
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
-def test_compiled_layers_are_used_only_in_training_mode():
+def test_compiled_layers_are_used_only_in_training_mode(monkeypatch):
+    """The training forward of each layer is the torch.compile'd one (dynamo traces it; a counting backend
+    runs the captured graph, so the logits match eager ones exactly); eval mode never enters it."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter, calls, real = CompileCounter(), [], torch.compile
+
+    def compile(fn, **kwargs):  # torch.compile as compile_layers calls it, observed
+        compiled = real(fn, backend=counter, **kwargs)
+
+        def run(*args, **kw):
+            calls.append(fn)
+            return compiled(*args, **kw)
+        return run
+
+    monkeypatch.setattr(torch, "compile", compile)
+    torch._dynamo.reset()
     model = tiny_llama()
     ids = torch.randint(0, 1000, (1, 8))
     model.eval()
-    expected = model(input_ids=ids).logits
+    expected_eval = model(input_ids=ids).logits
+    expected_train = model.train()(input_ids=ids).logits
     assert kernels.compile_layers(model) == 2
-    assert torch.equal(model(input_ids=ids).logits, expected)  # eval: eager, nothing compiled yet
+    assert torch.equal(model.eval()(input_ids=ids).logits, expected_eval)
+    assert calls == [] and counter.frame_count == 0  # eval: eager, nothing compiled
+    assert torch.allclose(model.train()(input_ids=ids).logits, expected_train, atol=1e-6)
+    assert len(calls) == 2 and counter.frame_count >= 1  # training: both layers through the compiled forward
+
+
+@pytest.fixture
+def xtuner_builds_with_apply(monkeypatch):
+    """XTuner's sft module as kernels.apply leaves it, restored afterwards (the patch is for the process)."""
+    patch_stack()
+    from xtuner.model import sft
+
+    monkeypatch.setattr(sft, "dispatch_modules", sft.dispatch_modules)
+    monkeypatch.setattr(sft, "prepare_model_for_kbit_training", sft.prepare_model_for_kbit_training)
+    monkeypatch.setattr(kernels, "_SETTINGS", {})
+    return sft
+
+
+def xtuner_lora_model(sft, folder, dtype=torch.float32):
+    """XTuner's SupervisedFinetune with LoRA, from a config as a rendered one gives it (a tiny Llama saved
+    to `folder`)."""
+    from mmengine.config import ConfigDict
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    if not (folder / "config.json").is_file():
+        tiny_llama().save_pretrained(folder)
+    llm = ConfigDict(type=AutoModelForCausalLM.from_pretrained, pretrained_model_name_or_path=str(folder),
+                     torch_dtype=dtype)
+    return sft.SupervisedFinetune(llm=llm, lora=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]),
+                                  use_activation_checkpointing=False)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_xtuner_builds_its_model_with_the_fused_loss_through_dispatch_modules(xtuner_builds_with_apply, tmp_path,
+                                                                               fused):
+    sft = xtuner_builds_with_apply
+    assert not getattr(xtuner_lora_model(sft, tmp_path).llm.base_model.model, "_fused_loss", False)  # XTuner alone
+    kernels.apply({"fused_loss": fused, "compute_dtype": "float32"})
+    llm = xtuner_lora_model(sft, tmp_path).llm.base_model.model
+    assert getattr(llm, "_fused_loss", False) == fused
+    ids = torch.randint(0, 1000, (2, 10))
+    out = llm.train()(input_ids=ids, labels=ids)
+    assert (out.logits is None) == fused and out.loss.isfinite()
+
+
+def test_xtuner_lora_keeps_frozen_weights_in_the_compute_dtype_through_prepare(xtuner_builds_with_apply, tmp_path):
+    """peft's prepare_model_for_kbit_training (XTuner calls it for every LoRA run) casts frozen bf16 weights
+    to float32; with upcast_frozen false they are back in bf16 after it, the LoRA weights untouched."""
+    sft = xtuner_builds_with_apply
+    frozen = lambda model: {p.dtype for p in model.parameters() if not p.requires_grad}  # noqa: E731
+    assert frozen(xtuner_lora_model(sft, tmp_path, torch.bfloat16)) == {torch.float32}  # XTuner alone
+    kernels.apply({"upcast_frozen": True, "compute_dtype": "bfloat16"})
+    assert frozen(xtuner_lora_model(sft, tmp_path, torch.bfloat16)) == {torch.float32}  # asked for: as XTuner does
+    kernels.apply({"upcast_frozen": False, "compute_dtype": "bfloat16"})
+    model = xtuner_lora_model(sft, tmp_path, torch.bfloat16)
+    assert frozen(model) == {torch.bfloat16}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} and \
+        all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
 
 
 def test_out_of_memory_message_names_what_to_change():

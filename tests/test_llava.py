@@ -174,9 +174,30 @@ def test_pretrain_stage_takes_a_pretrained_pth_that_fits(project, capsys, monkey
     summary = json.loads((project / "models/pretrain/summary.json").read_text())
     assert summary["projector_from"] == "iter_2181.pth" and "pretrain_iters" not in summary
     saved = torch.load(project / "models/pretrain/projector.pth", weights_only=True)["state_dict"]
-    original = torch.load(project / "iter_2181.pth", weights_only=False)["state_dict"]
+    original = torch.load(project / "iter_2181.pth", weights_only=True)["state_dict"]
     assert sorted(saved) == sorted(expected) and all(torch.equal(saved[k], original[k]) for k in saved)
     assert not (project / "models/pretrain/pretrain_config.py").exists()
+
+
+def test_pretrain_stage_refuses_a_pretrained_pth_that_would_run_code(project, capsys, monkeypatch, tmp_path):
+    """A crafted iter_2181.pth: one line naming the param, the file and what its pickle would call; the
+    payload never runs and the stage writes nothing."""
+    from stages import pretrain
+    from tests.test_xtuner_api import crafted_pth
+
+    marker = tmp_path / "ran"
+    crafted_pth(project / "iter_2181.pth", marker)
+    text = (project / "params.yaml").read_text(encoding="utf-8")
+    text = text.replace("recipe: assistant ", "recipe: llava     ").replace(
+        "  pretrained_pth:     ", "  pretrained_pth: iter_2181.pth")
+    (project / "params.yaml").write_text(text, encoding="utf-8")
+    before = (project / "models/pretrain/note.json").read_bytes()
+    monkeypatch.setenv("PYTHONHASHSEED", "0")
+    code, err = run_stage(pretrain, capsys)
+    assert_one_line_error(code, err, "llava.pretrained_pth: iter_2181.pth: refused: its pickle would call builtins.exec")
+    assert not marker.exists()
+    assert (project / "models/pretrain/note.json").read_bytes() == before and \
+        not (project / "models/pretrain/projector.pth").exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,19 +32,38 @@ def test_outputs_hold_real_results(built):
     assert not list((built / "models/work").glob("*/vis_data/*dvc*"))  # no mmengine DVCLive backend
 
 
-def test_merged_model_loads_and_answers(built):
+def test_merged_model_answers_as_base_plus_adapter_token_for_token(built):
+    """What the merge must keep: on every evaluation prompt the merged model's greedy answer is base+adapter's
+    (peft, unmerged), token for token; and the adapter matters (base alone answers otherwise somewhere)."""
+    from stages import params as P
     from stages.xtuner_api import patch_stack
 
     patch_stack()
+    import torch
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    prompts = P.load(built / "params.yaml").eval.prompts
     tok = AutoTokenizer.from_pretrained(built / "models/merged")
-    model = AutoModelForCausalLM.from_pretrained(built / "models/merged")
-    ids = tok.apply_chat_template([{"role": "user", "content": "你是谁"}], add_generation_prompt=True,
-                                  return_tensors="pt")
-    out = model.generate(ids, max_new_tokens=20, do_sample=False)
-    answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    assert answer.strip()
+
+    def answers(model) -> list[list[int]]:
+        out = []
+        for prompt in prompts:
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                          return_tensors="pt")
+            with torch.no_grad():
+                gen = model.eval().generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False)
+            out.append(gen[0, ids.shape[1]:].tolist())
+        return out
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(built / "models/tiny-internlm2", torch_dtype=torch.float32)
+
+    merged = answers(AutoModelForCausalLM.from_pretrained(built / "models/merged", torch_dtype=torch.float32))
+    tuned = answers(PeftModel.from_pretrained(base(), str(built / "models/adapter"), is_trainable=False))
+    assert merged == tuned
+    assert all(tok.decode(a, skip_special_tokens=True).strip() for a in merged)
+    assert answers(base()) != tuned
 
 
 def test_lora_rank_experiment_reruns_only_the_training_chain(project):
@@ -64,7 +83,13 @@ def test_lora_rank_experiment_reruns_only_the_training_chain(project):
     # the review of an experiment, as the README tells users to do it
     sh(sys.executable, "-m", "stages.compare", "HEAD", "r32", cwd=project)
     report = (project / "reports/compare/compare.md").read_text(encoding="utf-8")
-    assert "| lora.r | 64 | 32 |" in report and "| final_loss |" in report and "(+" in report or "(-" in report
+    assert "| lora.r | 64 | 32 |" in report
+    loss = metrics["reports/train/metrics.json"]["final_loss"]  # HEAD and the experiment, as DVC diffs them
+    old, new = loss["old"], loss["new"]
+    diff = new - old
+    assert diff  # another rank, another loss
+    row = next(line for line in report.splitlines() if line.startswith("| final_loss |"))
+    assert row == f"| final_loss | {old:g} | {new:g} ({diff:+.4g}) ({diff / old:+.1%}) |"
     assert (project / "reports/compare/loss.png").is_file()
     assert report.count("| trained |") == 3
 

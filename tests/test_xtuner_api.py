@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -72,14 +73,222 @@ def test_torch_cpu_bf16_query_exists_after_patch():
     assert "has no attribute 'is_bf16_supported'" in without.stderr
 
 
-def test_mmengine_checkpoints_load_only_with_the_weights_only_fix(built):
+class RunsCode:
+    """Unpickles as a call to exec that writes `marker`: what a crafted .pth does on the GPU host."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import builtins
+
+        return builtins.exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def crafted_pth(path, marker):
+    """A projector checkpoint that would run code when fully unpickled."""
+    import torch
+
+    torch.save({"state_dict": {"projector.model.0.weight": torch.zeros(2, 2)}, "meta": RunsCode(marker)}, path)
+    return path
+
+
+def mmengine_like_checkpoint(path):
+    """What mmengine's checkpoints hold beyond tensors: numpy values in `meta`, HistoryBuffers in the
+    message hub (pickled with `getattr(HistoryBuffer, 'min')` and numpy arrays)."""
+    import numpy as np
+    import torch
+    from mmengine.logging import HistoryBuffer
+
+    loss = HistoryBuffer()
+    loss.update(2.5)
+    loss.update(np.float64(1.5))
+    torch.save({"meta": {"seed": np.int64(7), "epoch": 1}, "message_hub": {"log_scalars": {"train/loss": loss}},
+                "state_dict": {"w": torch.arange(4.0)}}, path)
+    return path
+
+
+def test_a_pth_whose_pickle_runs_code_is_refused_and_nothing_runs(tmp_path):
+    import pickle
+
+    import torch
+
+    from stages.errors import StageError
+    from stages.xtuner_api import load_checkpoint_weights, weights_only_loads
+
+    marker = tmp_path / "ran"
+    pth = crafted_pth(tmp_path / "iter_2181.pth", marker)
+    with pytest.raises(StageError) as err:
+        load_checkpoint_weights(pth, "llava.pretrained_pth")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"llava.pretrained_pth: {pth}: refused: ")
+    assert "builtins.exec" in message and "nothing in it ran" in message
+    assert not marker.exists()
+    # XTuner's own loader asks for weights_only=False; in the block it reads weights only all the same
+    with weights_only_loads(), pytest.raises(pickle.UnpicklingError):
+        torch.load(pth, weights_only=False)
+    assert not marker.exists()
+    torch.load(pth, weights_only=False)  # the control: unpickled fully, the payload runs
+    assert marker.read_text() == "ran"
+
+
+def test_the_allowed_getattr_fetches_only_history_buffer_statistics(tmp_path):
+    """mmengine pickles HistoryBuffer's statistics as getattr(HistoryBuffer, 'min'); the getattr allowed
+    under that name fetches those and nothing else."""
+    import pickle
+
+    import torch
+    from mmengine.logging import HistoryBuffer
+
+    from stages.xtuner_api import weights_only_loads
+
+    class Fetch:
+        def __reduce__(self):
+            return getattr, (HistoryBuffer, "__init__")
+
+    torch.save({"x": Fetch()}, tmp_path / "fetch.pth")
+    with weights_only_loads(), pytest.raises(pickle.UnpicklingError, match="getattr"):
+        torch.load(tmp_path / "fetch.pth")
+
+
+def test_mmengine_checkpoints_load_with_weights_only_and_the_allowed_globals(tmp_path):
+    import pickle
+
+    import torch
+
+    from stages.xtuner_api import load_checkpoint_weights, weights_only_loads
+
+    pth = mmengine_like_checkpoint(tmp_path / "iter_10.pth")
+    with pytest.raises(pickle.UnpicklingError, match="HistoryBuffer|numpy"):
+        torch.load(pth, weights_only=True)  # torch's own allow-list is not enough
+    with weights_only_loads():
+        ckpt = torch.load(pth, weights_only=False)
+    assert ckpt["meta"]["seed"] == 7 and ckpt["message_hub"]["log_scalars"]["train/loss"].mean() == 2.0
+    assert torch.equal(load_checkpoint_weights(pth)["w"], torch.arange(4.0))
+
+
+def test_the_pipelines_own_checkpoint_loads_with_weights_only_and_resumes_only_with_full_unpickling(built):
+    """A real checkpoint of the trainer (models/work/): its weights load with weights only; torch's
+    default (weights only, torch's globals) refuses it, which is why the trainer's resume unpickles fully."""
+    import pickle
+
+    import torch
+
+    from stages.xtuner_api import full_unpickling, load_checkpoint_weights
+
     ckpt = sorted((built / "models/work").glob("iter_*.pth"))[-1]
-    code = f"import torch; torch.load({str(ckpt)!r}, map_location='cpu'); print('loaded')"
-    fixed = python("from stages.xtuner_api import patch_stack; patch_stack(); import stages.paths; " + code)
-    assert "loaded" in fixed.stdout, fixed.stderr[-2000:]
-    without = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                             env={k: v for k, v in env().items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"})
-    assert without.returncode != 0 and "Weights only load failed" in without.stderr
+    weights = load_checkpoint_weights(ckpt)
+    assert weights and all("lora_" in k for k in weights)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        torch.load(ckpt, map_location="cpu")
+    with full_unpickling():
+        assert torch.load(ckpt, map_location="cpu")["meta"]["iter"] > 0
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_run_trainer_unpickles_fully_only_to_resume(tmp_path, monkeypatch, resume):
+    """XTuner's trainer runs under weights-only loading (its pretrained_pth load included), except a resume
+    from the pipeline's own checkpoint; afterwards the process is as before."""
+    import pickle
+
+    import torch
+
+    from stages import xtuner_api
+
+    marker = tmp_path / "ran"
+    pth = crafted_pth(tmp_path / "projector.pth", marker)
+    seen = {}
+
+    def trainer(module, prog, argv):
+        seen["argv"] = argv
+        seen["env"] = {k: os.environ.get(k) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+        if not resume:  # as XTuner's guess_load_checkpoint loads the config's pretrained_pth
+            with pytest.raises(pickle.UnpicklingError):
+                torch.load(pth, map_location="cpu", weights_only=False)
+
+    monkeypatch.setattr(xtuner_api, "run_tool", trainer)
+    monkeypatch.delenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", raising=False)
+    monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", raising=False)
+    xtuner_api.run_trainer(tmp_path / "cfg.py", tmp_path / "work", None, tmp_path / "iter_50.pth" if resume else None)
+    assert ("--resume" in seen["argv"]) == resume
+    assert seen["env"] == ({"TORCH_FORCE_WEIGHTS_ONLY_LOAD": None, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"} if resume
+                           else {"TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": None})
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ and "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" not in os.environ
+    assert not marker.exists()
+
+
+DIST = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.mark.parametrize("launcher", ["none", "pytorch"])
+def test_deepspeed_in_one_process_gets_its_rank_from_the_environment(tmp_path, monkeypatch, launcher):
+    """One process with DeepSpeed and no launcher: the trainer starts with rank 0 of 1 and a free local
+    port in the environment (else DeepSpeed asks MPI); a launcher's own values are never touched."""
+    from stages import xtuner_api
+
+    seen = {}
+    monkeypatch.setattr(xtuner_api, "run_tool", lambda module, prog, argv: seen.update(
+        argv=argv, env={k: os.environ.get(k) for k in DIST}))
+    for key in DIST:
+        monkeypatch.setenv(key, "x")  # recorded, so that the test leaves the environment as it found it
+        monkeypatch.delenv(key)
+    xtuner_api.run_trainer(tmp_path / "cfg.py", tmp_path / "work", tmp_path / "deepspeed.json", None, launcher)
+    assert seen["argv"][-2:] == ["--deepspeed", str(tmp_path / "deepspeed.json")]
+    if launcher == "pytorch":
+        assert seen["env"] == dict.fromkeys(DIST)
+        return
+    env_seen = seen["env"]
+    assert {k: env_seen[k] for k in DIST[:4]} == {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                                                 "MASTER_ADDR": "127.0.0.1"}
+    assert 1024 <= int(env_seen["MASTER_PORT"]) < 65536
+    monkeypatch.setenv("MASTER_PORT", "29555")  # set by the user: kept
+    xtuner_api.run_trainer(tmp_path / "cfg.py", tmp_path / "work", tmp_path / "deepspeed.json", None, launcher)
+    assert seen["env"]["MASTER_PORT"] == "29555"
+
+
+BNB_KERNEL_WARNING = ("import sys, importlib, bitsandbytes.functional as F; sys.modules['kernels'] = None; "
+                      "F.has_avx512bf16 = lambda: True; importlib.reload(sys.modules['bitsandbytes.backends.cpu.ops'])")
+
+
+def test_bitsandbytes_hub_kernel_warning_is_silenced():
+    """On a CPU with AVX512-BF16, bitsandbytes tries to fetch a kernel from a hub at import and logs a
+    warning when it cannot (offline); its own kernels are used. Simulated here on any CPU: the kernel
+    check answers yes and the `kernels` package is missing."""
+    fixed = python("from stages.xtuner_api import patch_stack; patch_stack(); " + BNB_KERNEL_WARNING)
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
+    assert "Failed to load CPU gemm_4bit_forward" not in fixed.stderr
+    without = python(BNB_KERNEL_WARNING)
+    assert without.returncode == 0 and "Failed to load CPU gemm_4bit_forward" in without.stderr
+
+
+@pytest.mark.parametrize("amp", [True, False])
+def test_chat_hook_generates_inside_the_trainers_autocast(monkeypatch, amp):
+    """XTuner's EvaluateChatHook chats outside the autocast training runs in; with mmengine's AMP wrapper
+    (cast_dtype set) it now generates inside it, in that dtype; without AMP exactly as before."""
+    import types
+
+    import torch
+
+    from stages import xtuner_api
+
+    patch_stack()
+    from xtuner.engine.hooks import EvaluateChatHook
+
+    seen = []
+
+    def generate(self, runner, *args, **kwargs):  # XTuner's, observed
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), args, kwargs))
+        return "answers"
+
+    monkeypatch.setattr(EvaluateChatHook, "_generate_samples", generate)
+    xtuner_api._chat_hook_under_amp()
+    wrapper = types.SimpleNamespace(cast_dtype=torch.bfloat16) if amp else types.SimpleNamespace()
+    runner = types.SimpleNamespace(optim_wrapper=wrapper)
+    assert EvaluateChatHook._generate_samples(object.__new__(EvaluateChatHook), runner, 5, k=1) == "answers"
+    enabled, dtype, args, kwargs = seen[0]
+    assert (args, kwargs) == ((5,), {"k": 1})
+    assert enabled == amp and (dtype == torch.bfloat16 or not amp)
+    assert not torch.is_autocast_enabled("cpu")
 
 
 def _input_grad_after_eval_pass() -> float:
