@@ -12,6 +12,7 @@
 #   OUT=bench bash benchmarks/stage_runs.sh llava [ITERS]     # the llava recipe, whole DAG, real shapes
 #   OUT=bench bash benchmarks/stage_runs.sh internvl          # the internvl recipe's stand-in, whole DAG
 #   OUT=bench bash benchmarks/stage_runs.sh structures [ITERS] # 1.8B default: Llama beside InternLM2, then InternLM2's DAG
+#   OUT=bench bash benchmarks/stage_runs.sh internlm2 [ITERS]  # InternLM2: 7B lean, then the 1.8B default's DAG
 #   OUT=bench bash benchmarks/stage_runs.sh lean7b-structures [ITERS]  # 7B within 8 GB: Llama beside InternLM2
 set -euo pipefail
 SUITE=${1:-compare}; ITERS=${2:-30}; OUT=${OUT:-bench}
@@ -112,6 +113,14 @@ case $SUITE in
     run "7B Llama structure, lean (8 GB budget)" "$LEAN"
     use_model 7b internlm2
     run "7B InternLM2 structure, lean (8 GB budget)" "$LEAN" ;;
+  internlm2)  # InternLM2 structure alone: 7B within 8 GB, then the 1.8B default's whole DAG (evaluate included)
+    use_model 7b internlm2
+    run "7B InternLM2 structure, lean (8 GB budget)" "{'train': {'micro_batch': 1, 'memory_gb': 8,
+      'activation_checkpointing': True, 'fused_loss': True, 'compile_layers': 'auto', 'deepspeed': 'none',
+      'optimizer': 'paged_adamw8bit'}, 'quant': {'upcast_frozen': False}}"
+    use_model internlm2-1_8b internlm2
+    set_params "$DEFAULT"
+    dag assistant "assistant recipe, InternLM2-1.8B structure, default GPU settings" ;;
   lean7b)
     use_model 7b
     run "7B lean (8 GB budget)" "{'train': {'micro_batch': 1, 'memory_gb': 8, 'activation_checkpointing': True,

@@ -43,7 +43,8 @@ def shape_from_config(cfg: dict) -> dict:
     """The numbers the estimate needs, from a causal LM's config (config.json's keys)."""
     d, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     return {"hidden": d, "layers": cfg["num_hidden_layers"], "intermediate": cfg["intermediate_size"],
-            "vocab": cfg["vocab_size"], "kv": d // heads * cfg.get("num_key_value_heads", heads)}
+            "vocab": cfg["vocab_size"], "kv": d // heads * cfg.get("num_key_value_heads", heads),
+            "arch": (cfg.get("architectures") or [None])[0]}
 
 
 def shape_of(model_dir: str | Path) -> dict:

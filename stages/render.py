@@ -79,13 +79,17 @@ def resolve(p: P.Params, cuda: bool, bf16: bool, card_gb: float | None = None,
             "fused_loss": t.fused_loss, "loss_chunk_mb": chunk // 2**20,
             "compile_layers": t.compile_layers if t.compile_layers != "auto" else (
                 device == "cuda" and deepspeed == "none" and t.gpus == 1),
-            "upcast_frozen": p.quant.upcast_frozen or p.quant.mode == "none"}
+            "upcast_frozen": p.quant.upcast_frozen or p.quant.mode == "none",
+            "lora_targets": lora_targets({"architectures": [(shape or {}).get("arch")]}, p.lora.target_modules)}
 
 
 def resolve_here(p: P.Params, machine_facts: dict | None = None) -> dict:
     """resolve for this machine (or the one described), with the shape of the model at model.path;
     the image recipes' batch settings applied. What every stage that renders a config uses."""
     resolved = resolve(p, **(machine_facts or machine()), shape=memory.shape_of(p.model.path))
+    if p.recipe == "internvl":  # LoRA goes on the InternVL model's own LLM
+        llm = read_config(p.internvl.path, "internvl.path").get("llm_config", {})
+        resolved["lora_targets"] = lora_targets(llm if isinstance(llm, dict) else {}, "all-linear")
     return llava_batch(p, resolved) if p.recipe in ("llava", "internvl") else resolved
 
 
@@ -126,7 +130,7 @@ def context(p: P.Params, resolved: dict, out: Path = CONFIG_DIR) -> dict:
         "torch_dtype": resolved["torch_dtype"], "compute_dtype": resolved["compute_dtype"],
         "quant": None if p.quant.mode == "none" else p.quant.mode, "double_quant": p.quant.double_quant,
         "lora_r": p.lora.r, "lora_alpha": p.lora.alpha, "lora_dropout": p.lora.dropout,
-        "target_modules": lora_targets(read_config(p.model.path), p.lora.target_modules),
+        "target_modules": resolved["lora_targets"],
         **run_settings(resolved, t.max_iters),
         "map_num_proc": 1 if resolved["device"] == "cpu" else 8,
         "pipeline": {**resolved, "deepspeed_config": "deepspeed.json" if ds != "none" else None},
@@ -176,7 +180,7 @@ def llava_context(p: P.Params, resolved: dict, phase: str, out: Path = CONFIG_DI
         "torch_dtype": resolved["torch_dtype"], "compute_dtype": resolved["compute_dtype"],
         "quant": None if p.quant.mode == "none" else p.quant.mode, "double_quant": p.quant.double_quant,
         "llm_lora": {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout,
-                     "target_modules": lora_targets(read_config(p.model.path), lora.target_modules)},
+                     "target_modules": resolved["lora_targets"]},
         "visual_lora": {"r": lv.visual_lora.r, "alpha": lv.visual_lora.alpha, "dropout": lv.visual_lora.dropout,
                         "target_modules": None},
         "visual_select_layer": -2, "seed": t.seed,
@@ -203,7 +207,7 @@ def internvl_context(p: P.Params, resolved: dict, out: Path = CONFIG_DIR) -> dic
         "save_interval": min(t.save_interval, iv.max_iters), "save_total_limit": t.save_total_limit,
         "quantization_llm": p.quant.mode != "none", "torch_dtype": resolved["torch_dtype"],
         "lora": {"r": iv.lora.r, "alpha": iv.lora.alpha, "dropout": iv.lora.dropout,
-                 "target_modules": lora_targets(read_config(iv.path, "internvl.path").get("llm_config", {}), "all-linear")},
+                 "target_modules": resolved["lora_targets"]},
         "seed": t.seed,
         **run_settings(resolved, iv.max_iters),
         "pipeline": {**resolved, "recipe": "internvl", "quant": p.quant.mode,

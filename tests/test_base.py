@@ -32,8 +32,9 @@ def test_loads_back_with_auto_classes_and_chats(built):
 
     path = built / "models/tiny-internlm2"
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
-    assert type(model).__name__ == "LlamaForCausalLM"
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    assert type(model).__name__ == "InternLM2ForCausalLM"  # through the directory's own remote code
+    assert type(model).__module__.startswith("transformers_modules.")
     assert [tok.convert_tokens_to_ids(t) for t in ("<unk>", "<s>", "</s>")] == [0, 1, 2]
     for special in ("<|im_start|>", "<|im_end|>"):
         assert tok.convert_tokens_to_ids(special) != tok.unk_token_id
@@ -56,3 +57,11 @@ def test_shape_follows_params(built):
     assert (config["hidden_size"], config["num_hidden_layers"], config["num_key_value_heads"]) == (
         tiny.hidden_size, tiny.num_layers, tiny.num_kv_heads)
     assert config["vocab_size"] == tiny.vocab_size
+    # a directory as internlm2-chat-1_8b's: the real keys, the code files beside config.json
+    assert config["architectures"] == ["InternLM2ForCausalLM"] and config["model_type"] == "internlm2"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_internlm2.InternLM2ForCausalLM"
+    assert (config["attn_implementation"], config["rope_scaling"], config["rope_theta"], config["bias"]) == (
+        "eager", {"type": "dynamic", "factor": 2.0}, 1000000, False)
+    assert "_name_or_path" not in config
+    assert {"modeling_internlm2.py", "configuration_internlm2.py"} <= {
+        f.name for f in (built / "models/tiny-internlm2").iterdir()}

@@ -96,10 +96,13 @@ def test_internvl_params_that_cannot_work_are_one_line():
 
 
 def test_internvl_config_is_the_tutorial_recipe_and_loads(tmp_path):
-    path = render.render(PARAMS, render.resolve(PARAMS, cuda=False, bf16=False), tmp_path / "config")
+    from tests.test_render import MACHINES
+
+    path = render.render(PARAMS, render.resolve(PARAMS, **MACHINES["cpu"]), tmp_path / "config")
     cfg = render.check_config(path)
     assert cfg.model.type.__name__ == "InternVL_V1_5" and cfg.model.model_path == "models/tiny-internvl"
-    assert (cfg.model.llm_lora.r, cfg.model.llm_lora.lora_alpha, cfg.model.llm_lora.target_modules) == (128, 256, None)
+    assert (cfg.model.llm_lora.r, cfg.model.llm_lora.lora_alpha, cfg.model.llm_lora.target_modules) == (
+        128, 256, ["w1", "w2", "w3", "wo", "wqkv"])  # InternLM2's block linears; not its output head
     assert cfg.model.quantization_llm is True and cfg.model.freeze_visual_encoder and cfg.model.freeze_llm
     assert cfg.llava_dataset.type.__name__ == "InternVL_V1_5_Dataset"
     assert cfg.train_dataloader.sampler.type.__name__ == "LengthGroupedSampler"

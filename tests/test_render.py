@@ -13,9 +13,10 @@ from tests.conftest import ROOT
 GOLDEN = ROOT / "tests" / "golden"
 PARAMS = P.load(ROOT / "params.yaml")
 # InternLM2-1.8B's shape, as stages.memory reads it from config.json
-SHAPE_1_8B = {"hidden": 2048, "layers": 24, "intermediate": 8192, "vocab": 92544, "kv": 1024}
+SHAPE_1_8B = {"hidden": 2048, "layers": 24, "intermediate": 8192, "vocab": 92544, "kv": 1024,
+              "arch": "InternLM2ForCausalLM"}
 H100 = dict(cuda=True, bf16=True, card_gb=85.0, shape=SHAPE_1_8B)
-MACHINES = {"cpu": dict(cuda=False, bf16=False), "gpu_bf16": H100}
+MACHINES = {"cpu": dict(cuda=False, bf16=False, shape={"arch": "InternLM2ForCausalLM"}), "gpu_bf16": H100}
 
 
 @pytest.mark.parametrize("machine", MACHINES)

@@ -57,9 +57,11 @@ def test_merged_model_answers_as_base_plus_adapter_token_for_token(built):
         return out
 
     def base():
-        return AutoModelForCausalLM.from_pretrained(built / "models/tiny-internlm2", torch_dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(built / "models/tiny-internlm2", torch_dtype=torch.float32,
+                                                    trust_remote_code=True)
 
-    merged = answers(AutoModelForCausalLM.from_pretrained(built / "models/merged", torch_dtype=torch.float32))
+    merged = answers(AutoModelForCausalLM.from_pretrained(built / "models/merged", torch_dtype=torch.float32,
+                                                          trust_remote_code=True))
     tuned = answers(PeftModel.from_pretrained(base(), str(built / "models/adapter"), is_trainable=False))
     assert merged == tuned
     assert all(tok.decode(a, skip_special_tokens=True).strip() for a in merged)
