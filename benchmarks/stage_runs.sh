@@ -11,6 +11,7 @@
 #   OUT=bench bash benchmarks/stage_runs.sh text [ITERS]      # the text recipe's whole DAG, 1.8B, defaults
 #   OUT=bench bash benchmarks/stage_runs.sh llava [ITERS]     # the llava recipe, whole DAG, real shapes
 #   OUT=bench bash benchmarks/stage_runs.sh internvl          # the internvl recipe's stand-in, whole DAG
+#   OUT=bench bash benchmarks/stage_runs.sh internvl2b [ITERS] # InternVL2-2B's structure at its real shapes, whole DAG
 #   OUT=bench bash benchmarks/stage_runs.sh structures [ITERS] # 1.8B default: Llama beside InternLM2, then InternLM2's DAG
 #   OUT=bench bash benchmarks/stage_runs.sh internlm2 [ITERS]  # InternLM2: 7B lean, then the 1.8B default's DAG
 #   OUT=bench bash benchmarks/stage_runs.sh lean7b-structures [ITERS]  # 7B within 8 GB: Llama beside InternLM2
@@ -176,6 +177,16 @@ PY
       'finetune': {'lr': 2e-4, 'max_iters': $ITERS, 'warmup_iters': 2}, 'merge_tolerance': 1.0},
       'eval': {'max_new_tokens': 16}, 'train': {'micro_batch': 8, 'global_batch': 16}}"
     dag llava "llava recipe, InternLM2-1.8B + CLIP ViT-L/14-336 shapes" ;;
+  internvl2b)  # InternVL2-2B's structure and shapes: InternViT-300M at 448 px (random) + InternLM2-1.8B (random), every stage
+    use_model internlm2-1_8b internlm2
+    set_params "{'internvl': {'tiny': {'image_size': 448, 'patch_size': 14, 'hidden_size': 1024, 'num_layers': 24,
+      'num_heads': 16, 'intermediate_size': 4096, 'downsample_ratio': 0.5, 'max_dynamic_patch': 6, 'seed': 0},
+      'max_iters': $ITERS, 'warmup_iters': 2, 'lr': 4e-5, 'merge_tolerance': 1.0},
+      'eval': {'max_new_tokens': 16}, 'train': {'micro_batch': 4, 'global_batch': 16}}"
+    [ -d /tmp/models/internvl2-2b ] || python -m stages.internvl --llm /tmp/models/internlm2-1_8b-internlm2 \
+      --out /tmp/models/internvl2-2b | grep -E "^\[internvl\]"
+    set_params "{'internvl': {'path': '/tmp/models/internvl2-2b'}}"
+    dag internvl "internvl recipe, InternVL2-2B structure and shapes (InternViT-300M + InternLM2-1.8B)" ;;
   internvl)  # the internvl recipe's tiny stand-in on a GPU: bf16, 4-bit on CUDA, every stage
     dag internvl "internvl recipe, the tiny stand-in on the GPU" ;;
 esac

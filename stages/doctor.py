@@ -65,6 +65,33 @@ def check_model(p: P.Params) -> Check:
     return Check("model", True, f"{folder}: config, tokenizer, weights ({size / 2**30:.2f} GiB)")
 
 
+def check_structure(p: P.Params) -> Check:
+    """What the model directory is (InternLM2 through its remote code, Llama, an InternVL composition),
+    the attention training will run, and the layers that get LoRA; fatal when config.json's auto_map
+    names code files the directory lacks (loading would fail after minutes of setup)."""
+    import importlib.util
+
+    from stages.modeldir import read_config
+    from stages.structures import attention_of, lora_targets, missing_code, structure_of
+
+    key = "internvl.path" if p.recipe == "internvl" else "model.path"
+    path = Path(p.internvl.path if p.recipe == "internvl" else p.model.path)
+    try:
+        cfg = read_config(path, key)
+    except StageError as err:
+        return Check("structure", False, str(err))
+    missing = missing_code(path, cfg)
+    if missing:
+        return Check("structure", False, f"{key}: {path / 'config.json'} names remote code that is not in the "
+                                         f"folder: {', '.join(missing)} (copy the model's *.py files beside it)")
+    llm = cfg.get("llm_config") if isinstance(cfg.get("llm_config"), dict) else cfg
+    flash = importlib.util.find_spec("flash_attn") is not None
+    targets = lora_targets(llm, "all-linear" if p.recipe == "internvl" else p.lora.target_modules)
+    head = f"{structure_of(cfg)} with LLM {structure_of(llm)}" if llm is not cfg else structure_of(cfg)
+    return Check("structure", True, f"{head}; attention {attention_of(llm, flash)}; LoRA on "
+                                    f"{', '.join(targets) if isinstance(targets, list) else targets}")
+
+
 def check_device(p: P.Params) -> Check:
     import torch
 
@@ -150,7 +177,7 @@ def check_memory(p: P.Params) -> Check:
 
 def run_checks(p: P.Params, skip: Sequence[str] = ()) -> list[Check]:
     checks: list[tuple[str, Callable[[], Check]]] = [
-        ("model", lambda: check_model(p)), ("stack", check_versions), ("device", lambda: check_device(p)),
+        ("model", lambda: check_model(p)), ("structure", lambda: check_structure(p)), ("stack", check_versions), ("device", lambda: check_device(p)),
         ("memory", lambda: check_memory(p)),
         ("bitsandbytes", lambda: check_bnb(p)), ("disk", lambda: check_disk(p)), ("git", check_git)]
     return [fn() for name, fn in checks if name not in skip]

@@ -120,7 +120,8 @@ def build(shape: P.TinyInternVL, llm: Path, out: Path) -> dict:
     tokenizer.add_tokens(IMAGE_TOKENS, special_tokens=True)
     lm = load_model(llm, "the stand-in's LLM", torch_dtype=torch.float32)
     torch.manual_seed(shape.seed)
-    lm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
+    if len(tokenizer) > lm.get_input_embeddings().weight.shape[0]:  # a real-size LLM has rows to spare
+        lm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
     llm_config = {k: v for k, v in lm.config.to_dict().items()
                   if k not in ("_name_or_path", "transformers_version", "auto_map")}
     with output_dir(out) as tmp:

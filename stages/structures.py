@@ -157,6 +157,16 @@ def attention_of(config: dict, flash_attn: bool = False) -> str:
     return "sdpa"
 
 
+def missing_code(folder: Path, config: dict) -> list[str]:
+    """The remote-code files config.json's `auto_map` names that are not in the model directory."""
+    names = set()
+    for ref in (config.get("auto_map") or {}).values():
+        for r in ref if isinstance(ref, list) else [ref]:
+            if isinstance(r, str) and "--" not in r and "." in r:  # `repo--module.Class` lives elsewhere
+                names.add(r.rsplit(".", 1)[0] + ".py")
+    return sorted(n for n in names if not (Path(folder) / n).is_file())
+
+
 def main(argv=None) -> None:
     import argparse
 

@@ -10,7 +10,7 @@ def test_all_green_on_the_built_project(built):
     proc = subprocess.run([sys.executable, "-m", "stages.doctor"], cwd=built, env=env(), capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for name in ("params", "model", "stack", "device", "bitsandbytes", "disk", "git"):
+    for name in ("params", "model", "structure", "stack", "device", "bitsandbytes", "disk", "git"):
         assert f"  {name}" in proc.stdout
     assert "FAIL" not in proc.stdout
 

@@ -134,3 +134,23 @@ def test_internlm2_runs_in_a_lean_process(internlm2_dir, how):
         assert "torch.Size([1, 4, 256])" in proc.stdout
     else:  # the control: what the stage did before the fix
         assert proc.returncode != 0 and "None in sys.modules" in proc.stderr
+
+
+def test_doctor_names_the_structure_and_refuses_missing_remote_code(internlm2_dir, tmp_path):
+    import shutil
+    from dataclasses import replace
+
+    from stages import doctor, params as P
+
+    p = P.load(ROOT / "params.yaml")
+    p = replace(p, model=replace(p.model, path=str(internlm2_dir)))
+    check = doctor.check_structure(p)
+    assert check.ok and check.detail.startswith("InternLM2 (remote code); attention sdpa")
+    assert check.detail.endswith("LoRA on w1, w2, w3, wo, wqkv")
+    broken = tmp_path / "broken"
+    shutil.copytree(internlm2_dir, broken)
+    (broken / "modeling_internlm2.py").unlink()
+    check = doctor.check_structure(replace(p, model=replace(p.model, path=str(broken))))
+    assert not check.ok and check.fatal
+    assert check.detail == (f"model.path: {broken / 'config.json'} names remote code that is not in the folder: "
+                            "modeling_internlm2.py (copy the model's *.py files beside it)")
