@@ -76,6 +76,8 @@ def check_structure(p: P.Params) -> Check:
 
     key = "internvl.path" if p.recipe == "internvl" else "model.path"
     path = Path(p.internvl.path if p.recipe == "internvl" else p.model.path)
+    if not (path / "config.json").is_file():
+        return Check("structure", False, f"not checked: {path} has no config.json", fatal=False)
     try:
         cfg = read_config(path, key)
     except StageError as err:

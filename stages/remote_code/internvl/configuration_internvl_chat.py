@@ -27,7 +27,7 @@ class InternVLChatConfig(PretrainedConfig):
         llm_config = llm_config or {"architectures": ["InternLM2ForCausalLM"]}
         if isinstance(llm_config, PretrainedConfig):
             self.llm_config = llm_config
-        elif (llm_config.get("architectures") or [""])[0] == "LlamaForCausalLM":
+        elif llm_config.get("model_type") == "llama":  # a Llama-format LLM (model.tiny.architecture: llama)
             self.llm_config = LlamaConfig(**llm_config)
         else:
             self.llm_config = InternLM2Config(**llm_config)

@@ -41,7 +41,7 @@ class InternVLChatModel(PreTrainedModel):
         self.ps_version = config.ps_version
         self.num_image_token = int((config.force_image_size // patch) ** 2 * config.downsample_ratio ** 2)
         self.vision_model = vision_model or InternVisionModel(config.vision_config)
-        llm_class = LlamaForCausalLM if config.llm_config.architectures == ["LlamaForCausalLM"] else InternLM2ForCausalLM
+        llm_class = LlamaForCausalLM if config.llm_config.model_type == "llama" else InternLM2ForCausalLM
         self.language_model = language_model or llm_class(config.llm_config)
         width = config.vision_config.hidden_size * int(round(1 / config.downsample_ratio)) ** 2
         hidden = config.llm_config.hidden_size
@@ -98,8 +98,25 @@ class InternVLChatModel(PreTrainedModel):
 
     @torch.no_grad()
     def generate(self, pixel_values=None, input_ids=None, attention_mask=None, **generate_kwargs):
-        return self.language_model.generate(inputs_embeds=self._embeds(pixel_values, input_ids),
-                                            attention_mask=attention_mask, **generate_kwargs)
+        """The LLM's generate from the prompt's embeddings (images spliced in); the new tokens only."""
+        lm = self.language_model
+        prepare = type(lm).prepare_inputs_for_generation
+
+        def embeds_first(input_ids, past_key_values=None, inputs_embeds=None, **kwargs):
+            # InternLM2's code uses inputs_embeds only while past_key_values is None, and transformers'
+            # generate passes an empty cache from the first step on
+            out = prepare(lm, input_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs)
+            if inputs_embeds is not None and (past_key_values is None or past_key_values.get_seq_length() == 0):
+                out.pop("input_ids", None)
+                out["inputs_embeds"] = inputs_embeds
+            return out
+
+        lm.prepare_inputs_for_generation = embeds_first
+        try:
+            return lm.generate(inputs_embeds=self._embeds(pixel_values, input_ids), attention_mask=attention_mask,
+                               **generate_kwargs)
+        finally:
+            del lm.prepare_inputs_for_generation
 
     # -- chat ---------------------------------------------------------------------------------
 
