@@ -168,7 +168,8 @@ def test_the_llama_format_case_runs_the_whole_pipeline(built, tmp_path):
     shutil.copytree(built, dest, symlinks=True)
     sh("git", "add", "-A", cwd=dest)
     sh("git", "commit", "-q", "--allow-empty", "-m", "baseline", cwd=dest)
-    out = sh("dvc", "exp", "run", "-S", "model.tiny.architecture=llama", "-n", "llama", cwd=dest).stdout
+    out = sh("dvc", "exp", "run", "-S", "model.tiny.architecture=llama", "-S", "model.tiny.pretrain_steps=20",
+             "-S", "train.max_iters=20", "-n", "llama", cwd=dest).stdout
     for stage in ("base", "train", "convert", "merge", "evaluate", "report"):
         assert f"Running stage '{stage}'" in out
     cfg = json.loads((dest / "models/tiny-internlm2/config.json").read_text())
