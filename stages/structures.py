@@ -27,8 +27,6 @@ from typing import Any
 
 from stages.errors import fail
 
-ARCHITECTURES = ("internlm2", "llama")
-
 # The files of each remote-code structure, by the folder of XTuner's package that ships them.
 REMOTE_CODE = {
     "internlm2": ("_lite/modelings/internlm2", ("configuration_internlm2.py", "modeling_internlm2.py")),
@@ -137,7 +135,7 @@ def lora_targets(config: dict, target_modules: Any) -> Any:
     arch = (config.get("architectures") or [None])[0]
     if config.get("model_type") == "llama":  # what it is built as (the InternVL stand-in's Llama-format LLM)
         arch = "LlamaForCausalLM"
-    return list(BLOCK_LINEARS.get(arch, "all-linear")) if arch in BLOCK_LINEARS else "all-linear"
+    return list(BLOCK_LINEARS[arch]) if arch in BLOCK_LINEARS else "all-linear"
 
 
 def structure_of(config: dict) -> str:

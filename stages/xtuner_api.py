@@ -564,8 +564,9 @@ def convert_to_official(config: Path, pth: Path, out: Path, torch_dtype: str) ->
     the model rebuilt from the config without quantization, the checkpoint loaded, LoRA merged, saved in
     bfloat16 with the tokenizer. It does not copy the model's remote code (the caller does)."""
     patch_internvl(torch_dtype)
-    spec = importlib.util.find_spec("xtuner")
-    script = Path(next(iter(spec.submodule_search_locations))) / "configs/internvl/v1_5/convert_to_official.py"
+    from stages.structures import xtuner_folder
+
+    script = xtuner_folder() / "configs/internvl/v1_5/convert_to_official.py"
     if not script.is_file():
         fail(f"{script}: not found; XTuner 0.2.0's InternVL converter is needed")
     module_spec = importlib.util.spec_from_file_location("xtuner_convert_to_official", script)
