@@ -26,6 +26,9 @@ def internvl_built(built, tmp_path_factory) -> tuple[Path, str]:
 
 
 def load(path: Path):
+    from stages.xtuner_api import patch_stack
+
+    patch_stack()  # InternViT's code imports timm, which imports torchvision (its C ops need the fix)
     from transformers import AutoModel, AutoTokenizer
 
     return (AutoModel.from_pretrained(str(path), trust_remote_code=True, local_files_only=True),
