@@ -15,6 +15,7 @@
 #   OUT=bench bash benchmarks/stage_runs.sh structures [ITERS] # 1.8B default: Llama beside InternLM2, then InternLM2's DAG
 #   OUT=bench bash benchmarks/stage_runs.sh internlm2 [ITERS]  # InternLM2: 7B lean, then the 1.8B default's DAG
 #   OUT=bench bash benchmarks/stage_runs.sh lean7b-structures [ITERS]  # 7B within 8 GB: Llama beside InternLM2
+#   OUT=bench bash benchmarks/stage_runs.sh speed-structures [ITERS]   # 1.8B default: Llama, InternLM2, twice, alternating
 set -euo pipefail
 SUITE=${1:-compare}; ITERS=${2:-30}; OUT=${OUT:-bench}
 mkdir -p "$OUT" /tmp/bin /tmp/models
@@ -107,6 +108,13 @@ case $SUITE in
     use_model internlm2-1_8b internlm2
     run "1.8B InternLM2 structure, default (24 GB budget)" "$DEFAULT"
     dag assistant "assistant recipe, InternLM2-1.8B structure, default GPU settings" ;;
+  speed-structures)  # train stage only, alternating, so that the spread between runs shows beside the difference
+    for round in 1 2; do
+      use_model internlm2-1_8b llama
+      run "1.8B Llama structure, default (24 GB budget), round $round" "$DEFAULT"
+      use_model internlm2-1_8b internlm2
+      run "1.8B InternLM2 structure, default (24 GB budget), round $round" "$DEFAULT"
+    done ;;
   lean7b-structures)
     LEAN="{'train': {'micro_batch': 1, 'memory_gb': 8, 'activation_checkpointing': True, 'fused_loss': True,
       'compile_layers': 'auto', 'deepspeed': 'none', 'optimizer': 'paged_adamw8bit'}, 'quant': {'upcast_frozen': False}}"

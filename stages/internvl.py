@@ -93,7 +93,7 @@ def config_dict(shape: P.TinyInternVL, llm_config: dict) -> dict:
             "vision_config": vision, "llm_config": llm, "template": "internlm2-chat", "system_message": SYSTEM,
             "select_layer": -1, "force_image_size": shape.image_size, "downsample_ratio": shape.downsample_ratio,
             "ps_version": "v2", "dynamic_image_size": True, "use_thumbnail": True, "min_dynamic_patch": 1,
-            "max_dynamic_patch": shape.max_dynamic_patch, "torch_dtype": "float32"}
+            "max_dynamic_patch": shape.max_dynamic_patch, "torch_dtype": llm.get("torch_dtype") or "float32"}
 
 
 def write_code(folder: Path) -> None:
@@ -127,6 +127,7 @@ def build(shape: P.TinyInternVL, llm: Path, out: Path) -> dict:
         lm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
     llm_config = {k: v for k, v in lm.config.to_dict().items()
                   if k not in ("_name_or_path", "transformers_version", "auto_map")}
+    llm_config["torch_dtype"] = json.loads((llm / "config.json").read_text()).get("torch_dtype") or "float32"
     with output_dir(out) as tmp:
         write_code(tmp)
         write_json(tmp / "config.json", config_dict(shape, llm_config))
@@ -134,6 +135,9 @@ def build(shape: P.TinyInternVL, llm: Path, out: Path) -> dict:
         torch.manual_seed(shape.seed)
         model = AutoModel.from_config(config, trust_remote_code=True, torch_dtype=torch.float32)
         model.language_model.load_state_dict(lm.state_dict())
+        # stored in its LLM's dtype, as InternVL2-2B ships bfloat16 (its config's torch_dtype): a
+        # float32 stand-in of a bf16 LLM would make the merge's bf16 rounding reach the vision weights
+        model = model.to(getattr(torch, config_dict(shape, llm_config)["torch_dtype"]))
         model.eval().save_pretrained(tmp, safe_serialization=True)
         cfg = json.loads((tmp / "config.json").read_text())
         cfg["auto_map"] = config_dict(shape, llm_config)["auto_map"]  # save_pretrained may drop it

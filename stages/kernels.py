@@ -23,6 +23,12 @@ float32 matmul. With `upcast_frozen: false` they go back to the compute dtype af
 Attention: a model whose remote code reads `attn_implementation` from its config.json (InternLM2's
 says `eager`) trains with the SDPA class of the same code (`use_sdpa`).
 
+Rotary embedding: InternLM2's dynamic NTK rotary embedding (`rope_scaling: dynamic` in the released
+config.json) asks `max(position_ids) + 1 > max_position_embeddings` in every layer's forward: a wait
+for the GPU in every layer, and a graph break that cuts each compiled layer into six graphs. Below
+that length it is the plain rotary embedding of the same code, so a run whose sequences are no longer
+than `max_position_embeddings` trains with that class (`static_rope`).
+
 Compiled layers: a QLoRA step is hundreds of small kernels a layer (4-bit dequantisation, LoRA's
 dropout, scale and add, norms, RoPE, SwiGLU), each launched from Python; on an H100 the GPU waits
 for the launches. `torch.compile` of each decoder layer fuses the element-wise work and cuts the
@@ -162,6 +168,23 @@ def compile_layers(model) -> int:
     return len(layers)
 
 
+def static_rope(model, max_length: int) -> int:
+    """Switch InternLM2's dynamic NTK rotary embeddings to the plain rotary embedding class of the same
+    code where no training position can reach the dynamic branch (`max_length` <= the module's
+    `max_position_embeddings`); the number switched. Same `inv_freq`, same cos and sin: the dynamic
+    class differs only above that length (where it also overwrites `inv_freq` for good)."""
+    switched = 0
+    for module in model.modules():
+        cls = type(module)
+        if cls.__name__ != "InternLM2DynamicNTKScalingRotaryEmbedding" or max_length > module.max_position_embeddings:
+            continue
+        plain = next((c for c in cls.__mro__[1:] if c.__name__ == "InternLM2RotaryEmbedding"), None)
+        if plain is not None:
+            module.__class__ = plain
+            switched += 1
+    return switched
+
+
 def use_sdpa(model) -> int:
     """Switch a remote-code model that picks its attention class from `config.attn_implementation`
     (InternLM2's code; the released config.json says `eager`) from the eager class to the SDPA class of
@@ -198,7 +221,7 @@ def _frozen_to(model, dtype) -> None:
 
 def apply(pipeline: dict) -> None:
     """Install what the rendered config's `pipeline` block asks for (`fused_loss`, `loss_chunk_mb`,
-    `upcast_frozen`, `compute_dtype`) into XTuner's model building; later calls change the settings."""
+    `upcast_frozen`, `compute_dtype`, `max_length`) into XTuner's model building; later calls change the settings."""
     import torch
     from xtuner.model import sft
 
@@ -206,6 +229,7 @@ def apply(pipeline: dict) -> None:
                      loss_chunk=int(pipeline.get("loss_chunk_mb") or CHUNK_BYTES >> 20) << 20,
                      upcast_frozen=bool(pipeline.get("upcast_frozen", True)),
                      compile_layers=bool(pipeline.get("compile_layers")),
+                     max_length=int(pipeline.get("max_length") or 0),
                      dtype=getattr(torch, pipeline.get("compute_dtype") or "float32"))
     if getattr(sft.dispatch_modules, "_pipeline", False):
         return
@@ -214,6 +238,8 @@ def apply(pipeline: dict) -> None:
     def dispatch_modules(model, *args, **kwargs):
         result = dispatch(model, *args, **kwargs)
         use_sdpa(model)
+        if _SETTINGS.get("max_length"):
+            static_rope(model, _SETTINGS["max_length"])
         if _SETTINGS["fused_loss"]:
             install_fused_loss(model)
         if _SETTINGS["compile_layers"]:

@@ -9,8 +9,10 @@ The estimate is peak = weights + adapter training state + loss buffer + tokens x
 - 4-bit weights: 0.516 bytes a parameter (NF4 and its double-quantized scales); bf16/fp16: 2; fp32: 4.
 - frozen weights that are not 4-bit (embeddings, output head): 4 bytes each with `upcast_frozen`,
   else the compute dtype's size.
-- LoRA parameters: float32 weight and gradient (8 bytes) plus AdamW's two float32 moments (8) or
-  8-bit AdamW's (2).
+- LoRA parameters, on the layers the config targets, with the structure's shapes (InternLM2's fused
+  `wqkv` has one adapter where the Llama format has three): float32 weight and gradient (8 bytes)
+  plus AdamW's two float32 moments (8) or 8-bit AdamW's (2); paged 8-bit AdamW's states (2) are
+  held outside PyTorch's allocator and are not counted.
 - loss: one chunk of float32 logits with `fused_loss` (stages/kernels.py; 1 GB, or a 32nd of a
   smaller budget); without it the whole micro-batch's logits, their float32 copy and gradient
   (12 bytes x vocabulary a token).
@@ -31,7 +33,11 @@ from stages.errors import fail
 
 GB = 1e9
 MARGIN = 0.5 * GB
-UNCHECKPOINTED_TOKENS = 16384  # a micro-batch this large keeps the GPU busy without recomputation
+UNCHECKPOINTED_TOKENS = 16384
+# optimizer state bytes a LoRA parameter that PyTorch's allocator holds: AdamW's two float32 moments,
+# 8-bit AdamW's two bytes; the paged 8-bit states live in CUDA managed memory, outside PyTorch's count,
+# and page out to host memory when the card is full
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "paged_adamw8bit": 0}  # a micro-batch this large keeps the GPU busy without recomputation
 
 
 def loss_chunk_bytes(budget_gb: float | None) -> int:
@@ -58,21 +64,34 @@ def shape_of(model_dir: str | Path) -> dict:
         fail(f"{path}: not a causal LM config ({type(err).__name__}: {err})")
 
 
-def counts(shape: dict, lora_r: int) -> dict:
+def linear_shapes(shape: dict) -> dict[str, tuple[int, int]]:
+    """(in, out) of each linear layer of one decoder block, by module name, for the shape's structure:
+    InternLM2 fuses q, k and v into `wqkv` (and names the MLP w1, w3, w2), the Llama format keeps them apart."""
     d, i, kv = shape["hidden"], shape["intermediate"], shape["kv"]
-    linears = [(d, d), (d, kv), (d, kv), (d, d), (d, i), (d, i), (i, d)]
-    return {"linear": shape["layers"] * sum(a * b for a, b in linears),
-            "frozen": 2 * shape["vocab"] * d,
-            "lora": shape["layers"] * lora_r * sum(a + b for a, b in linears)}
+    if shape.get("arch") == "InternLM2ForCausalLM":
+        return {"wqkv": (d, d + 2 * kv), "wo": (d, d), "w1": (d, i), "w3": (d, i), "w2": (i, d)}
+    return {"q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (d, d),
+            "gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d)}
+
+
+def counts(shape: dict, lora_r: int, targets: list[str] | str = "all-linear") -> dict:
+    """Parameters: the decoder blocks' linear layers, the frozen embeddings and head, and the adapters
+    on the `targets` (module names as the rendered config lists them; `all-linear`: every block linear)."""
+    linears = linear_shapes(shape)
+    adapted = [shape_ for name, shape_ in linears.items() if targets == "all-linear" or name in targets]
+    return {"linear": shape["layers"] * sum(a * b for a, b in linears.values()),
+            "frozen": 2 * shape["vocab"] * shape["hidden"],
+            "lora": shape["layers"] * lora_r * sum(a + b for a, b in adapted)}
 
 
 def estimate(shape: dict, *, tokens: int, checkpointing: bool, quant: str, compute_bytes: int, lora_r: int,
-             optimizer: str, upcast_frozen: bool, fused_loss: bool, loss_chunk: int = int(GB)) -> float:
+             optimizer: str, upcast_frozen: bool, fused_loss: bool, loss_chunk: int = int(GB),
+             targets: list[str] | str = "all-linear") -> float:
     """Peak GPU bytes of one training process (what PyTorch reserves)."""
-    n = counts(shape, lora_r)
+    n = counts(shape, lora_r, targets)
     weights = n["linear"] * (0.516 if quant != "none" else compute_bytes)
     frozen = n["frozen"] * (4 if upcast_frozen and quant != "none" else compute_bytes)
-    lora = n["lora"] * (8 + (8 if optimizer == "adamw" else 2))
+    lora = n["lora"] * (8 + OPTIMIZER_STATE_BYTES[optimizer])
     loss = loss_chunk if fused_loss else tokens * shape["vocab"] * 12
     layer = tokens * (24 * shape["hidden"] + 11.7 * shape["intermediate"])
     if checkpointing:

@@ -127,7 +127,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         write_json(MERGE_METRICS, metrics)
         print(f"[merge] {MERGED}: convert_to_official ({metrics['dtype']}) + remote code "
               f"{', '.join(metrics['remote_code_copied']) or '(none)'}; trained vs converted max |logit diff| "
-              f"{metrics['max_logit_diff']:.2e} (tolerance {metrics['tolerance']:g})", flush=True)
+              f"{metrics['max_logit_diff']:.2e} (tolerance {metrics['tolerance']:g}; "
+              f"{metrics['max_logit_diff_unrounded']:.2e} before rounding to {metrics['dtype']})", flush=True)
+        kept, trained = metrics["max_logit_change_from_base"], metrics["trained_max_logit_change_from_base"]
+        if trained and kept < trained / 2:
+            print(f"[merge] warning: in {metrics['dtype']} the converted model moved {kept:.3g} from the base model "
+                  f"where the trained one moved {trained:.3g}: most of this run's update is below the weights' "
+                  "rounding step (a short run, or a small learning rate)", flush=True)
         return
     if params.recipe == "llava":
         metrics = merge_llava(params, ADAPTER, MERGED)

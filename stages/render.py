@@ -67,11 +67,13 @@ def resolve(p: P.Params, cuda: bool, bf16: bool, card_gb: float | None = None,
     if device == "cuda":
         budget = t.memory_gb if t.memory_gb != "auto" else round(0.9 * (card_gb or 80), 1)
     chunk = memory.loss_chunk_bytes(budget)
+    targets = lora_targets({"architectures": [(shape or {}).get("arch")]}, p.lora.target_modules)
     batch = memory.plan(
         shape or {}, budget_gb=budget, seq=p.data.max_length, global_batch=t.global_batch, gpus=t.gpus,
         micro_batch=t.micro_batch, checkpointing=t.activation_checkpointing,  # no budget (CPU): all, none
         quant=p.quant.mode, compute_bytes=2 if compute != "float32" else 4, lora_r=p.lora.r,
-        optimizer=t.optimizer, upcast_frozen=p.quant.upcast_frozen, fused_loss=t.fused_loss, loss_chunk=chunk)
+        optimizer=t.optimizer, upcast_frozen=p.quant.upcast_frozen, fused_loss=t.fused_loss, loss_chunk=chunk,
+        targets=targets)
     return {"device": device, "precision": precision, "deepspeed": deepspeed, "gpus": t.gpus,
             "torch_dtype": DTYPES[precision], "compute_dtype": compute, "memory_gb": budget,
             "micro_batch": batch["micro_batch"], "grad_accum": batch["grad_accum"],
@@ -80,7 +82,7 @@ def resolve(p: P.Params, cuda: bool, bf16: bool, card_gb: float | None = None,
             "compile_layers": t.compile_layers if t.compile_layers != "auto" else (
                 device == "cuda" and deepspeed == "none" and t.gpus == 1),
             "upcast_frozen": p.quant.upcast_frozen or p.quant.mode == "none",
-            "lora_targets": lora_targets({"architectures": [(shape or {}).get("arch")]}, p.lora.target_modules)}
+            "lora_targets": targets, "max_length": p.data.max_length}
 
 
 def resolve_here(p: P.Params, machine_facts: dict | None = None) -> dict:

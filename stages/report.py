@@ -287,10 +287,11 @@ def build_internvl_report(p: P.Params) -> tuple[str, dict]:
         image_data_table("internvl", s), "",
         "## Training", "", f"![training loss]({LOSS_PNG.relative_to(REPORTS)})", "", image_training_table(train), "",
         f"Conversion check (XTuner's convert_to_official, {merge['dtype']}, remote code copied: "
-        f"{', '.join(merge.get('remote_code_copied') or []) or 'none needed'}): the trained model (LoRA unmerged, "
-        f"float32) against the converted one, largest |logit| difference {merge['max_logit_diff']:.2e} (tolerance "
-        f"{merge['tolerance']:g}); the converted model moved {merge.get('max_logit_change_from_base')} from the "
-        "base model.", "",
+        f"{', '.join(merge.get('remote_code_copied') or []) or 'none needed'}): the trained model (LoRA merged in "
+        f"float32, rounded to {merge['dtype']}) against the converted one, largest |logit| difference "
+        f"{merge['max_logit_diff']:.2e} (tolerance {merge['tolerance']:g}); unrounded, "
+        f"{merge.get('max_logit_diff_unrounded')} (what saving in {merge['dtype']} costs); the converted model "
+        f"moved {merge.get('max_logit_change_from_base')} from the base model.", "",
         f"## Evaluation: “{iv.eval_prompt}” ({ev['backend']}, {ev.get('chat_template')}, greedy, "
         f"{ev['prompts']} images)", "",
         "Before fine-tuning: the model in internvl.path. After: the converted fine-tune.", "",

@@ -169,7 +169,9 @@ def test_exp_run_internvl_runs_the_recipe_chain(internvl_built):
     merge = json.loads((project / "reports/merge.json").read_text())
     # convert_to_official saves the configuration files but none of the modeling code: all three copied
     assert merge["remote_code_copied"] == ["modeling_intern_vit.py", "modeling_internlm2.py", "modeling_internvl_chat.py"]
-    assert 0 < merge["max_logit_diff"] < merge["tolerance"] and merge["max_logit_change_from_base"] > 1
+    assert merge["max_logit_diff"] < merge["tolerance"] and merge["max_logit_change_from_base"] > 1
+    assert 0 < merge["max_logit_diff_unrounded"] < merge["tolerance"]  # trained float32 against converted bf16
+    assert merge["trained_max_logit_change_from_base"] > 1
     model, _ = load(merged)  # with the remote code the stage copied
     assert type(model).__name__ == "InternVLChatModel"
 

@@ -94,7 +94,34 @@ def test_internlm2_trains_with_its_sdpa_class_and_the_same_result(internlm2_dir)
                                sdpa.model.layers[0].attention.wqkv.weight.grad, atol=1e-5, rtol=1e-4)
 
 
-def test_kernels_dispatch_switches_attention_of_the_model_xtuner_builds(internlm2_dir):
+def test_static_rope_is_the_same_rotary_embedding_without_a_graph_break(internlm2_dir):
+    """internlm2-chat's dynamic NTK rotary embedding asks `max(position_ids) + 1 > max_position_embeddings`
+    in every layer: a host sync and a graph break in each compiled layer. Below that length the plain
+    class of the same code gives the same result in one graph."""
+    import torch
+    import torch._dynamo
+
+    from stages.kernels import static_rope, use_sdpa
+
+    dynamic, static = load(internlm2_dir).train(), load(internlm2_dir).train()
+    use_sdpa(dynamic), use_sdpa(static)
+    assert {type(layer.attention.rotary_emb).__name__ for layer in dynamic.model.layers} == {
+        "InternLM2DynamicNTKScalingRotaryEmbedding"}
+    assert static_rope(static, SHAPE["max_position_embeddings"] + 1) == 0  # longer runs keep the dynamic class
+    assert static_rope(static, SHAPE["max_position_embeddings"]) == SHAPE["num_layers"]
+    ids = torch.randint(3, SHAPE["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(dynamic(input_ids=ids).logits, static(input_ids=ids).logits, atol=0, rtol=0)
+
+    def graphs(model):
+        torch._dynamo.reset()
+        x = torch.randn(2, 16, SHAPE["hidden_size"])
+        pos = torch.arange(16)[None].expand(2, -1)
+        return torch._dynamo.explain(model.model.layers[0])(x, attention_mask=None, position_ids=pos).graph_count
+
+    assert graphs(dynamic) > 1 and graphs(static) == 1
+
+
+def test_kernels_dispatch_switches_attention_of_the_model_xtuner_builds(internlm2_dir, monkeypatch):
     from stages.xtuner_api import patch_stack
 
     patch_stack()
@@ -102,10 +129,14 @@ def test_kernels_dispatch_switches_attention_of_the_model_xtuner_builds(internlm
 
     from stages import kernels
 
-    kernels.apply({"fused_loss": True, "compute_dtype": "float32"})
+    for name in ("dispatch_modules", "prepare_model_for_kbit_training"):  # the patch is undone afterwards
+        monkeypatch.setattr(sft, name, getattr(sft, name))
+    monkeypatch.setattr(kernels, "_SETTINGS", {})
+    kernels.apply({"fused_loss": True, "compute_dtype": "float32", "max_length": 64})
     model = load(internlm2_dir)
     sft.dispatch_modules(model)
     assert model.config.attn_implementation == "sdpa" and model._fused_loss
+    assert {type(layer.attention.rotary_emb).__name__ for layer in model.model.layers} == {"InternLM2RotaryEmbedding"}
 
 
 LEAN_FORWARD = """
