@@ -15,6 +15,7 @@
 #   OUT=bench bash benchmarks/stage_runs.sh structures [ITERS] # 1.8B default: Llama beside InternLM2, then InternLM2's DAG
 #   OUT=bench bash benchmarks/stage_runs.sh internlm2 [ITERS]  # InternLM2: 7B lean, then the 1.8B default's DAG
 #   OUT=bench bash benchmarks/stage_runs.sh lean7b-structures [ITERS]  # 7B within 8 GB: Llama beside InternLM2
+#   OUT=bench bash benchmarks/stage_runs.sh internvl2b-merge [ITERS]    # InternVL2-2B's shapes: train, convert, merge only
 #   OUT=bench bash benchmarks/stage_runs.sh speed-structures [ITERS]   # 1.8B default: Llama, InternLM2, twice, alternating
 set -euo pipefail
 SUITE=${1:-compare}; ITERS=${2:-30}; OUT=${OUT:-bench}
@@ -58,7 +59,9 @@ PY
 run() {  # name, params updates
   set_params "$2"
   local t0=$(date +%s) log=$OUT/$(echo "$1" | tr -c 'a-zA-Z0-9\n' '_').log
-  if python -m dvc repro train >"$log" 2>&1; then record "$1" $(( $(date +%s) - t0 ))
+  # FORCE: train again even when DVC's cache holds this run (its upstream stages as usual)
+  if { [ -z "${FORCE:-}" ] || python -m dvc repro render >"$log" 2>&1; } &&
+     python -m dvc repro ${FORCE:+-f -s} train >>"$log" 2>&1; then record "$1" $(( $(date +%s) - t0 ))
   else grep -E "^error:|^ERROR" "$log" | tail -n 3; record "$1" $(( $(date +%s) - t0 )) failed; fi
 }
 dag() {  # recipe, name: the whole DAG with that recipe; every stage's record, metrics and report
@@ -111,9 +114,9 @@ case $SUITE in
   speed-structures)  # train stage only, alternating, so that the spread between runs shows beside the difference
     for round in 1 2; do
       use_model internlm2-1_8b llama
-      run "1.8B Llama structure, default (24 GB budget), round $round" "$DEFAULT"
+      FORCE=1 run "1.8B Llama structure, default (24 GB budget), round $round" "$DEFAULT"
       use_model internlm2-1_8b internlm2
-      run "1.8B InternLM2 structure, default (24 GB budget), round $round" "$DEFAULT"
+      FORCE=1 run "1.8B InternLM2 structure, default (24 GB budget), round $round" "$DEFAULT"
     done ;;
   lean7b-structures)
     LEAN="{'train': {'micro_batch': 1, 'memory_gb': 8, 'activation_checkpointing': True, 'fused_loss': True,
@@ -195,6 +198,21 @@ PY
       --out /tmp/models/internvl2-2b | grep -E "^\[internvl\]"
     set_params "{'internvl': {'path': '/tmp/models/internvl2-2b'}}"
     dag internvl "internvl recipe, InternVL2-2B structure and shapes (InternViT-300M + InternLM2-1.8B)" ;;
+  internvl2b-merge)  # InternVL2-2B's shapes through train, convert and merge only: no stand-in nobody reads
+    python scripts/random_model.py internlm2-1_8b /tmp/models/internlm2-1_8b-internlm2 --arch internlm2 \
+      --tokenizer models/tiny-internlm2 | tail -n 1
+    set_params "{'model': {'path': '/tmp/models/internlm2-1_8b-internlm2'},
+      'internvl': {'tiny': {'image_size': 448, 'patch_size': 14, 'hidden_size': 1024, 'num_layers': 24,
+      'num_heads': 16, 'intermediate_size': 4096, 'downsample_ratio': 0.5, 'max_dynamic_patch': 6, 'seed': 0},
+      'max_iters': $ITERS, 'warmup_iters': 2, 'lr': 4e-5, 'path': '/tmp/models/internvl2-2b'},
+      'data': {'max_length': 2048}, 'train': {'micro_batch': 4, 'global_batch': 16}}"
+    python -m stages.internvl --llm /tmp/models/internlm2-1_8b-internlm2 --out /tmp/models/internvl2-2b | grep -E "^\[internvl\]"
+    python - <<'PY'
+from ruamel.yaml import YAML
+yaml = YAML(); p = yaml.load(open("params.yaml")); p["recipe"] = "internvl"; yaml.dump(p, open("params.yaml", "w"))
+PY
+    python -m dvc repro merge 2>&1 | grep -E "^\[(train|convert|merge)\]|rror" | grep -v params | tail -n 12
+    cp reports/merge.json "$OUT/merge.json" 2>/dev/null || true ;;
   internvl)  # the internvl recipe's tiny stand-in on a GPU: bf16, 4-bit on CUDA, every stage
     dag internvl "internvl recipe, the tiny stand-in on the GPU" ;;
 esac

@@ -37,7 +37,7 @@ def main() -> None:
     from stages.structures import internlm2_config, llama_config, new_causal_lm
 
     start = time.time()
-    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    tok = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=True)  # the tiny model's (remote code)
     s = SHAPES[args.shape]
     shape = dict(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
                  num_layers=s["num_hidden_layers"], num_heads=s["num_attention_heads"],

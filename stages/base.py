@@ -1,10 +1,11 @@
 """Stage `base`: build the embedded default's base model, deterministically.
 
-A Llama-architecture causal LM of the shape in `model.tiny`, initialised from a fixed seed and
+A causal LM of the structure (InternLM2 remote code, or Llama) and shape in `model.tiny`, initialised from a fixed seed and
 pretrained for `model.tiny.pretrain_steps` on the general conversations of data/raw/ (so it is a tiny
 chat model, not noise: a fine-tune then has something to change and something to forget), and a
-byte-level BPE tokenizer trained on the project's own text (`data/raw/`) with the special
-tokens of the InternLM2 chat template. Same params, same bytes: DVC caches it like any output.
+SentencePiece tokenizer laid out as InternLM2's (`tokenizer.model` behind `tokenization_internlm2.py`
+and `auto_map`; stages/remote_code/internlm2/), trained on the project's own text (`data/raw/`) with
+the special tokens of the InternLM2 chat template. Same params, same bytes: DVC caches it like any output.
 Both load back with `AutoTokenizer` / `AutoModelForCausalLM.from_pretrained`.
 
     python -m stages.base            # writes models/tiny-internlm2
@@ -14,11 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from stages import params as P
-from stages.paths import RAW, TINY_MODEL
+from stages.errors import fail
+from stages.paths import INTERNLM2_TOKENIZER_CODE, RAW, TINY_MODEL
 
 # Token ids as in InternLM2's tokenizer: <unk>=0, <s>=1, </s>=2, then the chat template's tokens.
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|action_start|>",
@@ -30,17 +33,26 @@ CHAT_TEMPLATE = (
 )
 
 
+# the text recipe's files, which the tokenizer is trained on: the image recipes' captions are left out,
+# so that their edits never rebuild the base model (they encode with byte fallback where no piece fits)
+CORPUS_FILES = ("self_cognition.json", "general_chat.jsonl", "general_heldout.jsonl", "eval_prompts.json")
+
+
+def read_records(path: Path) -> list:
+    """A JSON file's document, or a JSON Lines file's records (errors: one line naming file and line)."""
+    from stages.io import read_json, read_jsonl
+
+    what = "the tiny model's tokenizer and pretraining text"
+    return read_jsonl(path, what) if path.suffix == ".jsonl" else [read_json(path, what)]
+
+
 def corpus(raw: Path = RAW) -> Iterator[str]:
-    """Every piece of text the project ships, for training the tokenizer (placeholders removed)."""
-    for path in sorted(raw.rglob("*")):
-        if path.suffix not in (".json", ".jsonl") or not path.is_file():
-            continue
-        if path.relative_to(raw).parts[0] == "internvl":  # the internvl recipe's captions came later: left
-            continue  # out, the tiny model stayed byte-identical (they encode as bytes where no merge fits)
-        text = path.read_text(encoding="utf-8")
-        docs = [json.loads(line) for line in text.splitlines() if line.strip()] \
-            if path.suffix == ".jsonl" else [json.loads(text)]
-        for doc in docs:
+    """Every piece of text of the text recipe's files, for training the tokenizer (placeholders removed)."""
+    for name in CORPUS_FILES:
+        path = raw / name
+        if not path.is_file():
+            fail(f"{path}: missing (the tiny model's tokenizer is trained on {', '.join(CORPUS_FILES)})")
+        for doc in read_records(path):
             yield from (re.sub(r"\{(name|author)\}", "", s) for s in _strings(doc))
 
 
@@ -55,24 +67,39 @@ def _strings(obj: object) -> Iterator[str]:
             yield from _strings(value)
 
 
-def build_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE tokenizer wrapped as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+def build_tokenizer(texts: list[str], vocab_size: int, folder: Path):
+    """InternLM2's tokenizer layout in `folder`: a SentencePiece BPE model (`tokenizer.model`, byte
+    fallback, the chat tokens as pieces) trained on `texts`, loaded through `tokenization_internlm2.py`
+    and `auto_map` as internlm2-chat's is; the loaded tokenizer."""
+    import io
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    tok.post_processor = processors.TemplateProcessing(  # InternLM2 adds <s> in front
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>",
-        additional_special_tokens=SPECIAL_TOKENS[3:], chat_template=CHAT_TEMPLATE,
-        model_input_names=["input_ids", "attention_mask"], padding_side="right",
-        clean_up_tokenization_spaces=False)
+    import sentencepiece as spm
+
+    from transformers import AutoTokenizer
+
+    from stages.io import write_json
+
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+            byte_fallback=True, user_defined_symbols=SPECIAL_TOKENS[3:], unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            character_coverage=0.98, split_digits=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True, normalization_rule_name="identity", max_sentence_length=1 << 16,
+            num_threads=1, minloglevel=2)
+    except RuntimeError as err:  # too small a vocabulary for the text's characters, and the like
+        fail(f"model.tiny.vocab_size: {vocab_size}: SentencePiece cannot train on the project's text "
+             f"({str(err).strip().splitlines()[-1]})")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    shutil.copy2(INTERNLM2_TOKENIZER_CODE, folder / INTERNLM2_TOKENIZER_CODE.name)
+    write_json(folder / "tokenizer_config.json", {
+        "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]},
+        "tokenizer_class": "InternLM2Tokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "pad_token": "</s>", "additional_special_tokens": SPECIAL_TOKENS[3:], "add_bos_token": True,
+        "add_eos_token": False, "chat_template": CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
+        "padding_side": "right", "model_max_length": 1 << 20})
+    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True, local_files_only=True)
 
 
 def build_model(tiny: P.TinyModel, tokenizer, folder: Path):
@@ -108,7 +135,12 @@ def finish_config(folder: Path) -> None:
 def chat_corpus(raw: Path = RAW) -> list[list[dict]]:
     """The general conversations the base model is pretrained on (never the identity data)."""
     path = raw / "general_chat.jsonl"
-    return [json.loads(line)["messages"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    chats = []
+    for number, record in enumerate(read_records(path), 1):
+        if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+            fail(f"{path}: record {number}: no `messages` list")
+        chats.append(record["messages"])
+    return chats
 
 
 def pretrain(model, tokenizer, chats: list[list[dict]], steps: int, seed: int, seq: int = 128,
@@ -149,8 +181,8 @@ def build(tiny: P.TinyModel, out: Path, raw: Path = RAW) -> None:
     from stages.io import output_dir
 
     texts = list(corpus(raw))
-    tokenizer = build_tokenizer(texts, tiny.vocab_size)
     with output_dir(out) as tmp:
+        tokenizer = build_tokenizer(texts, tiny.vocab_size, tmp)
         model = build_model(tiny, tokenizer, tmp)
         losses = pretrain(model, tokenizer, chat_corpus(raw), tiny.pretrain_steps, tiny.seed)
         if losses:

@@ -31,6 +31,13 @@ def check(path: str | Path, key: str = "model.path") -> Path:
                 json.loads((folder / name).read_bytes())
             except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
                 fail(f"{key}: {folder / name}: not valid JSON ({str(err).splitlines()[0]}); {how}")
+    from stages.structures import missing_code
+
+    for name in ("config.json", "tokenizer_config.json"):  # remote code named by auto_map, not beside it
+        cfg = json.loads((folder / name).read_bytes()) if (folder / name).is_file() else None
+        missing = missing_code(folder, cfg) if isinstance(cfg, dict) else []
+        if missing:
+            fail(f"{key}: {folder} lacks {', '.join(missing)}, the remote code its {name} names (auto_map); {how}")
     return folder
 
 

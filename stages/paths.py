@@ -39,6 +39,8 @@ MERGED = Path("models/merged")  # stage merge: base + adapter, safetensors; llav
 
 TEMPLATES = ROOT / "stages" / "templates"
 INTERNVL_CODE = ROOT / "stages" / "remote_code" / "internvl"  # the stand-in's remote code (copied into it)
+# the tiny models' tokenizer code (XTuner ships InternLM2's model code, not its tokenizer's)
+INTERNLM2_TOKENIZER_CODE = ROOT / "stages" / "remote_code" / "internlm2" / "tokenization_internlm2.py"
 
 REPORTS = Path("reports")
 DATA_STATS = REPORTS / "data_stats.json"  # stage validate (a DVC metric)

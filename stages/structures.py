@@ -11,10 +11,11 @@ one: the code files beside `config.json`, whose keys are the real model's (`arch
 `auto_map`, `attn_implementation`, `rope_scaling`, `rope_theta`, `bias`), and weights in safetensors.
 
 What differs from a download: the weights (random, or the tiny model's own pretraining), and the
-tokenizer, which is the project's byte-level BPE tokenizer (`tokenizer.json`, loaded by transformers'
-own fast tokenizer) with InternLM2's special tokens and chat template, where the real directory has
-a SentencePiece `tokenizer.model` loaded through `tokenization_internlm2.py` (remote code that XTuner
-does not ship).
+tokenizer's contents. Its layout is the real one (a SentencePiece `tokenizer.model` loaded through
+`tokenization_internlm2.py` and `auto_map`), but the SentencePiece model is trained on the project's
+text (2,048 pieces where the real one has 92,544) and the code is the project's own
+(stages/remote_code/internlm2/; XTuner does not ship InternLM2's tokenizer code), without the real
+directory's fast tokenizer class.
 
     python -m stages.structures              # where the installed XTuner's model code is
 """

@@ -47,6 +47,14 @@ def clone_worktree(dest: Path) -> Path:
     return dest
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs a built project (the `built` fixture, directly or through another) is an
+    e2e test: `pytest -m "not e2e"` then runs no `dvc repro` at all."""
+    for item in items:
+        if "built" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)
+
+
 @pytest.fixture(scope="session")
 def built(tmp_path_factory) -> Path:
     """A clean clone on which the real `dvc repro` has run once."""

@@ -1,4 +1,5 @@
 import hashlib
+import json
 
 import pytest
 
@@ -20,8 +21,8 @@ def test_same_params_same_bytes(tiny, tmp_path, monkeypatch):
     base.build(tiny, tmp_path / "a")
     base.build(tiny, tmp_path / "b")
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(
-        digest(tmp_path / "a"))
+    assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json",
+            "tokenization_internlm2.py"} <= set(digest(tmp_path / "a"))
 
 
 def test_loads_back_with_auto_classes_and_chats(built):
@@ -31,7 +32,10 @@ def test_loads_back_with_auto_classes_and_chats(built):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = built / "models/tiny-internlm2"
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    assert type(tok).__name__ == "InternLM2Tokenizer" and type(tok).__module__.startswith("transformers_modules.")
+    assert json.loads((path / "tokenizer_config.json").read_text())["auto_map"]["AutoTokenizer"][0] == \
+        "tokenization_internlm2.InternLM2Tokenizer"  # as internlm2-chat's
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
     assert type(model).__name__ == "InternLM2ForCausalLM"  # through the directory's own remote code
     assert type(model).__module__.startswith("transformers_modules.")
@@ -42,7 +46,9 @@ def test_loads_back_with_auto_classes_and_chats(built):
                                    add_generation_prompt=True)
     assert text == "<s><|im_start|>user\n你是谁<|im_end|>\n<|im_start|>assistant\n"
     ids = tok("你好，世界", add_special_tokens=False)["input_ids"]
-    assert tok.decode(ids) == "你好，世界"  # byte-level: lossless on Chinese
+    assert tok.decode(ids) == "你好，世界"
+    rare = tok("𝔘😀", add_special_tokens=False)["input_ids"]  # not in the text: byte fallback pieces
+    assert all(t.startswith("<0x") for t in tok.convert_ids_to_tokens(rare)) and tok.decode(rare) == "𝔘😀"
     assert "token_type_ids" not in tok("hi")
     out = model.generate(**tok(text, return_tensors="pt", add_special_tokens=False), max_new_tokens=3,
                          do_sample=False)

@@ -76,7 +76,7 @@ def test_lmdeploy_prompt_is_the_tokenizers_chat_template(built, system):
 
     t = evaluate.lmdeploy_template(system)
     lmdeploy_prompt = t["system"] + t["meta_instruction"] + t["eosys"] + t["user"] + "你是谁" + t["eoh"] + t["assistant"]
-    tok = AutoTokenizer.from_pretrained(built / "models/tiny-internlm2")
+    tok = AutoTokenizer.from_pretrained(built / "models/tiny-internlm2", trust_remote_code=True)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "你是谁"}]
     assert tok.bos_token + lmdeploy_prompt == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert t["stop_words"] == ["<|im_end|>"]

@@ -44,7 +44,7 @@ def test_merged_model_answers_as_base_plus_adapter_token_for_token(built):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     prompts = P.load(built / "params.yaml").eval.prompts
-    tok = AutoTokenizer.from_pretrained(built / "models/merged")
+    tok = AutoTokenizer.from_pretrained(built / "models/merged", trust_remote_code=True)
 
     def answers(model) -> list[list[int]]:
         out = []
@@ -141,7 +141,7 @@ def test_killed_training_resumes_and_ends_where_an_uninterrupted_run_ends(built,
     assert "resuming from" in out and "iter_50.pth" in out
     metrics = json.loads((project / "reports/train/metrics.json").read_text())
     uninterrupted = json.loads((built / "reports/train/metrics.json").read_text())
-    assert metrics["iters"] == uninterrupted["iters"] == 354
+    assert metrics["iters"] == uninterrupted["iters"] == PINNED_LOSS["steps"]
     # The same result as the uninterrupted run of the same length, within tolerance: the data order
     # and the schedule resume exactly, LoRA dropout's random masks do not, so the weights take
     # another path (LoRA weights are not comparable one by one) to the same loss.
@@ -172,10 +172,10 @@ def test_rerun_gives_a_byte_identical_adapter(built, project):
         assert (project / path).read_bytes() == (built / path).read_bytes(), path
 
 
-# The embedded default's loss curve (tiny InternLM2, 354 steps on the CPU), as windows of 10 steps at the
+# The embedded default's loss curve (tiny InternLM2, 357 steps on the CPU), as windows of 10 steps at the
 # start, the middle and the end. Training is byte-deterministic on one machine; another CPU's kernels
 # round differently, hence 3%. A change that alters training (data, schedule, model, kernels) shows here.
-PINNED_LOSS = {"steps": 354, "first": 4.717, "middle": 3.029, "final": 2.815}
+PINNED_LOSS = {"steps": 357, "first": 5.745, "middle": 3.07, "final": 2.757}
 
 
 def test_the_embedded_default_loss_curve_is_pinned(built):

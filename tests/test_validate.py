@@ -13,7 +13,7 @@ CONV = {"messages": [{"role": "user", "content": "你好"}, {"role": "assistant"
 def test_token_lengths_follow_xtuner_template(built):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(built / "models/tiny-internlm2")
+    tok = AutoTokenizer.from_pretrained(built / "models/tiny-internlm2", trust_remote_code=True)
     template = prompt_template("internlm2_chat")
     pieces = validate.openai_pieces(CONV, template)
     assert pieces == ["<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n", "你好！<|im_end|>"]
