@@ -82,11 +82,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     pipeline = read_pipeline(CONFIG)
     lean_imports(images=pipeline.get("recipe") in ("llava", "internvl"))
     if pipeline.get("recipe") == "internvl":  # stages/internvl_recipe.py
-        from dataclasses import asdict
-
         from stages import internvl_recipe
 
-        internvl_recipe.save_adapter(ADAPTER_PTH, ADAPTER, asdict(params.internvl.lora))
+        lora = params.lora
+        internvl_recipe.save_adapter(ADAPTER_PTH, ADAPTER, {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout})
     elif pipeline.get("recipe") == "llava":
         convert_llava(CONFIG, ADAPTER_PTH, ADAPTER, fp32=pipeline["precision"] == "fp32")
     else:

@@ -88,7 +88,7 @@ def check_structure(p: P.Params) -> Check:
                                          f"folder: {', '.join(missing)} (copy the model's *.py files beside it)")
     llm = cfg.get("llm_config") if isinstance(cfg.get("llm_config"), dict) else cfg
     flash = importlib.util.find_spec("flash_attn") is not None
-    targets = lora_targets(llm, "all-linear" if p.recipe == "internvl" else p.lora.target_modules)
+    targets = lora_targets(llm, p.lora.target_modules)
     head = f"{structure_of(cfg)} with LLM {structure_of(llm)}" if llm is not cfg else structure_of(cfg)
     return Check("structure", True, f"{head}; attention {attention_of(llm, flash)}; LoRA on "
                                     f"{', '.join(targets) if isinstance(targets, list) else targets}")

@@ -82,9 +82,12 @@ class Data:
 
 @dataclass(frozen=True)
 class Lora:
-    r: int = spec("LoRA rank", minimum=1)
-    alpha: float = spec("LoRA alpha (scaling = alpha / r)", exclusiveMinimum=0)
-    dropout: float = spec("LoRA dropout", minimum=0, exclusiveMaximum=1)
+    r: Union[Literal["auto"], int] = spec(
+        "LoRA rank; auto: the recipe's preset (assistant and llava 64; internvl 128, the tutorial's)", minimum=1)
+    alpha: Union[Literal["auto"], float] = spec(
+        "LoRA alpha (scaling = alpha / r); auto: the recipe's preset (64; internvl 256)", exclusiveMinimum=0)
+    dropout: Union[Literal["auto"], float] = spec(
+        "LoRA dropout; auto: the recipe's preset (0.1; internvl 0.05)", minimum=0, exclusiveMaximum=1)
     target_modules: Union[Literal["all-linear"], list[str]] = spec(
         "modules that get adapters: all-linear, or a list of module names", minItems=1)
 
@@ -235,13 +238,6 @@ class TinyInternVL:
 
 
 @dataclass(frozen=True)
-class InternVLLora:
-    r: int = spec("LoRA rank of the LLM's adapter (the tutorial's: 128)", minimum=1)
-    alpha: float = spec("LoRA alpha (the tutorial's: 256; scaling = alpha / r)", exclusiveMinimum=0)
-    dropout: float = spec("LoRA dropout", minimum=0, exclusiveMaximum=1)
-
-
-@dataclass(frozen=True)
 class InternVLRecipe:
     """recipe: internvl, XTuner's internvl_v2_internlm2_2b_qlora_finetune as the tutorial runs it: QLoRA on
     the LLM (4-bit when quant.mode is not none), frozen vision encoder, mlp1 trained."""
@@ -249,7 +245,6 @@ class InternVLRecipe:
     path: str = spec("InternVL model directory with its remote code (config.json, *.py, weights, tokenizer); "
                      "models/tiny-internvl is the stand-in built by `dvc repro internvl`", minLength=1)
     tiny: TinyInternVL = spec("shape of the locally built stand-in's vision part")
-    lora: InternVLLora = spec("LoRA adapter of the LLM")
     lr: float = spec("peak learning rate (the tutorial's 1e-6 is for 2B on 2000 records)", exclusiveMinimum=0)
     max_iters: int = spec("training iterations", minimum=1)
     warmup_iters: int = spec("linear warm-up iterations (at 1, mmengine's LinearLR never leaves its start factor)",
@@ -275,7 +270,22 @@ class Params:
     merge: Merge = spec("merging the adapter into the base model")
     eval: Eval = spec("evaluation: prompts during training, and the evaluate stage")
     llava: LlavaRecipe = spec("the llava recipe: vision encoder, projector, its phases")
-    internvl: InternVLRecipe = spec("the internvl recipe: model directory, stand-in shape, LoRA, schedule")
+    internvl: InternVLRecipe = spec("the internvl recipe: model directory, stand-in shape, schedule")
+
+
+# What `auto` in the lora section means for each recipe: one vocabulary for the three, so that
+# `dvc exp run -S lora.r=64` reaches whichever recipe is selected; internvl's is the tutorial's
+# internvl_v2_internlm2_2b_qlora_finetune_e1_r128 (r 128, alpha 256, dropout 0.05).
+LORA_PRESETS = {"assistant": {"r": 64, "alpha": 64, "dropout": 0.1},
+                "llava": {"r": 64, "alpha": 64, "dropout": 0.1},
+                "internvl": {"r": 128, "alpha": 256, "dropout": 0.05}}
+
+
+def with_presets(params: Params) -> Params:
+    """`params` with every `auto` of the lora section replaced by the selected recipe's preset."""
+    preset = LORA_PRESETS[params.recipe]
+    lora = dataclasses.replace(params.lora, **{k: preset[k] for k in preset if getattr(params.lora, k) == "auto"})
+    return dataclasses.replace(params, lora=lora)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,8 +401,9 @@ def _allowed_any(options: list) -> str:
         elif opt.get("type") == "array":
             parts.append(f"a list of {opt['items']['type']}s")
         else:
-            rng = f" >= {opt['minimum']}" if "minimum" in opt else ""
-            parts.append(f"{opt['type']}{rng}")
+            bounds = [f"{op} {opt[k]}" for k, op in (("minimum", ">="), ("exclusiveMinimum", ">"),
+                                                      ("exclusiveMaximum", "<"), ("maximum", "<=")) if k in opt]
+            parts.append(f"{opt['type']}{' ' if bounds else ''}{' and '.join(bounds)}")
     return " or ".join(parts)
 
 
@@ -517,7 +528,7 @@ def validate(data: Any, source: str = str(PARAMS)) -> Params:
     for key, value in _numbers(data):
         if not math.isfinite(value):
             fail(f"{source}: {key}: got {value}, expected a finite number")
-    params = _build(Params, data)
+    params = with_presets(_build(Params, data))
     problems = _contradictions(params)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""

@@ -194,7 +194,7 @@ def llava_context(p: P.Params, resolved: dict, phase: str, out: Path = CONFIG_DI
 
 def internvl_context(p: P.Params, resolved: dict, out: Path = CONFIG_DIR) -> dict:
     """The internvl template's variables (XTuner's internvl_v2_internlm2_2b_qlora_finetune, the tutorial's
-    edits: LoRA from `internvl.lora`, schedule from `internvl`)."""
+    edits: LoRA from `lora`, whose `auto` is the tutorial's r 128 / alpha 256, schedule from `internvl`)."""
     iv, t = p.internvl, p.train
     ds = resolved["deepspeed"]
     return {
@@ -208,7 +208,7 @@ def internvl_context(p: P.Params, resolved: dict, out: Path = CONFIG_DIR) -> dic
         "warmup_iters": iv.warmup_iters, "max_iters": iv.max_iters,
         "save_interval": min(t.save_interval, iv.max_iters), "save_total_limit": t.save_total_limit,
         "quantization_llm": p.quant.mode != "none", "torch_dtype": resolved["torch_dtype"],
-        "lora": {"r": iv.lora.r, "alpha": iv.lora.alpha, "dropout": iv.lora.dropout,
+        "lora": {"r": p.lora.r, "alpha": p.lora.alpha, "dropout": p.lora.dropout,
                  "target_modules": resolved["lora_targets"]},
         "seed": t.seed,
         **run_settings(resolved, iv.max_iters),
@@ -274,8 +274,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"[render] warning: this setting is estimated at {resolved['estimate_gb']} GB, over "
               f"train.memory_gb {resolved['memory_gb']}: it may run out of GPU memory", flush=True)
     path = render(params, resolved)
-    lora_r = params.internvl.lora.r if params.recipe == "internvl" else params.lora.r
-    print(f"[render] {path}: {params.recipe} recipe, LoRA r={lora_r}, "
+    print(f"[render] {path}: {params.recipe} recipe, LoRA r={params.lora.r}, "
           f"quant {params.quant.mode}, {resolved['device']} {resolved['precision']}, "
           f"deepspeed {resolved['deepspeed']}", flush=True)
 

@@ -274,7 +274,7 @@ def build_internvl_report(p: P.Params) -> tuple[str, dict]:
     settings = [r for r in params_rows(p, resolved) if r[0] in ("recipe", "quantization", "device / precision / DeepSpeed")]
     settings = [["model", iv.path + (" (the stand-in: it exercises the plumbing, it knows nothing; see README.md)"
                                      if stand_in else "")]] + settings + [
-        ["LoRA (LLM)", f"r={iv.lora.r}, alpha={iv.lora.alpha}, dropout={iv.lora.dropout}, all linear layers; "
+        ["LoRA (LLM)", f"r={p.lora.r}, alpha={p.lora.alpha}, dropout={p.lora.dropout}, all linear layers; "
                        "vision encoder frozen, mlp1 trained"],
         ["fine-tune", f"{iv.max_iters} iterations, lr {iv.lr}, warm-up {iv.warmup_iters}, micro-batch "
                       f"{resolved.get('micro_batch')} x {resolved.get('grad_accum')} accumulation, LengthGroupedSampler"]]

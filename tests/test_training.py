@@ -77,7 +77,7 @@ def test_lora_rank_experiment_reruns_only_the_training_chain(project):
     assert re.findall(r"Running stage '(\w+)'", out) == ["render", "train", "convert", "merge", "evaluate",
                                                           "report"]
     params = json.loads(sh("dvc", "params", "diff", "--json", cwd=project).stdout)["params.yaml"]
-    assert (params["lora.r"]["old"], params["lora.r"]["new"]) == (64, 32)
+    assert (params["lora.r"]["old"], params["lora.r"]["new"]) == ("auto", 32)  # auto: the recipe's preset, 64
     metrics = json.loads(sh("dvc", "metrics", "diff", "--json", cwd=project).stdout)
     assert "final_loss" in metrics["reports/train/metrics.json"]
     plots = sh("dvc", "plots", "diff", "--json", cwd=project).stdout
@@ -85,7 +85,7 @@ def test_lora_rank_experiment_reruns_only_the_training_chain(project):
     # the review of an experiment, as the README tells users to do it
     sh(sys.executable, "-m", "stages.compare", "HEAD", "r32", cwd=project)
     report = (project / "reports/compare/compare.md").read_text(encoding="utf-8")
-    assert "| lora.r | 64 | 32 |" in report
+    assert "| lora.r | auto | 32 |" in report
     loss = metrics["reports/train/metrics.json"]["final_loss"]  # HEAD and the experiment, as DVC diffs them
     old, new = loss["old"], loss["new"]
     diff = new - old
