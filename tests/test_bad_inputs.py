@@ -146,7 +146,7 @@ CASES = [
          ("params.yaml: lora.rank: unknown key", "allowed: alpha, dropout, r, target_modules")),
     Case("params-typo-suggests-key", "generate", param("  repeat: 12 ", "  repat: 12 "),
          ("params.yaml: data.repat: unknown key", "did you mean 'repeat'")),
-    Case("params-unknown-section", "doctor", param("\nlora:\n", "\ntrainer:\n  lr: 0.1\n\nlora:\n"),
+    Case("params-unknown-section", "doctor", param("\nlora:  ", "\ntrainer:\n  lr: 0.1\n\nlora:  "),
          ("params.yaml: trainer: unknown key",), subprocess=True),
     Case("params-missing-key", "render", param("  alpha: auto\n", ""), ("params.yaml: lora.alpha: missing",)),
     # wrong types
@@ -290,7 +290,7 @@ CASES = [
          ("internvl.tiny.downsample_ratio: 0.3 must be 1/k with k dividing the 8 x 8 patch grid",)),
     Case("params-internvl-empty-prompt", "render", param("eval_prompt: 请你根据这张图片，讲一个脑洞大开的梗", "eval_prompt: ''"),
          ("internvl.eval_prompt: must not be empty",)),
-    Case("params-internvl-lora-section", "render", param("internvl:  ", "internvl:\n  lora:\n    r: 128\n "),
+    Case("params-internvl-lora-section", "render", param("\ninternvl:  ", "\ninternvl:\n  lora:\n    r: 128\n "),
          ("internvl.lora: unknown key",)),
     Case("internvl-missing-image", "repeat", llava(lambda rs: rs[2].update(image="images/cat.jpg"), INTERNVL),
          (INTERNVL, "[2] image", "images/cat.jpg", "not found")),

@@ -98,6 +98,20 @@ def test_internvl_params_that_cannot_work_are_one_line():
 # config, patches, checkpoint
 
 
+def test_lora_means_the_same_for_the_internvl_recipe(tmp_path):
+    """`dvc exp run -S recipe=internvl -S lora.r=32`: the rank reaches the rendered config, the rest of
+    the tutorial's preset (alpha 256, dropout 0.05) stays; an explicit alpha wins over the preset too."""
+    from tests.test_render import MACHINES
+
+    raw = {**P.read_yaml(ROOT / "params.yaml"), "recipe": "internvl"}
+    p = P.validate({**raw, "lora": {**raw["lora"], "r": 32}})
+    cfg = render.check_config(render.render(p, render.resolve(p, **MACHINES["cpu"]), tmp_path / "a"))
+    assert (cfg.model.llm_lora.r, cfg.model.llm_lora.lora_alpha, cfg.model.llm_lora.lora_dropout) == (32, 256, 0.05)
+    p = P.validate({**raw, "lora": {**raw["lora"], "alpha": 16}})
+    assert (p.lora.r, p.lora.alpha) == (128, 16)
+    assert P.validate({**raw, "recipe": "assistant"}).lora.r == 64
+
+
 def test_internvl_config_is_the_tutorial_recipe_and_loads(tmp_path):
     from tests.test_render import MACHINES
 
