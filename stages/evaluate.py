@@ -79,9 +79,10 @@ def score(rows: list[dict], side: str, name: str, author: str) -> dict:
 
 
 class TransformersChat:
-    """Greedy chat generation with transformers, batched with left padding."""
+    """Greedy chat generation with transformers, batched with left padding: the prompt is the tokenizer's
+    chat template, or XTuner's `template` (train.prompt_template) where the tokenizer has none."""
 
-    def __init__(self, path: Path, device: str, system: str) -> None:
+    def __init__(self, path: Path, device: str, system: str, template: str = "internlm2_chat") -> None:
         from stages.modeldir import load_model, load_tokenizer
 
         import torch
@@ -93,7 +94,7 @@ class TransformersChat:
             self.tok.pad_token = self.tok.eos_token
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         self.model = load_model(path, key, torch_dtype=dtype).to(device).eval()
-        self.device, self.system = device, system
+        self.device, self.system, self.template = device, system, template
 
     def encode(self, messages: list[dict]) -> list[int]:
         if self.system:
@@ -102,8 +103,10 @@ class TransformersChat:
             return self.tok.apply_chat_template(messages, add_generation_prompt=True)
         from stages.xtuner_api import prompt_template
 
-        t = prompt_template("internlm2_chat")
+        t = prompt_template(self.template)
         text = "".join(t["INSTRUCTION"].format(input=m["content"], round=1) for m in messages if m["role"] == "user")
+        if self.system and t.get("SYSTEM"):
+            text = t["SYSTEM"].format(system=self.system) + text
         return self.tok(text)["input_ids"]
 
     def generate(self, prompts: list[str], max_new_tokens: int, seed: int) -> tuple[list[str], int, float]:
@@ -254,7 +257,7 @@ def evaluate(p: P.Params, backend: str, device: str) -> tuple[list[dict], dict]:
         if backend == "lmdeploy" else {}  # first, alone on the GPU; perplexity below is transformers'
     for side, path in sides:
         start = time.time()
-        chat = TransformersChat(path, device, p.eval.system)
+        chat = TransformersChat(path, device, p.eval.system, p.train.prompt_template)
         if side in served:
             out = served[side]
             answers, n_tokens, seconds, ready = out["answers"], out["tokens"], out["seconds"], out["start_s"]

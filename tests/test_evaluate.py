@@ -113,3 +113,22 @@ def test_markdown_cells_are_escaped():
 
     assert cell("a|b\nc") == "a\\|b ⏎ c"
     assert len(cell("x" * 500)) == 160
+
+
+def test_a_tokenizer_without_chat_template_is_prompted_with_train_prompt_template(built, tmp_path):
+    """Where the tokenizer has no chat template, evaluation speaks XTuner's `train.prompt_template`, the
+    format the model was trained in, not a fixed one."""
+    import json
+    import shutil
+
+    from stages.evaluate import TransformersChat
+
+    plain = tmp_path / "plain"
+    shutil.copytree(built / "models/tiny-internlm2", plain)
+    cfg = json.loads((plain / "tokenizer_config.json").read_text(encoding="utf-8"))
+    cfg.pop("chat_template")
+    (plain / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    question = [{"role": "user", "content": "你是谁"}]
+    reference = TransformersChat(built / "models/tiny-internlm2", "cpu", "").encode(question)
+    assert TransformersChat(plain, "cpu", "", "internlm2_chat").encode(question) == reference
+    assert TransformersChat(plain, "cpu", "", "vicuna").encode(question) != reference
