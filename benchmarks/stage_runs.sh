@@ -64,12 +64,15 @@ run() {  # name, params updates
      python -m dvc repro ${FORCE:+-f -s} train >>"$log" 2>&1; then record "$1" $(( $(date +%s) - t0 ))
   else grep -E "^error:|^ERROR" "$log" | tail -n 3; record "$1" $(( $(date +%s) - t0 )) failed; fi
 }
-dag() {  # recipe, name: the whole DAG with that recipe; every stage's record, metrics and report
+set_recipe() {  # recipe
   python - "$1" <<'PY'
 import sys
 from ruamel.yaml import YAML
 yaml = YAML(); p = yaml.load(open("params.yaml")); p["recipe"] = sys.argv[1]; yaml.dump(p, open("params.yaml", "w"))
 PY
+}
+dag() {  # recipe, name: the whole DAG with that recipe; every stage's record, metrics and report
+  set_recipe "$1"
   local t0=$(date +%s) status=ok
   python -m dvc repro >"$OUT/$1.log" 2>&1 || { status=failed; grep -E "^error:|^ERROR" "$OUT/$1.log" | tail -n 3; }
   python - "$OUT/stage.jsonl" "$2" "$status" $(( $(date +%s) - t0 )) <<'PY'
@@ -207,10 +210,7 @@ PY
       'max_iters': $ITERS, 'warmup_iters': 2, 'lr': 4e-5, 'path': '/tmp/models/internvl2-2b'},
       'data': {'max_length': 2048}, 'train': {'micro_batch': 4, 'global_batch': 16}}"
     python -m stages.internvl --llm /tmp/models/internlm2-1_8b-internlm2 --out /tmp/models/internvl2-2b | grep -E "^\[internvl\]"
-    python - <<'PY'
-from ruamel.yaml import YAML
-yaml = YAML(); p = yaml.load(open("params.yaml")); p["recipe"] = "internvl"; yaml.dump(p, open("params.yaml", "w"))
-PY
+    set_recipe internvl
     python -m dvc repro merge 2>&1 | grep -E "^\[(train|convert|merge)\]|rror" | grep -v params | tail -n 12
     cp reports/merge.json "$OUT/merge.json" 2>/dev/null || true ;;
   internvl)  # the internvl recipe's tiny stand-in on a GPU: bf16, 4-bit on CUDA, every stage

@@ -137,7 +137,7 @@ def build(shape: P.TinyInternVL, llm: Path, out: Path) -> dict:
         model.language_model.load_state_dict(lm.state_dict())
         # stored in its LLM's dtype, as InternVL2-2B ships bfloat16 (its config's torch_dtype): a
         # float32 stand-in of a bf16 LLM would make the merge's bf16 rounding reach the vision weights
-        model = model.to(getattr(torch, config_dict(shape, llm_config)["torch_dtype"]))
+        model = model.to(getattr(torch, llm_config["torch_dtype"]))
         model.eval().save_pretrained(tmp, safe_serialization=True)
         cfg = json.loads((tmp / "config.json").read_text())
         cfg["auto_map"] = config_dict(shape, llm_config)["auto_map"]  # save_pretrained may drop it

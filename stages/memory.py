@@ -33,11 +33,11 @@ from stages.errors import fail
 
 GB = 1e9
 MARGIN = 0.5 * GB
-UNCHECKPOINTED_TOKENS = 16384
+UNCHECKPOINTED_TOKENS = 16384  # a micro-batch this large keeps the GPU busy without recomputation
 # optimizer state bytes a LoRA parameter that PyTorch's allocator holds: AdamW's two float32 moments,
 # 8-bit AdamW's two bytes; the paged 8-bit states live in CUDA managed memory, outside PyTorch's count,
 # and page out to host memory when the card is full
-OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "paged_adamw8bit": 0}  # a micro-batch this large keeps the GPU busy without recomputation
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "paged_adamw8bit": 0}
 
 
 def loss_chunk_bytes(budget_gb: float | None) -> int:

@@ -25,19 +25,17 @@ def check(path: str | Path, key: str = "model.path") -> Path:
         fail(f"{key}: {folder} has no tokenizer (one of {', '.join(TOKENIZER_FILES)}); {how}")
     if not any(any(folder.glob(p)) for p in WEIGHT_PATTERNS):
         fail(f"{key}: {folder} has no weights (*.safetensors or pytorch_model*.bin); {how}")
+    from stages.structures import missing_code
+
     for name in ("config.json", "tokenizer_config.json", "tokenizer.json"):  # a truncated download
         if (folder / name).is_file():
             try:
-                json.loads((folder / name).read_bytes())
+                doc = json.loads((folder / name).read_bytes())
             except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
                 fail(f"{key}: {folder / name}: not valid JSON ({str(err).splitlines()[0]}); {how}")
-    from stages.structures import missing_code
-
-    for name in ("config.json", "tokenizer_config.json"):  # remote code named by auto_map, not beside it
-        cfg = json.loads((folder / name).read_bytes()) if (folder / name).is_file() else None
-        missing = missing_code(folder, cfg) if isinstance(cfg, dict) else []
-        if missing:
-            fail(f"{key}: {folder} lacks {', '.join(missing)}, the remote code its {name} names (auto_map); {how}")
+            missing = missing_code(folder, doc) if name != "tokenizer.json" and isinstance(doc, dict) else []
+            if missing:  # remote code that its auto_map names, not beside it
+                fail(f"{key}: {folder} lacks {', '.join(missing)}, the remote code its {name} names (auto_map); {how}")
     return folder
 
 

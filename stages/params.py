@@ -37,7 +37,8 @@ class TinyModel:
     architecture: Literal["internlm2", "llama"] = spec(
         "internlm2: InternLM2ForCausalLM through trust_remote_code, as internlm2-chat-1_8b; llama: transformers' "
         "LlamaForCausalLM (the Llama-format case)")
-    vocab_size: int = spec("SentencePiece BPE vocabulary (byte fallback), special tokens included; at least the project text's characters and 265 (bytes, special tokens)", minimum=320, maximum=65536)
+    vocab_size: int = spec("SentencePiece BPE vocabulary (byte fallback), special tokens included; at least the "
+                           "project text's characters and 265 (bytes, special tokens)", minimum=320, maximum=65536)
     hidden_size: int = spec("model width", minimum=8)
     num_layers: int = spec("decoder layers", minimum=1)
     num_heads: int = spec("attention heads; must divide hidden_size", minimum=1)
