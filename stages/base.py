@@ -88,8 +88,8 @@ def build_tokenizer(texts: list[str], vocab_size: int, folder: Path):
             allow_whitespace_only_pieces=True, normalization_rule_name="identity", max_sentence_length=1 << 16,
             num_threads=1, minloglevel=2)
     except RuntimeError as err:  # too small a vocabulary for the text's characters, and the like
-        fail(f"model.tiny.vocab_size: {vocab_size}: SentencePiece cannot train on the project's text "
-             f"({str(err).strip().splitlines()[-1]})")
+        reason = str(err).strip().splitlines()[-1].rsplit("] ", 1)[-1]  # without SentencePiece's source location
+        fail(f"model.tiny.vocab_size: {vocab_size}: SentencePiece cannot train on the project's text ({reason})")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tokenizer.model").write_bytes(model.getvalue())
     shutil.copy2(INTERNLM2_TOKENIZER_CODE, folder / INTERNLM2_TOKENIZER_CODE.name)
