@@ -25,23 +25,35 @@ export PATH=/tmp/bin:$PATH PYTHONUNBUFFERED=1
 [ -d .git ] || git init -q
 git rev-parse -q --verify HEAD >/dev/null || { git add -A && git -c user.name=bench -c user.email=bench@localhost commit -qm bench; }
 
-set_params() {  # a Python dict literal of updates, by section
+set_params() {  # a Python dict literal of updates, merged into params.yaml section by section
   python - "$1" <<'PY'
 import ast, sys
 from ruamel.yaml import YAML
 yaml = YAML(); p = yaml.load(open("params.yaml"))
-for section, values in ast.literal_eval(sys.argv[1]).items():
-    p[section].update(values)
+def merge(node, values):
+    for key, value in values.items():
+        if isinstance(value, dict) and value and isinstance(node.get(key), dict):
+            merge(node[key], value)
+        else:
+            node[key] = value
+merge(p, ast.literal_eval(sys.argv[1]))
 yaml.dump(p, open("params.yaml", "w"))
 PY
 }
-use_model() {  # shape, [arch: internlm2 (default) | llama]: make the random model, point params at it, build the data
+TOKENIZER=${TOKENIZER:-models/assistant/llm}  # the stand-in's tokenizer (`dvc repro stand_in@tiny` here, carried)
+TINY_TEXT=$(mktemp -d)/tokenizer && cp -r "$TOKENIZER" "$TINY_TEXT"  # before a link replaces models/assistant/llm
+link() {  # role, folder, [recipe]: a real-model run (`stand_in: {}`), the folder linked into models/<recipe>/<role>
+  set_params "{'stand_in': {}}"
+  python -m stages.link "$1" "$2" ${3:+--recipe $3} | tail -n 1
+}
+use_model() {  # shape, [arch: internlm2 (default) | llama], [recipe: assistant]: the random model linked in, data built
   local arch=${2:-internlm2} model=/tmp/models/$1-${2:-internlm2}
-  [ -d "$model" ] || python scripts/random_model.py "$1" "$model" --arch "$arch" --tokenizer models/tiny-internlm2
-  set_params "{'model': {'path': '$model'}, 'data': {'repeat': 200, 'max_length': 2048},
+  [ -d "$model" ] || python scripts/random_model.py "$1" "$model" --arch "$arch" --tokenizer "$TINY_TEXT"
+  link llm "$model" "${3:-assistant}"
+  set_params "{'data': {'assistant': {'repeat': 200}, 'max_length': 2048},
     'lora': {'alpha': 16}, 'eval': {'interval': 100000, 'max_new_tokens': 8},
     'train': {'lr': 2e-4, 'global_batch': 16, 'max_iters': $ITERS, 'save_interval': 100000, 'warmup_iters': 2}}"
-  python -m dvc repro validate >/dev/null
+  [ "${3:-assistant}" != assistant ] || python -m dvc repro validate >/dev/null
 }
 record() {  # name, seconds, [status]: the train stage's figures as one JSON line
   python - "$1" "$2" "${3:-ok}" "$OUT/stage.jsonl" <<'PY'
@@ -98,6 +110,16 @@ for stage in ("convert", "merge"):
     rec[f"{stage}_s"] = rec[stage].get("wall_time_s")
 open(sys.argv[1], "a").write(json.dumps(rec) + "\n"); print(json.dumps(rec))
 PY
+}
+internvl2b_model() {  # /tmp/models/internvl2-2b: InternViT-300M at 448 px + InternLM2-1.8B, both random
+  [ -d /tmp/models/internlm2-1_8b-internlm2 ] || python scripts/random_model.py internlm2-1_8b \
+    /tmp/models/internlm2-1_8b-internlm2 --arch internlm2 --tokenizer "$TINY_TEXT" | tail -n 1
+  [ -d /tmp/models/internvl2-2b ] || python -c "from pathlib import Path; from stages import params as P
+from stages.recipes.internvl import model
+info = model.build(P.TinyInternVL(image_size=448, patch_size=14, hidden_size=1024, num_layers=24, num_heads=16,
+                                  intermediate_size=4096, downsample_ratio=0.5, max_dynamic_patch=6, seed=0),
+                   Path('/tmp/models/internlm2-1_8b-internlm2'), Path('/tmp/models/internvl2-2b'))
+print('[internvl]', info['path'], f\"{info['parameters']:,} parameters\")"
 }
 DEFAULT="{'train': {'micro_batch': 'auto', 'memory_gb': 24, 'activation_checkpointing': 'auto', 'fused_loss': True,
   'compile_layers': 'auto', 'deepspeed': 'auto', 'precision': 'auto', 'optimizer': 'adamw'}, 'quant': {'upcast_frozen': False}}"
@@ -185,32 +207,28 @@ PY
     set_params "$DEFAULT"
     dag assistant "assistant recipe, InternLM2-1.8B shape, default GPU settings" ;;
   llava)  # InternLM2-1.8B-shaped LLM + CLIP ViT-L/14-336-shaped encoder, both random; every stage
-    use_model internlm2-1_8b
-    set_params "{'llava': {'tiny_vision': {'image_size': 336, 'patch_size': 14, 'hidden_size': 1024, 'num_layers': 24,
-      'num_heads': 16, 'intermediate_size': 4096, 'seed': 0}, 'pretrain': {'lr': 1e-3, 'max_iters': $ITERS, 'warmup_iters': 2},
-      'finetune': {'lr': 2e-4, 'max_iters': $ITERS, 'warmup_iters': 2}, 'merge_tolerance': 1.0},
-      'eval': {'max_new_tokens': 16}, 'train': {'micro_batch': 8, 'global_batch': 16}}"
+    set_recipe llava
+    use_model internlm2-1_8b internlm2 llava
+    [ -d /tmp/models/clip-336 ] || python -c "from stages import params as P; from stages.recipes.llava import vision
+vision.build(P.TinyVision(image_size=336, patch_size=14, hidden_size=1024, num_layers=24, num_heads=16,
+                          intermediate_size=4096, seed=0), __import__('pathlib').Path('/tmp/models/clip-336'))"
+    link vision /tmp/models/clip-336 llava
+    set_params "{'llava': {'pretrain': {'lr': 1e-3, 'max_iters': $ITERS, 'warmup_iters': 2}, 'merge_tolerance': 1.0},
+      'eval': {'max_new_tokens': 16}, 'train': {'micro_batch': 8, 'global_batch': 16}}"  # the fine-tune: use_model's train
     dag llava "llava recipe, InternLM2-1.8B + CLIP ViT-L/14-336 shapes" ;;
   internvl2b)  # InternVL2-2B's structure and shapes: InternViT-300M at 448 px (random) + InternLM2-1.8B (random), every stage
-    use_model internlm2-1_8b internlm2
-    set_params "{'internvl': {'tiny': {'image_size': 448, 'patch_size': 14, 'hidden_size': 1024, 'num_layers': 24,
-      'num_heads': 16, 'intermediate_size': 4096, 'downsample_ratio': 0.5, 'max_dynamic_patch': 6, 'seed': 0},
-      'max_iters': $ITERS, 'warmup_iters': 2, 'lr': 4e-5, 'merge_tolerance': 1.0},
-      'eval': {'max_new_tokens': 16}, 'train': {'micro_batch': 4, 'global_batch': 16}}"
-    [ -d /tmp/models/internvl2-2b ] || python -m stages.internvl --llm /tmp/models/internlm2-1_8b-internlm2 \
-      --out /tmp/models/internvl2-2b | grep -E "^\[internvl\]"
-    set_params "{'internvl': {'path': '/tmp/models/internvl2-2b'}}"
-    dag internvl "internvl recipe, InternVL2-2B structure and shapes (InternViT-300M + InternLM2-1.8B)" ;;
-  internvl2b-merge)  # InternVL2-2B's shapes through train, convert and merge only: no stand-in nobody reads
-    python scripts/random_model.py internlm2-1_8b /tmp/models/internlm2-1_8b-internlm2 --arch internlm2 \
-      --tokenizer models/tiny-internlm2 | tail -n 1
-    set_params "{'model': {'path': '/tmp/models/internlm2-1_8b-internlm2'},
-      'internvl': {'tiny': {'image_size': 448, 'patch_size': 14, 'hidden_size': 1024, 'num_layers': 24,
-      'num_heads': 16, 'intermediate_size': 4096, 'downsample_ratio': 0.5, 'max_dynamic_patch': 6, 'seed': 0},
-      'max_iters': $ITERS, 'warmup_iters': 2, 'lr': 4e-5, 'path': '/tmp/models/internvl2-2b'},
-      'data': {'max_length': 2048}, 'train': {'micro_batch': 4, 'global_batch': 16}}"
-    python -m stages.internvl --llm /tmp/models/internlm2-1_8b-internlm2 --out /tmp/models/internvl2-2b | grep -E "^\[internvl\]"
     set_recipe internvl
+    internvl2b_model
+    link model /tmp/models/internvl2-2b internvl
+    set_params "{'data': {'max_length': 2048}, 'internvl': {'merge_tolerance': 1.0}, 'eval': {'max_new_tokens': 16},
+      'train': {'lr': 4e-5, 'max_iters': $ITERS, 'warmup_iters': 2, 'micro_batch': 4, 'global_batch': 16}}"
+    dag internvl "internvl recipe, InternVL2-2B structure and shapes (InternViT-300M + InternLM2-1.8B)" ;;
+  internvl2b-merge)  # InternVL2-2B's shapes through train, convert and merge only
+    set_recipe internvl
+    internvl2b_model
+    link model /tmp/models/internvl2-2b internvl
+    set_params "{'data': {'max_length': 2048},
+      'train': {'lr': 4e-5, 'max_iters': $ITERS, 'warmup_iters': 2, 'micro_batch': 4, 'global_batch': 16}}"
     python -m dvc repro merge 2>&1 | grep -E "^\[(train|convert|merge)\]|rror" | grep -v params | tail -n 12
     cp reports/merge.json "$OUT/merge.json" 2>/dev/null || true ;;
   internvl)  # the internvl recipe's tiny stand-in on a GPU: bf16, 4-bit on CUDA, every stage

@@ -1,8 +1,8 @@
 """Write a randomly initialised model of a real model's shape and structure, for runs on a GPU host
 without the real weights (speed, memory and plumbing are the same; the answers are noise).
 
-    python scripts/random_model.py internlm2-1_8b models/internlm2-1_8b-random --tokenizer models/tiny-internlm2
-    python scripts/random_model.py 7b /tmp/models/7b --tokenizer models/tiny-internlm2 --arch llama
+    python scripts/random_model.py internlm2-1_8b models/internlm2-1_8b-random --tokenizer models/assistant/llm
+    python scripts/random_model.py 7b /tmp/models/7b --tokenizer models/assistant/llm --arch llama
 
 Shapes: internlm2-1_8b (InternLM2-chat-1.8B's: hidden 2048, 24 layers, 16 heads, 8 KV heads,
 intermediate 8192, vocab 92544; 1.89 B parameters) and 7b (internlm2-chat-7b's: hidden 4096, 32

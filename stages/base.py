@@ -1,27 +1,26 @@
-"""Stage `base`: build the embedded default's base model, deterministically.
+"""The LLM stand-in (built by the stage stand_in into models/<recipe>/llm), deterministically.
 
-A causal LM of the structure (InternLM2 remote code, or Llama) and shape in `model.tiny`, initialised from a fixed seed and
-pretrained for `model.tiny.pretrain_steps` on the general conversations of data/raw/ (so it is a tiny
+A causal LM of the structure (InternLM2 remote code, or Llama) and shape in `stand_in.tiny.llm`, initialised from a
+fixed seed and pretrained for `pretrain_steps` on the general conversations of data/raw/assistant/ (so it is a tiny
 chat model, not noise: a fine-tune then has something to change and something to forget), and a
 SentencePiece tokenizer laid out as InternLM2's (`tokenizer.model` behind `tokenization_internlm2.py`
-and `auto_map`; stages/remote_code/internlm2/), trained on the project's own text (`data/raw/`) with
+and `auto_map`; stages/remote_code/internlm2/), trained on the project's own text (data/raw/assistant/) with
 the special tokens of the InternLM2 chat template. Same params, same bytes: DVC caches it like any output.
 Both load back with `AutoTokenizer` / `AutoModelForCausalLM.from_pretrained`.
 
-    python -m stages.base            # writes models/tiny-internlm2
+    dvc repro stand_in@tiny          # writes models/<recipe>/ (the LLM, and the recipe's other stand-ins)
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 from stages import params as P
 from stages.errors import fail
-from stages.paths import INTERNLM2_TOKENIZER_CODE, RAW, TINY_MODEL
+from stages.paths import INTERNLM2_TOKENIZER_CODE, RAW_ASSISTANT
 
 # Token ids as in InternLM2's tokenizer: <unk>=0, <s>=1, </s>=2, then the chat template's tokens.
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|action_start|>",
@@ -46,7 +45,7 @@ def read_records(path: Path) -> list:
     return read_jsonl(path, what) if path.suffix == ".jsonl" else [read_json(path, what)]
 
 
-def corpus(raw: Path = RAW) -> Iterator[str]:
+def corpus(raw: Path = RAW_ASSISTANT) -> Iterator[str]:
     """Every piece of text of the text recipe's files, for training the tokenizer (placeholders removed)."""
     for name in CORPUS_FILES:
         path = raw / name
@@ -89,7 +88,7 @@ def build_tokenizer(texts: list[str], vocab_size: int, folder: Path):
             num_threads=1, minloglevel=2)
     except RuntimeError as err:  # too small a vocabulary for the text's characters, and the like
         reason = str(err).strip().splitlines()[-1].rsplit("] ", 1)[-1]  # without SentencePiece's source location
-        fail(f"model.tiny.vocab_size: {vocab_size}: SentencePiece cannot train on the project's text ({reason})")
+        fail(f"stand_in.tiny.llm.vocab_size: {vocab_size}: SentencePiece cannot train on the project's text ({reason})")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tokenizer.model").write_bytes(model.getvalue())
     shutil.copy2(INTERNLM2_TOKENIZER_CODE, folder / INTERNLM2_TOKENIZER_CODE.name)
@@ -132,7 +131,7 @@ def finish_config(folder: Path) -> None:
     write_json(path, cfg)
 
 
-def chat_corpus(raw: Path = RAW) -> list[list[dict]]:
+def chat_corpus(raw: Path = RAW_ASSISTANT) -> list[list[dict]]:
     """The general conversations the base model is pretrained on (never the identity data)."""
     path = raw / "general_chat.jsonl"
     chats = []
@@ -177,7 +176,7 @@ def pretrain(model, tokenizer, chats: list[list[dict]], steps: int, seed: int, s
     return losses
 
 
-def build(tiny: P.TinyModel, out: Path, raw: Path = RAW) -> None:
+def build(tiny: P.TinyModel, out: Path, raw: Path = RAW_ASSISTANT) -> None:
     from stages.io import output_dir
 
     texts = list(corpus(raw))
@@ -186,27 +185,11 @@ def build(tiny: P.TinyModel, out: Path, raw: Path = RAW) -> None:
         model = build_model(tiny, tokenizer, tmp)
         losses = pretrain(model, tokenizer, chat_corpus(raw), tiny.pretrain_steps, tiny.seed)
         if losses:
-            print(f"[base] pretrained {len(losses)} steps on {raw / 'general_chat.jsonl'}: loss "
+            print(f"[stand_in] pretrained {len(losses)} steps on {raw / 'general_chat.jsonl'}: loss "
                   f"{losses[0]:.2f} -> {sum(losses[-10:]) / len(losses[-10:]):.2f}", flush=True)
         n_params = sum(p.numel() for p in model.parameters())
         tokenizer.save_pretrained(tmp)
         model.save_pretrained(tmp, safe_serialization=True)
         finish_config(tmp)
-    print(f"[base] {out}: {type(model).__name__}, {n_params:,} parameters, vocabulary {len(tokenizer):,} "
+    print(f"[stand_in] {out}: {type(model).__name__}, {n_params:,} parameters, vocabulary {len(tokenizer):,} "
           f"(trained on {len(texts):,} texts from {raw}/)", flush=True)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.base", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", default=str(P.PARAMS), help="params file (default: params.yaml)")
-    parser.add_argument("--out", default=str(TINY_MODEL), help=f"output folder (default: {TINY_MODEL})")
-    args = parser.parse_args(argv)
-    params = P.load(args.params)
-    P.log_section("base", params.model.tiny)
-    build(params.model.tiny, Path(args.out))
-
-
-if __name__ == "__main__":
-    from stages.errors import run
-
-    run(main, stage="base")

@@ -5,7 +5,7 @@ The adapter keeps the training precision: fp32 when training ran in fp32 (CPU), 
 fp16. `target_modules` in adapter_config.json is sorted, so the file is the same on every rerun.
 Recipe llava: the same converter writes llm_adapter/, visual_encoder_adapter/ and projector/.
 Recipe internvl: XTuner's pth_to_hf has no InternVL path; the trained weights (LoRA, mlp1) are checked and
-saved as adapter.safetensors (stages/internvl_recipe.py), and the merge stage runs convert_to_official.
+saved as adapter.safetensors (stages/recipes/internvl/steps.py), and the merge stage runs convert_to_official.
 
     python -m stages.convert         # writes models/adapter/
 """
@@ -81,8 +81,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     params = P.load(args.params)
     pipeline = read_pipeline(CONFIG)
     lean_imports(images=pipeline.get("recipe") in ("llava", "internvl"))
-    if pipeline.get("recipe") == "internvl":  # stages/internvl_recipe.py
-        from stages import internvl_recipe
+    if pipeline.get("recipe") == "internvl":  # stages/recipes/internvl/steps.py
+        from stages.recipes.internvl import steps as internvl_recipe
 
         lora = params.lora
         internvl_recipe.save_adapter(ADAPTER_PTH, ADAPTER, {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout})

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 from stages import params as P
 from stages.errors import StageError, fail
+from stages.paths import llm_dir
 
 STACK = {"torch": None, "transformers": "4.48.0", "xtuner": "0.2.0", "mmengine": "0.10.6", "peft": None,
          "bitsandbytes": "0.50.2", "deepspeed": None, "datasets": None, "dvc": None, "dvclive": None}
@@ -58,14 +59,14 @@ def check_model(p: P.Params) -> Check:
     from stages.modeldir import check
 
     try:
-        folder = check(p.model.path)
+        folder = check(llm_dir(p.recipe))
     except StageError as err:
         return Check("model", False, str(err))
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     return Check("model", True, f"{folder}: config, tokenizer, weights ({size / 2**30:.2f} GiB)")
 
 
-def check_structure(p: P.Params) -> Check:
+def check_structure(p: P.Params, path: Path | None = None) -> Check:
     """What the model directory is (InternLM2 through its remote code, Llama, an InternVL composition),
     the attention training will run, and the layers that get LoRA; fatal when config.json's auto_map
     names code files the directory lacks (loading would fail after minutes of setup)."""
@@ -74,17 +75,16 @@ def check_structure(p: P.Params) -> Check:
     from stages.modeldir import read_config
     from stages.structures import attention_of, lora_targets, missing_code, structure_of
 
-    key = "internvl.path" if p.recipe == "internvl" else "model.path"
-    path = Path(p.internvl.path if p.recipe == "internvl" else p.model.path)
+    path = Path(path or llm_dir(p.recipe))
     if not (path / "config.json").is_file():
         return Check("structure", False, f"not checked: {path} has no config.json", fatal=False)
     try:
-        cfg = read_config(path, key)
+        cfg = read_config(path, str(path))
     except StageError as err:
         return Check("structure", False, str(err))
     missing = missing_code(path, cfg)
     if missing:
-        return Check("structure", False, f"{key}: {path / 'config.json'} names remote code that is not in the "
+        return Check("structure", False, f"{path / 'config.json'}: names remote code that is not in the "
                                          f"folder: {', '.join(missing)} (copy the model's *.py files beside it)")
     llm = cfg.get("llm_config") if isinstance(cfg.get("llm_config"), dict) else cfg
     flash = importlib.util.find_spec("flash_attn") is not None
@@ -134,7 +134,7 @@ def check_bnb(p: P.Params) -> Check:
 
 def check_disk(p: P.Params, root: Path = Path(".")) -> Check:
     """Room for a merged copy of the base model, checkpoints and the DVC cache: about 3 x the model."""
-    model = Path(p.model.path)
+    model = llm_dir(p.recipe)
     size = sum(f.stat().st_size for f in model.rglob("*") if f.is_file()) if model.is_dir() else 0
     need = 3 * size + 2**30
     free = shutil.disk_usage(root).free
@@ -156,13 +156,13 @@ def check_git() -> Check:
 
 def check_memory(p: P.Params) -> Check:
     """The setting's estimated peak against the card: fatal over the card, a warning over the budget."""
-    from stages import render
+    from stages import plan
 
-    m = render.machine()
+    m = plan.machine()
     if not m["cuda"] or p.train.device == "cpu":
         return Check("memory", True, "not checked: training runs on the CPU")
     try:
-        r = render.resolve_here(p, m)
+        r = plan.resolve_here(p, m)
     except StageError as err:
         return Check("memory", False, str(err))
     if r["estimate_gb"] is None:  # the image recipes: the estimate models the text recipe's training

@@ -2,8 +2,8 @@
 
 The check: on fixed prompts (the evaluation prompts through the chat template), the logits of
 base+adapter (peft, unmerged) and of the merged model, both in float32, must agree within
-`merge.tolerance`. The largest difference is a metric (reports/merge.json); a mismatch fails the
-stage. The merged model is then cast to `merge.dtype` and saved with the base model's tokenizer and
+`assistant.merge_tolerance`. The largest difference is a metric (reports/merge.json); a mismatch fails the
+stage. The merged model is then cast to `assistant.merge_dtype` and saved with the base model's tokenizer and
 remote-code files, ready for `AutoModelForCausalLM.from_pretrained` or LMDeploy.
 
 Recipe llava: XTuner's own merge tool, as the tutorial runs it twice: the LLM with llm_adapter, the CLIP
@@ -13,7 +13,7 @@ against the merged parts, both loaded in float32. XTuner saves the merged LLM in
 tolerance is `llava.merge_tolerance` (about 8e-3 is what float16 weights cost the tiny models).
 
 Recipe internvl: XTuner's convert_to_official (merges LoRA, saves bfloat16), the model's remote-code files
-copied in (the tool does not), checked as above against the trained model (stages/internvl_recipe.py).
+copied in (the tool does not), checked as above against the trained model (stages/recipes/internvl/steps.py).
 
     python -m stages.merge           # writes models/merged/, reports/merge.json
 """
@@ -27,7 +27,7 @@ from typing import Sequence
 from stages import params as P
 from stages.errors import fail, note
 from stages.io import output_dir, write_json
-from stages.paths import ADAPTER, CONFIG, MERGE_METRICS, MERGED
+from stages.paths import ADAPTER, CONFIG, LLAVA_VISION, MERGED, MERGE_METRICS, llm_dir
 
 
 def prompt_batch(tokenizer, prompts: list[str], system: str) -> list[list[int]]:
@@ -57,7 +57,7 @@ def merge(base: Path, adapter: Path, out: Path, dtype: str, tolerance: float, pr
     inputs = prompt_batch(tokenizer, prompts, system)
     start = time.time()
     # Straight onto the device (no float32 copy of the whole model in host memory first).
-    model = load_model(base, "model.path", torch_dtype=torch.float32, device_map=device)
+    model = load_model(base, None, torch_dtype=torch.float32, device_map=device)
     loaded = time.time()
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False).eval()
@@ -71,7 +71,7 @@ def merge(base: Path, adapter: Path, out: Path, dtype: str, tolerance: float, pr
         diff = max((merged(torch.tensor([ids], device=device)).logits.float().cpu() - ref).abs().max().item()
                    for ids, ref in zip(inputs, reference))
     if diff > tolerance:
-        fail(f"merge.tolerance: merged model's logits differ from base+adapter by {diff:.3g} "
+        fail(f"assistant.merge_tolerance: merged model's logits differ from base+adapter by {diff:.3g} "
              f"> {tolerance:g}; the merge is wrong (adapter does not fit {base}?)")
     merged = merged.to(getattr(torch, dtype))
     merged.config.torch_dtype = getattr(torch, dtype)
@@ -88,12 +88,12 @@ def merge(base: Path, adapter: Path, out: Path, dtype: str, tolerance: float, pr
 
 def merge_llava(p: P.Params, adapter: Path, out: Path) -> dict:
     """XTuner's merge of both parts, then the logits check on every evaluation image."""
-    from stages import llava
+    from stages.recipes.llava import model as llava
 
     for part in ("llm_adapter", "visual_encoder_adapter", "projector"):
         if not (adapter / part).is_dir():
             fail(f"{adapter}/{part}: missing; run `dvc repro convert` first")
-    llm, vit = Path(p.model.path), Path(p.llava.visual_encoder)
+    llm, vit = llm_dir(p.recipe), LLAVA_VISION
     start = time.time()
     llava.merge_llava(adapter, llm, vit, out)
     seconds = time.time() - start
@@ -120,8 +120,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     params = P.load(args.params)
     lean_imports(images=params.recipe != "assistant")
-    if params.recipe == "internvl":  # stages/internvl_recipe.py
-        from stages import internvl_recipe
+    if params.recipe == "internvl":  # stages/recipes/internvl/steps.py
+        from stages.recipes.internvl import steps as internvl_recipe
 
         metrics = internvl_recipe.run_merge(params)
         write_json(MERGE_METRICS, metrics)
@@ -142,16 +142,16 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"{metrics['max_logit_diff']:.2e} (tolerance {metrics['tolerance']:g}: XTuner saves the LLM in "
               "float16)", flush=True)
         return
-    P.log_section("merge", params.merge)
-    dtype = params.merge.dtype
+    P.log_section("merge", params.assistant)
+    dtype = params.assistant.merge_dtype
     if dtype == "auto":
         from stages.xtuner_api import read_pipeline
 
         dtype = read_pipeline(CONFIG)["torch_dtype"]
     if not (ADAPTER / "adapter_config.json").is_file():
         fail(f"{ADAPTER}: no adapter; run `dvc repro convert` first")
-    metrics = merge(Path(params.model.path), ADAPTER, MERGED, dtype, params.merge.tolerance,
-                    list(params.eval.prompts), params.eval.system)
+    metrics = merge(llm_dir(params.recipe), ADAPTER, MERGED, dtype, params.assistant.merge_tolerance,
+                    list(params.assistant.prompts), params.eval.system)
     note(**{k: v for k, v in metrics.items() if k.endswith("_s")})
     write_json(MERGE_METRICS, metrics)
     print(f"[merge] {MERGED}: {dtype}; base+adapter vs merged max |logit diff| {metrics['max_logit_diff']:.2e} "

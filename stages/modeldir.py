@@ -11,12 +11,24 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin", "*.safetensors.index.json")
 
 
-def check(path: str | Path, key: str = "model.path") -> Path:
-    """Fail with one line unless `path` holds a config, a tokenizer and weights."""
+def how_to_get(folder: Path) -> str:
+    """What makes a recipe's model folder (models/<recipe>/<role>)."""
+    from stages.paths import MODEL_ROLES
+
+    for recipe, roles in MODEL_ROLES.items():
+        for role, place in roles.items():
+            if Path(folder) == place:
+                return (f"`dvc repro` builds its stand-in (stand_in.tiny), or link your model there: "
+                        f"python -m stages.link {role} /path/to/model (recipe {recipe})")
+    return "download the model there first (README.md, 'A real model on a GPU host')"
+
+
+def check(path: str | Path, key: str | None = None) -> Path:
+    """Fail with one line unless `path` holds a config, a tokenizer and weights; `key` names what it is
+    (the folder itself by default)."""
     folder = Path(path)
-    built = {"tiny-internlm2": "base", "tiny-internvl": "internvl"}.get(folder.name)
-    how = f"build it with `dvc repro {built}`" if built else \
-        "download the model there first (README.md, 'A real model on a GPU host')"
+    key = key or "model"
+    how = how_to_get(folder)
     if not folder.is_dir():
         fail(f"{key}: {folder} is not a directory; {how}")
     if not (folder / "config.json").is_file():
@@ -39,7 +51,7 @@ def check(path: str | Path, key: str = "model.path") -> Path:
     return folder
 
 
-def read_config(path: str | Path, key: str = "model.path") -> dict:
+def read_config(path: str | Path, key: str = "model") -> dict:
     """The model directory's config.json, or one line naming what is wrong with it."""
     file = Path(path) / "config.json"
     try:
@@ -62,7 +74,7 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
-def load_tokenizer(path: str | Path, key: str = "model.path") -> Any:
+def load_tokenizer(path: str | Path, key: str | None = None) -> Any:
     """AutoTokenizer from a checked local directory (remote code only from that directory)."""
     folder = check(path, key)
     from stages.xtuner_api import patch_stack
@@ -73,10 +85,10 @@ def load_tokenizer(path: str | Path, key: str = "model.path") -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True, local_files_only=True)
     except Exception as err:  # the tokenizers library raises a bare Exception
-        fail(f"{key}: the tokenizer in {folder} does not load ({_reason(err)})")
+        fail(f"{key or 'model'}: the tokenizer in {folder} does not load ({_reason(err)})")
 
 
-def load_model(path: str | Path, key: str, **kwargs: Any) -> Any:
+def load_model(path: str | Path, key: str | None = None, **kwargs: Any) -> Any:
     """AutoModelForCausalLM from a checked local directory; damaged weights are one line."""
     folder = check(path, key)
     from stages.xtuner_api import patch_stack
@@ -88,7 +100,7 @@ def load_model(path: str | Path, key: str, **kwargs: Any) -> Any:
         return AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, local_files_only=True,
                                                     **kwargs)
     except Exception as err:  # safetensors, torch and transformers each raise their own kinds
-        fail(f"{key}: the model in {folder} does not load ({_reason(err)})")
+        fail(f"{key or 'model'}: the model in {folder} does not load ({_reason(err)})")
 
 
 def copy_remote_code(model_dir: Path, out: Path) -> list[str]:

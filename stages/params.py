@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,8 +32,8 @@ def spec(doc: str, **rules: Any) -> Any:
 
 @dataclass(frozen=True)
 class TinyModel:
-    """The embedded default's base model: a causal LM built locally (stage base), InternLM2's structure
-    (XTuner's shipped remote code) by default."""
+    """The stand-in of the recipes' LLM (internlm2-chat-1_8b): a causal LM built locally (stage stand_in),
+    InternLM2's structure (XTuner's shipped remote code) by default."""
 
     architecture: Literal["internlm2", "llama"] = spec(
         "internlm2: InternLM2ForCausalLM through trust_remote_code, as internlm2-chat-1_8b; llama: transformers' "
@@ -46,15 +47,8 @@ class TinyModel:
     intermediate_size: int = spec("MLP width", minimum=8)
     max_position_embeddings: int = spec("longest sequence the model accepts", minimum=64)
     seed: int = spec("seed of the weight initialisation and pretraining", minimum=0)
-    pretrain_steps: int = spec("steps of pretraining on data/raw/general_chat.jsonl (0: random weights)",
+    pretrain_steps: int = spec("steps of pretraining on data/raw/assistant/general_chat.jsonl (0: random weights)",
                                minimum=0)
-
-
-@dataclass(frozen=True)
-class Model:
-    path: str = spec("base model directory (config, tokenizer, weights); never fetched from a hub",
-                     minLength=1)
-    tiny: TinyModel = spec("shape of the locally built tiny model")
 
 
 @dataclass(frozen=True)
@@ -65,18 +59,23 @@ class Llava:
 
 
 @dataclass(frozen=True)
-class Data:
+class AssistantData:
     templates: str = spec("question and answer templates of the self-cognition data (JSON)", minLength=1)
     general_chat: str = spec("general conversations mixed in (JSON Lines, OpenAI messages format)", minLength=1)
-    assistant_name: str = spec("the assistant's name, as the fine-tuned model should say it", minLength=1)
+    name: str = spec("the assistant's name, as the fine-tuned model should say it", minLength=1)
     author: str = spec("who made the assistant", minLength=1)
     repeat: int = spec("samples per identity question template", minimum=1)
     general_ratio: float = spec("share of general conversations mixed in (0 = none)",
                                 minimum=0, exclusiveMaximum=1)
     seed: int = spec("seed of sampling and shuffling", minimum=0)
+
+
+@dataclass(frozen=True)
+class Data:
     max_length: int = spec("tokens per training sequence", minimum=32)
     overlong: Literal["error", "drop", "truncate"] = spec(
         "records longer than max_length: error lists them, drop leaves them out, truncate lets XTuner cut them")
+    assistant: AssistantData = spec("the self-cognition data: templates, names, the general share")
     llava: Llava = spec("the LLaVA sample and its repetition")
     internvl: Llava = spec("the InternVL (CLoT-style) sample and its repetition")
 
@@ -131,44 +130,51 @@ class Train:
         "AdamW, or bitsandbytes' 8-bit AdamW (optimizer states in 8 bits; paged: spill to CPU memory under "
         "pressure); the 8-bit ones need a GPU and no DeepSpeed")
     epochs: int = spec("passes over the data", minimum=1)
-    max_iters: Union[int, None] = spec("stop after this many iterations (null: run the epochs)", minimum=1)
-    lr: float = spec("peak learning rate", exclusiveMinimum=0)
+    max_iters: Union[Literal["auto"], int, None] = spec(
+        "stop after this many iterations (null: run the epochs); auto: the recipe's preset (assistant null; "
+        "llava 320; internvl 400)", minimum=1)
+    lr: Union[Literal["auto"], float] = spec(
+        "peak learning rate; auto: the recipe's preset for its tiny stand-ins (assistant and llava 4e-3, internvl "
+        "1e-3; 2e-4 suits InternLM2-chat-1.8B, the tutorial's InternVL2-2B run 1e-6)", exclusiveMinimum=0)
     betas: list[float] = spec("AdamW betas", minItems=2, maxItems=2, items_range=(0, 1))
     weight_decay: float = spec("AdamW weight decay", minimum=0)
     max_norm: float = spec("gradient clipping norm", exclusiveMinimum=0)
-    warmup_iters: int = spec("linear warm-up iterations (XTuner's 0.03 ratio is 0 on short runs; at 1, mmengine's "
-                             "LinearLR never leaves its start factor)", minimum=2)
+    warmup_iters: Union[Literal["auto"], int] = spec(
+        "linear warm-up iterations (XTuner's 0.03 ratio is 0 on short runs; at 1, mmengine's LinearLR never leaves "
+        "its start factor); auto: the recipe's preset (5)", minimum=2)
     save_interval: int = spec("iterations between checkpoints", minimum=1)
     save_total_limit: int = spec("checkpoints kept", minimum=1)
     seed: int = spec("training seed", minimum=0)
 
 
 @dataclass(frozen=True)
-class Merge:
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = spec(
+class AssistantRecipe:
+    """recipe: assistant, the self-cognition text QLoRA: what it asks, and its merge."""
+
+    prompts: list[str] = spec("prompts the model answers during and after training", minItems=1)
+    heldout_prompts: str = spec("JSON with identity_heldout (paraphrases not in the training data) and "
+                                "general prompts", minLength=1)
+    perplexity_data: str = spec("held-out general conversations (JSON Lines) for perplexity", minLength=1)
+    merge_dtype: Literal["auto", "bfloat16", "float16", "float32"] = spec(
         "dtype of the merged model; auto: the training precision (float32 on CPU)")
-    tolerance: float = spec("largest allowed |logit| difference between base+adapter and the merged "
-                            "model (computed in float32)", exclusiveMinimum=0)
+    merge_tolerance: float = spec("largest allowed |logit| difference between base+adapter and the merged "
+                                  "model (computed in float32)", exclusiveMinimum=0)
 
 
 @dataclass(frozen=True)
 class Eval:
-    prompts: list[str] = spec("prompts the model answers during and after training", minItems=1)
     system: str = spec("system prompt ('' for none)")
     interval: int = spec("iterations between evaluation chats during training", minimum=1)
     max_new_tokens: int = spec("tokens generated per answer", minimum=1)
     backend: Literal["auto", "transformers", "lmdeploy"] = spec(
         "generation backend of the evaluate stage; auto: lmdeploy where a GPU is visible and "
         "$LMDEPLOY_PYTHON names an interpreter with lmdeploy, else transformers")
-    heldout_prompts: str = spec("JSON with identity_heldout (paraphrases not in the training data) and "
-                                "general prompts", minLength=1)
-    perplexity_data: str = spec("held-out general conversations (JSON Lines) for perplexity", minLength=1)
     seed: int = spec("seed of generation", minimum=0)
 
 
 @dataclass(frozen=True)
 class TinyVision:
-    """The llava recipe's embedded vision encoder: a CLIP vision model built locally (stage vision)."""
+    """The llava recipe's embedded vision encoder: a CLIP vision model built locally (stage stand_in, recipe llava)."""
 
     image_size: int = spec("input image side in pixels (336 for CLIP ViT-L/14-336)", minimum=14)
     patch_size: int = spec("patch side in pixels; (image_size / patch_size)^2 image tokens reach the LLM",
@@ -198,17 +204,15 @@ class VisualLora:
 @dataclass(frozen=True)
 class LlavaRecipe:
     """recipe: llava, XTuner's llava_internlm2_chat_1_8b_qlora_clip_vit_large_p14_336_lora_e1_gpu8_finetune:
-    QLoRA on model.path's LLM (lora, quant), LoRA on a CLIP vision encoder, a projector between them."""
+    QLoRA on the LLM (models/llava/llm; lora, quant), LoRA on a CLIP vision encoder (models/llava/vision), a
+    projector between them."""
 
-    visual_encoder: str = spec("CLIP vision model directory (config, weights, preprocessor_config.json); "
-                               "models/tiny-clip is built by `dvc repro vision`", minLength=1)
-    tiny_vision: TinyVision = spec("shape of the locally built tiny CLIP vision encoder")
     pretrained_pth: Union[str, None] = spec(
-        "pretrain checkpoint holding the projector (a .pth file or DeepSpeed folder, e.g. the tutorial's "
-        "iter_2181.pth); checked against the two models before fine-tuning. null: the pretrain stage trains "
-        "the projector itself (LLM and vision encoder frozen)", minLength=1)
-    pretrain: LlavaPhase = spec("the projector's pretraining (only when pretrained_pth is null)")
-    finetune: LlavaPhase = spec("the fine-tune (QLoRA LLM, LoRA vision encoder, projector)")
+        "pretrain checkpoint holding the projector, inside models/llava/ (a .pth file or DeepSpeed folder, e.g. the tutorial's "
+        "iter_2181.pth); checked against the two models before fine-tuning. null: the train stage first trains "
+        "the projector itself (LLM and vision encoder frozen; llava.pretrain)", minLength=1)
+    pretrain: LlavaPhase = spec("the projector's pretraining (only when pretrained_pth is null); the fine-tune's "
+                                "schedule is `train`'s")
     visual_lora: VisualLora = spec("LoRA adapter of the vision encoder (the LLM's is `lora`)")
     eval_images: list[str] = spec("images (relative to data.llava.image_folder) asked about by the "
                                   "evaluate stage, before and after fine-tuning", minItems=1)
@@ -217,13 +221,13 @@ class LlavaRecipe:
         minLength=1)
     merge_tolerance: float = spec(
         "largest allowed |logit| difference between base+adapters (float32) and the merged model; XTuner's "
-        "merge saves the LLM in float16, so this is looser than merge.tolerance", exclusiveMinimum=0)
+        "merge saves the LLM in float16, so this is looser than assistant.merge_tolerance", exclusiveMinimum=0)
 
 
 @dataclass(frozen=True)
 class TinyInternVL:
-    """The internvl recipe's embedded stand-in: a CLIP vision model, mlp1 and models/tiny-internlm2 as
-    its LLM, with InternVL's interface (stage internvl)."""
+    """The internvl recipe's stand-in: a CLIP vision model, mlp1 and the LLM stand-in (stand_in.tiny.llm)
+    as its LLM, with InternVL's interface (stage stand_in)."""
 
     image_size: int = spec("tile side in pixels (force_image_size; 448 for InternVL2-2B)", minimum=14)
     patch_size: int = spec("patch side in pixels", minimum=1)
@@ -241,15 +245,9 @@ class TinyInternVL:
 @dataclass(frozen=True)
 class InternVLRecipe:
     """recipe: internvl, XTuner's internvl_v2_internlm2_2b_qlora_finetune as the tutorial runs it: QLoRA on
-    the LLM (4-bit when quant.mode is not none), frozen vision encoder, mlp1 trained."""
+    the LLM (4-bit when quant.mode is not none), frozen vision encoder, mlp1 trained; the model (its remote code
+    included) in models/internvl/model."""
 
-    path: str = spec("InternVL model directory with its remote code (config.json, *.py, weights, tokenizer); "
-                     "models/tiny-internvl is the stand-in built by `dvc repro internvl`", minLength=1)
-    tiny: TinyInternVL = spec("shape of the locally built stand-in's vision part")
-    lr: float = spec("peak learning rate (the tutorial's 1e-6 is for 2B on 2000 records)", exclusiveMinimum=0)
-    max_iters: int = spec("training iterations", minimum=1)
-    warmup_iters: int = spec("linear warm-up iterations (at 1, mmengine's LinearLR never leaves its start factor)",
-                             minimum=2)
     eval_images: list[str] = spec("images (relative to data.internvl.image_folder) asked about before and after "
                                   "fine-tuning", minItems=1)
     eval_prompt: str = spec("the question asked about each eval image", minLength=1)
@@ -259,17 +257,39 @@ class InternVLRecipe:
 
 
 @dataclass(frozen=True)
+class NoStandIn:
+    """A recipe that reads the LLM stand-in alone."""
+
+
+@dataclass(frozen=True)
+class StandIns:
+    """Tiny stand-ins with the real models' structures, built by the stage stand_in@tiny into the selected
+    recipe's model folder, models/<recipe>/ (only the selected recipe's are built)."""
+
+    llm: TinyModel = spec("llm: internlm2-chat-1_8b's stand-in, every recipe's LLM (internvl: inside its model)")
+    assistant: NoStandIn = spec("the assistant recipe reads the LLM alone: {}")
+    llava: TinyVision = spec("vision: the llava recipe's CLIP vision encoder (ViT-L/14-336)")
+    internvl: TinyInternVL = spec("model: InternVL2-2B's stand-in around the LLM's, its vision part here")
+
+
+STAND_IN_KEY = "tiny"  # the one key of `stand_in`: its stage is stand_in@tiny
+
+
+@dataclass(frozen=True)
 class Params:
     recipe: Literal["assistant", "llava", "internvl"] = spec(
         "which fine-tune to run: assistant (self-cognition text QLoRA), llava (image chat, LLaVA) or internvl "
         "(InternVL2 image chat QLoRA)")
-    model: Model = spec("the base model")
+    stand_in: Union[StandIns, None] = spec(
+        "`tiny: {...}` builds tiny stand-ins of the selected recipe's models (a run without the real ones); "
+        "`{}` on a real-model run: nothing is built, your models are linked into models/<recipe>/ "
+        "(python -m stages.link)", keyed=STAND_IN_KEY)
     data: Data = spec("dataset generation, repetition and validation")
     lora: Lora = spec("LoRA adapter")
     quant: Quant = spec("quantization of the base model")
     train: Train = spec("training")
-    merge: Merge = spec("merging the adapter into the base model")
-    eval: Eval = spec("evaluation: prompts during training, and the evaluate stage")
+    eval: Eval = spec("evaluation: chats during training, and the evaluate stage")
+    assistant: AssistantRecipe = spec("the assistant recipe: its prompts, held-out data and merge")
     llava: LlavaRecipe = spec("the llava recipe: vision encoder, projector, its phases")
     internvl: InternVLRecipe = spec("the internvl recipe: model directory, stand-in shape, schedule")
 
@@ -280,13 +300,22 @@ class Params:
 LORA_PRESETS = {"assistant": {"r": 64, "alpha": 64, "dropout": 0.1},
                 "llava": {"r": 64, "alpha": 64, "dropout": 0.1},
                 "internvl": {"r": 128, "alpha": 256, "dropout": 0.05}}
+# The same for the train section's schedule: `dvc exp run -S train.lr=2e-4` reaches any recipe. The
+# rates are the tiny stand-ins' (a 361k-parameter model needs a high one); the image recipes count
+# iterations (their data is repeated), the assistant recipe epochs.
+TRAIN_PRESETS = {"assistant": {"lr": 4e-3, "max_iters": None, "warmup_iters": 5},
+                 "llava": {"lr": 4e-3, "max_iters": 320, "warmup_iters": 5},
+                 "internvl": {"lr": 1e-3, "max_iters": 400, "warmup_iters": 5}}
 
 
 def with_presets(params: Params) -> Params:
-    """`params` with every `auto` of the lora section replaced by the selected recipe's preset."""
-    preset = LORA_PRESETS[params.recipe]
-    lora = dataclasses.replace(params.lora, **{k: preset[k] for k in preset if getattr(params.lora, k) == "auto"})
-    return dataclasses.replace(params, lora=lora)
+    """`params` with every `auto` of the lora section and of the train schedule replaced by the selected
+    recipe's preset."""
+    def fill(section: Any, preset: dict) -> Any:
+        return dataclasses.replace(section, **{k: v for k, v in preset.items() if getattr(section, k) == "auto"})
+
+    return dataclasses.replace(params, lora=fill(params.lora, LORA_PRESETS[params.recipe]),
+                               train=fill(params.train, TRAIN_PRESETS[params.recipe]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,6 +324,9 @@ def with_presets(params: Params) -> Params:
 
 def _type_schema(tp: Any, rules: dict) -> dict:
     origin = typing.get_origin(tp)
+    if "keyed" in rules:  # {key: section} or {}
+        (section,) = [t for t in typing.get_args(tp) if t is not type(None)]
+        return {"type": "object", "properties": {rules["keyed"]: schema(section)}, "additionalProperties": False}
     if dataclasses.is_dataclass(tp):
         return schema(tp)
     if origin in (Union, types.UnionType):
@@ -433,58 +465,107 @@ def _contradictions(p: Params) -> list[str]:
                        f"(train.deepspeed: {tr.deepspeed}, {tr.gpus} GPUs); use adamw, or deepspeed: none")
         elif tr.device == "cpu":
             out.append(f"train.optimizer: {tr.optimizer} needs a GPU (train.device is cpu); use adamw")
-    t = p.model.tiny
+    ph = p.llava.pretrain
+    if ph.warmup_iters >= ph.max_iters:
+        out.append(f"llava.pretrain.warmup_iters: {ph.warmup_iters} is not below max_iters {ph.max_iters}")
+    if tr.max_iters is None and p.recipe != "assistant":
+        out.append(f"train.max_iters: null (epochs) is the assistant recipe's; the {p.recipe} recipe counts "
+                   "iterations: give a number, or auto")
+    elif tr.max_iters is not None and tr.warmup_iters >= tr.max_iters:
+        out.append(f"train.warmup_iters: {tr.warmup_iters} is not below max_iters {tr.max_iters}")
+    out += _raw_file_contradictions(p)
+    out += _stand_in_contradictions(p)
+    return out
+
+
+def recipe_files(p: Params) -> dict[str, str]:
+    """The selected recipe's data params that name files or folders: key -> path."""
+    d = getattr(p.data, p.recipe)
+    keys = {"assistant": ("templates", "general_chat"), "llava": ("source", "image_folder"),
+            "internvl": ("source", "image_folder")}[p.recipe]
+    out = {f"data.{p.recipe}.{k}": getattr(d, k) for k in keys}
+    if p.recipe == "assistant":
+        out.update({f"assistant.{k}": getattr(p.assistant, k) for k in ("heldout_prompts", "perplexity_data")})
+    return out
+
+
+def _raw_file_contradictions(p: Params) -> list[str]:
+    """A recipe's files live in data/raw/<recipe>/: that folder is its stages' data dep in dvc.yaml, so
+    a file elsewhere would change without rerunning what reads it."""
+    from stages.paths import RAW
+
+    from stages.paths import model_folder
+
+    home = RAW / p.recipe
+    out = [f"{key}: {path} is outside {home}/, the folder the {p.recipe} stages depend on (dvc.yaml); "
+           f"put the file there" for key, path in recipe_files(p).items()
+           if not Path(os.path.normpath(path)).is_relative_to(home)]
+    pth = p.llava.pretrained_pth
+    if p.recipe == "llava" and pth and not Path(os.path.normpath(pth)).is_relative_to(model_folder("llava")):
+        out.append(f"llava.pretrained_pth: {pth} is outside {model_folder('llava')}/, the folder of the llava "
+                   f"recipe's models that its stages depend on (dvc.yaml); put the checkpoint there")
+    return out
+
+
+def stand_ins_read(p: Params) -> list[str]:
+    """The stand-ins the selected recipe reads, built by stand_in@tiny into models/<recipe>/ (llm, vision,
+    model); none on a real-model run (`stand_in: {}`)."""
+    from stages.paths import MODEL_ROLES
+
+    return list(MODEL_ROLES[p.recipe]) if p.stand_in is not None else []
+
+
+def _stand_in_contradictions(p: Params) -> list[str]:
+    out: list[str] = []
+    if p.stand_in is None:
+        return out
+    name = f"stand_in.{STAND_IN_KEY}"
+    t = p.stand_in.llm
     if t.hidden_size % t.num_heads:
-        out.append(f"model.tiny.num_heads: {t.num_heads} does not divide hidden_size {t.hidden_size}")
+        out.append(f"{name}.llm.num_heads: {t.num_heads} does not divide hidden_size {t.hidden_size}")
     elif t.num_heads % t.num_kv_heads:
-        out.append(f"model.tiny.num_kv_heads: {t.num_kv_heads} does not divide num_heads {t.num_heads}")
+        out.append(f"{name}.llm.num_kv_heads: {t.num_kv_heads} does not divide num_heads {t.num_heads}")
     elif p.quant.mode != "none":  # bitsandbytes' CPU 4-bit kernels pack output rows in blocks of 32
         kv_dim = t.hidden_size // t.num_heads * t.num_kv_heads
         for key, value in (("hidden_size", t.hidden_size), ("intermediate_size", t.intermediate_size),
                            ("num_kv_heads x head size", kv_dim)):
             if value % 32:
-                out.append(f"model.tiny.{key}: {value} is not a multiple of 32, which 4-bit quantization "
+                out.append(f"{name}.llm.{key}: {value} is not a multiple of 32, which 4-bit quantization "
                            f"(quant.mode: {p.quant.mode}) needs on CPU")
                 break
-    v = p.llava.tiny_vision
+    v = p.stand_in.llava
     if v.image_size % v.patch_size:
-        out.append(f"llava.tiny_vision.image_size: {v.image_size} is not a multiple of patch_size {v.patch_size}")
+        out.append(f"{name}.llava.image_size: {v.image_size} is not a multiple of patch_size {v.patch_size}")
     if v.hidden_size % v.num_heads:
-        out.append(f"llava.tiny_vision.num_heads: {v.num_heads} does not divide hidden_size {v.hidden_size}")
-    for phase in ("pretrain", "finetune"):
-        ph = getattr(p.llava, phase)
-        if ph.warmup_iters >= ph.max_iters:
-            out.append(f"llava.{phase}.warmup_iters: {ph.warmup_iters} is not below max_iters {ph.max_iters}")
-    if p.recipe == "llava" and p.llava.visual_encoder.rstrip("/").endswith("tiny-clip") and \
+        out.append(f"{name}.llava.num_heads: {v.num_heads} does not divide hidden_size {v.hidden_size}")
+    if p.recipe == "llava" and \
             p.data.max_length <= (v.image_size // v.patch_size) ** 2:
         out.append(f"data.max_length: {p.data.max_length} leaves no room for text after "
                    f"{(v.image_size // v.patch_size) ** 2} image tokens")
     out += _internvl_contradictions(p)
-    if p.data.max_length > t.max_position_embeddings and p.model.path.rstrip("/").endswith("tiny-internlm2") and \
-            (p.recipe != "internvl" or p.internvl.path.rstrip("/").endswith("tiny-internvl")):
-        out.append(f"data.max_length: {p.data.max_length} exceeds model.tiny.max_position_embeddings "
+    if p.data.max_length > t.max_position_embeddings:
+        out.append(f"data.max_length: {p.data.max_length} exceeds {name}.llm.max_position_embeddings "
                    f"{t.max_position_embeddings}")
     return out
 
 
 def _internvl_contradictions(p: Params) -> list[str]:
-    iv, out = p.internvl.tiny, []
+    iv, out = p.stand_in.internvl, []
+    name = f"stand_in.{STAND_IN_KEY}.internvl"
     grid = iv.image_size // iv.patch_size
     side = round(1 / iv.downsample_ratio)
     if iv.image_size % iv.patch_size:
-        out.append(f"internvl.tiny.image_size: {iv.image_size} is not a multiple of patch_size {iv.patch_size}")
+        out.append(f"{name}.image_size: {iv.image_size} is not a multiple of patch_size {iv.patch_size}")
     elif abs(side * iv.downsample_ratio - 1) > 1e-9 or grid % side:
-        out.append(f"internvl.tiny.downsample_ratio: {iv.downsample_ratio} must be 1/k with k dividing the "
+        out.append(f"{name}.downsample_ratio: {iv.downsample_ratio} must be 1/k with k dividing the "
                    f"{grid} x {grid} patch grid")
     if iv.hidden_size % iv.num_heads:
-        out.append(f"internvl.tiny.num_heads: {iv.num_heads} does not divide hidden_size {iv.hidden_size}")
-    if p.internvl.warmup_iters >= p.internvl.max_iters:
-        out.append(f"internvl.warmup_iters: {p.internvl.warmup_iters} is not below max_iters {p.internvl.max_iters}")
-    if p.recipe == "internvl" and p.internvl.path.rstrip("/").endswith("tiny-internvl") and not out:
+        out.append(f"{name}.num_heads: {iv.num_heads} does not divide hidden_size {iv.hidden_size}")
+    if p.recipe == "internvl" and not out:
         tokens = (grid // side) ** 2 * (iv.max_dynamic_patch + (iv.max_dynamic_patch > 1))
         if p.data.max_length <= tokens:
             out.append(f"data.max_length: {p.data.max_length} leaves no room for text after up to {tokens} image "
-                       "tokens (internvl.tiny)")
+                       f"tokens ({name})")
     return out
 
 
@@ -493,7 +574,10 @@ def _build(cls: type, data: dict) -> Any:
     kwargs = {}
     for f in dataclasses.fields(cls):
         value = data[f.name]
-        if dataclasses.is_dataclass(hints[f.name]):
+        if "keyed" in f.metadata:
+            (section,) = [t for t in typing.get_args(hints[f.name]) if t is not type(None)]
+            value = _build(section, value[f.metadata["keyed"]]) if value else None
+        elif dataclasses.is_dataclass(hints[f.name]):
             value = _build(hints[f.name], value)
         elif isinstance(value, list):
             value = tuple(value) if f.name == "betas" else list(value)
@@ -562,8 +646,14 @@ def load(path: str | Path = PARAMS) -> Params:
 
 
 def log_section(name: str, section: Any) -> None:
-    """Print the resolved section a stage reads, so each run's log states its inputs."""
-    print(f"[{name}] params: {json.dumps(dataclasses.asdict(section), ensure_ascii=False)}", flush=True)
+    """Print the resolved section a stage reads (a dataclass, or a dict of them), so each run's log states
+    its inputs."""
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return dataclasses.asdict(value)
+        return {k: plain(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    print(f"[{name}] params: {json.dumps(plain(section), ensure_ascii=False)}", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -10,24 +10,47 @@ ROOT = Path(__file__).resolve().parent.parent
 PARAMS = Path("params.yaml")
 
 RAW = Path("data/raw")
+RAW_ASSISTANT = RAW / "assistant"  # the assistant recipe's files (the LLM stand-in learns from them too)
 RAW_LLAVA = RAW / "llava"
 RAW_INTERNVL = RAW / "internvl"
 
-GENERATED = Path("data/generated")
-SELF_COGNITION = GENERATED / "self_cognition.jsonl"  # stage generate
-LLAVA_REPEATED = GENERATED / "llava" / "repeated_data.json"  # stage repeat
-INTERNVL_REPEATED = GENERATED / "internvl" / "repeated_data.json"  # stage repeat
+GENERATED = Path("data/generated")  # stage prepare: data/generated/<recipe>/
+SELF_COGNITION = GENERATED / "assistant" / "self_cognition.jsonl"
+LLAVA_REPEATED = GENERATED / "llava" / "repeated_data.json"
+INTERNVL_REPEATED = GENERATED / "internvl" / "repeated_data.json"
 
-VALIDATED = Path("data/validated")  # stage validate: the only data training reads
-VALIDATED_ASSISTANT = VALIDATED / "assistant.jsonl"
-VALIDATED_LLAVA = VALIDATED / "llava.json"
-VALIDATED_INTERNVL = VALIDATED / "internvl.json"
+VALIDATED = Path("data/validated")  # stage validate: data/validated/<recipe>/, the only data training reads
+VALIDATED_ASSISTANT = VALIDATED / "assistant" / "train.jsonl"
+VALIDATED_LLAVA = VALIDATED / "llava" / "train.json"
+VALIDATED_INTERNVL = VALIDATED / "internvl" / "train.json"
 
-TINY_MODEL = Path("models/tiny-internlm2")  # stage base
-TINY_CLIP = Path("models/tiny-clip")  # stage vision: the llava recipe's tiny CLIP vision encoder
-TINY_INTERNVL = Path("models/tiny-internvl")  # stage internvl: the internvl recipe's stand-in model
-PRETRAIN = Path("models/pretrain")  # stage pretrain (llava): tokenized text, projector.pth; else a note
-PRETRAIN_WORK = Path("models/work-pretrain")  # stage pretrain: XTuner's work dir (not cached)
+# Each recipe reads its models from its own folder, models/<recipe>/, the one model dep of its stages
+# (dvc.yaml: models/${recipe}): built there by the stage stand_in@tiny, or your models linked in
+# (`python -m stages.link`). An edit to another recipe's models changes nothing here.
+MODELS = Path("models")
+MODEL_ROLES = {  # recipe -> role -> folder
+    "assistant": {"llm": MODELS / "assistant" / "llm"},  # internlm2-chat-1_8b
+    "llava": {"llm": MODELS / "llava" / "llm",  # internlm2-chat-1_8b
+              "vision": MODELS / "llava" / "vision"},  # CLIP ViT-L/14-336
+    "internvl": {"model": MODELS / "internvl" / "model"},  # InternVL2-2B, its remote code included
+}
+STAND_IN_MARK = ".stand_in"  # in each stand-in folder: `python -m stages.link` may replace it
+LLAVA_VISION = MODEL_ROLES["llava"]["vision"]
+INTERNVL_MODEL = MODEL_ROLES["internvl"]["model"]
+
+
+def model_folder(recipe: str) -> Path:
+    """models/<recipe>/: every model the recipe reads."""
+    return MODELS / recipe
+
+
+def llm_dir(recipe: str) -> Path:
+    """The recipe's language model: models/<recipe>/llm (internvl: its model holds its LLM)."""
+    return MODEL_ROLES[recipe].get("llm", INTERNVL_MODEL)
+
+
+PRETRAIN = Path("models/pretrain")  # stage train (llava): tokenized text and the projector it starts from
+PRETRAIN_WORK = Path("models/work-pretrain")  # stage train (llava): XTuner's work dir of the projector phase
 CONFIG_DIR = Path("models/config")  # stage render: xtuner_config.py [+ deepspeed.json]
 CONFIG = CONFIG_DIR / "xtuner_config.py"
 TRAIN_WORK = Path("models/work")  # stage train: XTuner's work dir (checkpoints for resume; not cached)
@@ -37,8 +60,6 @@ ADAPTER = Path("models/adapter")  # stage convert: HF/peft adapter (safetensors)
 MERGED = Path("models/merged")  # stage merge: base + adapter, safetensors; llava: llm/, visual_encoder/, projector/;
 #                                 internvl: convert_to_official's model with its remote code
 
-TEMPLATES = ROOT / "stages" / "templates"
-INTERNVL_CODE = ROOT / "stages" / "remote_code" / "internvl"  # the stand-in's remote code (copied into it)
 # the tiny models' tokenizer code (XTuner ships InternLM2's model code, not its tokenizer's)
 INTERNLM2_TOKENIZER_CODE = ROOT / "stages" / "remote_code" / "internlm2" / "tokenization_internlm2.py"
 

@@ -3,8 +3,10 @@
 Recipe internvl: XTuner's InternVL_V1_5 (QLoRA LLM, frozen vision encoder, mlp1) from `internvl.path`,
 run in the rendered dtype in one process (stages/xtuner_api.py patch_internvl); the same outputs.
 
-Recipe llava: XTuner's LLaVA fine-tune (QLoRA LLM, LoRA vision encoder, the projector), after checking
-that models/pretrain/projector.pth fits the two models; the same outputs.
+Recipe llava: the tutorial's two phases. First the tokenized text and the projector in models/pretrain/
+(XTuner's pretrain phase, LLM and vision encoder frozen, unless `llava.pretrained_pth` gives the projector,
+checked against the two models; stages/recipes/llava/pretrain.py), then XTuner's LLaVA fine-tune (QLoRA
+LLM, LoRA vision encoder, the projector); the same outputs, the projector it started from included.
 
 Runs the trainer in this process (several GPUs: through torchrun, XTuner's NPROC_PER_NODE way), so
 killing the stage kills the trainer. A `dvc repro` after an interruption resumes from the last
@@ -36,8 +38,9 @@ from typing import Sequence
 from stages import params as P
 from stages.errors import fail, note
 from stages.paths import (ADAPTER_PTH, CONFIG, CONFIG_DIR, PRETRAIN, TRAIN_WORK, VALIDATED_ASSISTANT,
-                          VALIDATED_INTERNVL, VALIDATED_LLAVA)
+                          VALIDATED_INTERNVL, VALIDATED_LLAVA, INTERNVL_MODEL, LLAVA_VISION, llm_dir)
 from stages.train_log import write_live
+from stages.xtuner_api import final_checkpoint, save_adapter
 
 FINGERPRINT = "pipeline-inputs.json"
 
@@ -81,27 +84,6 @@ def prepare_work_dir(work: Path, fp: str) -> Path | None:
     work.mkdir(parents=True)
     marker.write_text(json.dumps({"inputs": fp}) + "\n")
     return None
-
-
-def final_checkpoint(work: Path) -> Path:
-    last = work / "last_checkpoint"
-    if not last.is_file():
-        fail(f"{work}: training ended without a checkpoint (see the log above)")
-    return Path(last.read_text().strip())
-
-
-def save_adapter(ckpt: Path, out: Path) -> int:
-    """The final checkpoint's model weights alone (a QLoRA run's adapter), atomically."""
-    import torch
-
-    from stages.xtuner_api import load_checkpoint_weights
-
-    weights = load_checkpoint_weights(ckpt)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    torch.save({"state_dict": dict(sorted(weights.items()))}, tmp)
-    os.replace(tmp, out)
-    return sum(t.numel() for t in weights.values())
 
 
 def run_distributed(args: argparse.Namespace, gpus: int, resume: Path | None) -> None:
@@ -167,22 +149,22 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     require(params, skip=("stack",))  # the preflight: seconds now rather than a failure after training
     P.log_section("train", params.train)
-    if params.recipe == "llava":
-        from stages import llava
+    if params.recipe == "llava":  # its first phase: the tokenized text, and the projector (pretrained here)
+        from stages.recipes.llava import pretrain
 
-        weights = llava.check_pretrained_pth(PRETRAIN / "projector.pth", Path(params.model.path),
-                                             Path(params.llava.visual_encoder), key=str(PRETRAIN / "projector.pth"))
-        print(f"[train] {PRETRAIN / 'projector.pth'}: all {len(weights)} projector tensors fit "
-              f"{params.model.path} + {params.llava.visual_encoder}", flush=True)
-        fp = fingerprint(CONFIG_DIR, VALIDATED_LLAVA, Path(params.model.path), extra=(PRETRAIN,),
-                         extra_models=(Path(params.llava.visual_encoder),))
+        s = pretrain.prepare(params, PRETRAIN)
+        print(f"[train] {PRETRAIN}: {s['samples']} tokenized samples, projector from {s['projector_from']} "
+              f"({len(s['projector_keys'])} tensors, checked against {llm_dir(params.recipe)} + "
+              f"{LLAVA_VISION})", flush=True)
+        fp = fingerprint(CONFIG_DIR, VALIDATED_LLAVA, llm_dir(params.recipe), extra=(PRETRAIN,),
+                         extra_models=(LLAVA_VISION,))
     elif params.recipe == "internvl":
         from stages.modeldir import check
 
-        check(params.internvl.path, "internvl.path")
-        fp = fingerprint(CONFIG_DIR, VALIDATED_INTERNVL, Path(params.internvl.path))
+        check(INTERNVL_MODEL)
+        fp = fingerprint(CONFIG_DIR, VALIDATED_INTERNVL, INTERNVL_MODEL)
     else:
-        fp = fingerprint(CONFIG_DIR, VALIDATED_ASSISTANT, Path(params.model.path))
+        fp = fingerprint(CONFIG_DIR, VALIDATED_ASSISTANT, llm_dir(params.recipe))
     resume = prepare_work_dir(TRAIN_WORK, fp)
     start = time.time()
     if pipeline["gpus"] > 1:
@@ -192,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             run_trainer(CONFIG, TRAIN_WORK, deepspeed, resume)
     wall = time.time() - start
     ckpt = final_checkpoint(TRAIN_WORK)
-    n = save_adapter(ckpt, ADAPTER_PTH)
+    n = save_adapter(ckpt, ADAPTER_PTH, before=PRETRAIN / "projector.pth" if params.recipe == "llava" else None)
     summary = write_live(TRAIN_WORK, wall, pipeline, tokens_per_iter=llava_tokens_per_iter(pipeline))
     if summary["peak_memory_kind"] == "gpu_allocated":
         note(peak_gpu_mb=summary["peak_memory_mb"])
@@ -202,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def llava_tokens_per_iter(pipeline: dict) -> float | None:
     """The llava recipe's tokens per iteration (XTuner's throughput hook serves the text recipe only):
-    micro-batch x GPUs x the mean tokenized sample, its image tokens included (the pretrain stage's
+    micro-batch x GPUs x the mean tokenized sample, its image tokens included (the first phase's
     figure). Samples of one dataset differ little in length, and the sampler draws them all each epoch."""
     summary = PRETRAIN / "summary.json"
     if pipeline.get("recipe") != "llava" or not summary.is_file():

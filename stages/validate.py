@@ -1,13 +1,13 @@
 """Stage `validate`: nothing reaches training unless it passed here.
 
-For each dataset (the generated self-cognition conversations; the repeated LLaVA data; the repeated
-CLoT-style InternVL data, measured as XTuner's InternVL dataset encodes it) it checks
+For the selected recipe's dataset (the generated self-cognition conversations; the repeated LLaVA data;
+the repeated CLoT-style InternVL data, measured as XTuner's InternVL dataset encodes it) it checks
 every record (JSON Schema of its format; roles alternate; no empty content; images exist and decode;
 exactly one `<image>` per image sample), measures token lengths with the base model's tokenizer and
 XTuner's prompt template (a LLaVA record's image tokens included), counts records over
 `data.max_length` and duplicates. A bad record fails the stage with a line naming the file, the
 records, the field and the reason. What passes is
-written to data/validated/ (the only data the training stages read) and the statistics to
+written to data/validated/<recipe>/ (the only data the training stages read) and the statistics to
 reports/data_stats.json (a DVC metric: `dvc metrics diff` compares them).
 
     python -m stages.validate
@@ -23,9 +23,8 @@ from typing import Any, Callable, Sequence
 from stages import params as P
 from stages.checks import IMAGE_TOKEN, Problem, check_records, raise_problems
 from stages.errors import fail
-from stages.io import read_json, read_jsonl, write_json, write_jsonl
-from stages.paths import (DATA_STATS, INTERNVL_REPEATED, LLAVA_REPEATED, SELF_COGNITION, VALIDATED_ASSISTANT,
-                          VALIDATED_INTERNVL, VALIDATED_LLAVA)
+from stages.io import output_dir, read_json, read_jsonl, write_json, write_jsonl
+from stages.paths import DATA_STATS, INTERNVL_MODEL, INTERNVL_REPEATED, llm_dir, LLAVA_REPEATED, SELF_COGNITION
 
 
 def openai_pieces(record: dict, template: dict) -> list[str]:
@@ -52,7 +51,7 @@ INTERNVL_TEMPLATE = {"SYSTEM": "<|im_start|>system\n{system}<|im_end|>",
 
 def internvl_pieces(record: dict, template: dict) -> list[str]:
     """As `llava_pieces`, for XTuner's InternVL dataset (its system prompt, `<img></img>` around the image)."""
-    from stages.internvl import SYSTEM
+    from stages.recipes.internvl.model import SYSTEM
 
     turns = [t["value"].strip() for t in record["conversations"]]
     if "image" in record:  # as the dataset: `<image>` out, the image string and a newline in front
@@ -122,8 +121,13 @@ def validate_dataset(records: list, file: str, fmt: str, tokenizer: Any, templat
     length counts its image's `image_tokens` too: they share the LLM's context (XTuner cuts the text
     at max_length minus them). `fmt` internvl: LLaVA-format records as XTuner's InternVL dataset
     encodes them, `image_tokens` a function giving one count per record (an image's tiles depend on its
-    shape), called once the records passed their checks."""
+    shape), called once the records passed their checks. `tokenizer` may be the model folder, loaded
+    once the records passed (a data mistake is reported without a model)."""
     raise_problems(check_records(records, file, "openai" if fmt == "openai" else "llava", image_folder))
+    if isinstance(tokenizer, Path):
+        from stages.modeldir import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer)
     pieces = {"openai": openai_pieces, "llava": llava_pieces, "internvl": internvl_pieces}[fmt]
     lengths = token_lengths(records, pieces, tokenizer, template)
     per = image_tokens(records) if callable(image_tokens) else [image_tokens if "image" in r else 0 for r in records]
@@ -141,15 +145,13 @@ def validate_dataset(records: list, file: str, fmt: str, tokenizer: Any, templat
 
 
 def validate_internvl(p: P.Params) -> tuple[list, dict]:
-    """The repeated CLoT-style data, measured with `internvl.path`'s tokenizer and image tiling."""
-    from stages.internvl import image_token_counts
-    from stages.modeldir import load_tokenizer
+    """The repeated CLoT-style data, measured with the InternVL model's tokenizer and image tiling."""
+    from stages.recipes.internvl.model import image_token_counts
 
-    records = read_json(INTERNVL_REPEATED, "run `dvc repro repeat` first")
+    records = read_json(INTERNVL_REPEATED, "run `dvc repro prepare` first")
     folder = Path(p.data.internvl.image_folder)
-    tokenizer = load_tokenizer(p.internvl.path, "internvl.path")
-    return validate_dataset(records, str(INTERNVL_REPEATED), "internvl", tokenizer, INTERNVL_TEMPLATE, p.data, folder,
-                            lambda checked: image_token_counts(checked, folder, Path(p.internvl.path)))
+    return validate_dataset(records, str(INTERNVL_REPEATED), "internvl", INTERNVL_MODEL, INTERNVL_TEMPLATE, p.data, folder,
+                            lambda checked: image_token_counts(checked, folder, INTERNVL_MODEL))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -158,32 +160,38 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = P.load(args.params)
     data = params.data
-    P.log_section("validate", data)
-    from stages.modeldir import load_tokenizer
+    P.log_section("validate", {"max_length": data.max_length, "overlong": data.overlong,
+                               params.recipe: getattr(data, params.recipe)})
     from stages.xtuner_api import prompt_template
 
     template = prompt_template(params.train.prompt_template)
-    tokenizer = load_tokenizer(params.model.path)
+    from stages import recipes
 
-    assistant = read_jsonl(SELF_COGNITION, "run `dvc repro generate` first")
-    kept_a, stats_a = validate_dataset(assistant, str(SELF_COGNITION), "openai", tokenizer, template, data)
-    llava = read_json(LLAVA_REPEATED, "run `dvc repro repeat` first")
-    from stages.vision import encoder_image_tokens
+    recipe = recipes.get(params.recipe)
+    if params.recipe == "internvl":
+        kept, stats = validate_internvl(params)
+    elif params.recipe == "llava":
+        from stages.recipes.llava.vision import encoder_image_tokens
 
-    kept_l, stats_l = validate_dataset(llava, str(LLAVA_REPEATED), "llava", tokenizer, template, data,
-                                       Path(data.llava.image_folder), encoder_image_tokens(params))
-    stats_l["image_tokens"] = encoder_image_tokens(params)
-    kept_i, stats_i = validate_internvl(params)
-    write_jsonl(VALIDATED_ASSISTANT, kept_a)
-    write_json(VALIDATED_LLAVA, kept_l, indent=None)
-    write_json(VALIDATED_INTERNVL, kept_i, indent=None)
-    stats = {"max_length": data.max_length, "assistant": stats_a, "llava": stats_l, "internvl": stats_i}
-    write_json(DATA_STATS, stats)
-    for name, s in (("assistant", stats_a), ("llava", stats_l), ("internvl", stats_i)):
-        t = s["tokens"]
-        print(f"[validate] {name}: {s['kept']}/{s['records']} records kept, tokens min {t['min']} "
-              f"p50 {t['p50']} p95 {t['p95']} max {t['max']}, {s['over_max_length']} over max_length "
-              f"{data.max_length}, duplicates {s['duplicate_rate']:.1%}", flush=True)
+        records = read_json(LLAVA_REPEATED, "run `dvc repro prepare` first")
+        kept, stats = validate_dataset(
+            records, str(LLAVA_REPEATED), "llava", llm_dir(params.recipe), template, data,
+            Path(data.llava.image_folder), lambda checked: [encoder_image_tokens(params) * ("image" in r) for r in checked])
+        stats["image_tokens"] = encoder_image_tokens(params)
+    else:
+        records = read_jsonl(SELF_COGNITION, "run `dvc repro prepare` first")
+        kept, stats = validate_dataset(records, str(SELF_COGNITION), "openai", llm_dir(params.recipe),
+                                       template, data)
+    with output_dir(recipe.VALIDATED.parent) as tmp:
+        if recipe.VALIDATED.suffix == ".jsonl":
+            write_jsonl(tmp / recipe.VALIDATED.name, kept)
+        else:
+            write_json(tmp / recipe.VALIDATED.name, kept, indent=None)
+    write_json(DATA_STATS, {"max_length": data.max_length, params.recipe: stats})
+    t = stats["tokens"]
+    print(f"[validate] {recipe.VALIDATED}: {stats['kept']}/{stats['records']} records kept, tokens min {t['min']} "
+          f"p50 {t['p50']} p95 {t['p95']} max {t['max']}, {stats['over_max_length']} over max_length "
+          f"{data.max_length}, duplicates {stats['duplicate_rate']:.1%}", flush=True)
 
 
 if __name__ == "__main__":

@@ -574,3 +574,27 @@ def convert_to_official(config: Path, pth: Path, out: Path, torch_dtype: str) ->
     module_spec.loader.exec_module(tool)
     with weights_only_loads():
         run_tool(tool, "convert_to_official.py", [str(config), str(pth), str(out)])
+
+
+def final_checkpoint(work: Path) -> Path:
+    last = work / "last_checkpoint"
+    if not last.is_file():
+        fail(f"{work}: training ended without a checkpoint (see the log above)")
+    return Path(last.read_text().strip())
+
+
+def save_adapter(ckpt: Path, out: Path, before: Path | None = None) -> int:
+    """The final checkpoint's model weights alone (a QLoRA run's adapter), atomically; with `before`
+    (the llava recipe's projector.pth), that file's weights too, under `projector_before`: the evaluate
+    stage's model before fine-tuning."""
+    import torch
+
+    weights = load_checkpoint_weights(ckpt)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    saved = {"state_dict": dict(sorted(weights.items()))}
+    if before is not None:
+        saved["projector_before"] = torch.load(before, map_location="cpu", weights_only=True)["state_dict"]
+    torch.save(saved, tmp)
+    os.replace(tmp, out)
+    return sum(t.numel() for t in weights.values())

@@ -13,7 +13,7 @@ def digest(folder):
 
 @pytest.fixture(scope="module")
 def tiny():
-    return P.load(ROOT / "params.yaml").model.tiny
+    return P.load(ROOT / "params.yaml").stand_in.llm
 
 
 def test_same_params_same_bytes(tiny, tmp_path, monkeypatch):
@@ -31,7 +31,7 @@ def test_loads_back_with_auto_classes_and_chats(built):
     patch_stack()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = built / "models/tiny-internlm2"
+    path = built / "models/assistant/llm"
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
     assert type(tok).__name__ == "InternLM2Tokenizer" and type(tok).__module__.startswith("transformers_modules.")
     assert json.loads((path / "tokenizer_config.json").read_text())["auto_map"]["AutoTokenizer"][0] == \
@@ -58,8 +58,8 @@ def test_loads_back_with_auto_classes_and_chats(built):
 def test_shape_follows_params(built):
     import json
 
-    config = json.loads((built / "models/tiny-internlm2/config.json").read_text())
-    tiny = P.load(built / "params.yaml").model.tiny
+    config = json.loads((built / "models/assistant/llm/config.json").read_text())
+    tiny = P.load(built / "params.yaml").stand_in.llm
     assert (config["hidden_size"], config["num_hidden_layers"], config["num_key_value_heads"]) == (
         tiny.hidden_size, tiny.num_layers, tiny.num_kv_heads)
     assert config["vocab_size"] == tiny.vocab_size
@@ -70,4 +70,4 @@ def test_shape_follows_params(built):
         "eager", {"type": "dynamic", "factor": 2.0}, 1000000, False)
     assert "_name_or_path" not in config
     assert {"modeling_internlm2.py", "configuration_internlm2.py"} <= {
-        f.name for f in (built / "models/tiny-internlm2").iterdir()}
+        f.name for f in (built / "models/assistant/llm").iterdir()}

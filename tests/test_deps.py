@@ -40,20 +40,7 @@ PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
 ENTRY = re.compile(r"python[\w.]*\s+-m\s+(" + PACKAGE + r"(?:\.\w+)+)")
 
 # (stage, path): why the stage imports the module that reads `path` but never reaches the read
-DATA_NOT_READ = {
-    ("train", "stages/templates"):
-        "train imports stages.render (doctor's memory check) only for machine() and resolve_here(), which "
-        "render nothing; the rendered config is the dep models/config",
-    ("validate", "stages/remote_code/internvl"):
-        "validate imports stages.internvl for SYSTEM and image_token_counts; only write_code (stage "
-        "internvl) copies the remote code",
-    ("convert", "stages/remote_code/internvl"):
-        "through stages.internvl_recipe, which imports stages.internvl for IMAGENET_MEAN/STD only",
-    ("merge", "stages/remote_code/internvl"):
-        "through stages.internvl_recipe, which imports stages.internvl for IMAGENET_MEAN/STD only",
-    ("evaluate", "stages/remote_code/internvl"):
-        "through stages.internvl_recipe, which imports stages.internvl for IMAGENET_MEAN/STD only",
-}
+DATA_NOT_READ: dict[tuple[str, str], str] = {}
 
 
 # --- the project's modules ---------------------------------------------------------------------
@@ -251,7 +238,11 @@ def reads(file: str) -> dict[str, str]:
     return used
 
 
-# --- dvc.yaml ----------------------------------------------------------------------------------
+# --- dvc.yaml ---------------------------------------------------------------------------------
+
+RECIPES = ("assistant", "llava", "internvl")  # stages.recipes.NAMES
+RECIPE_PACKAGE = f"{PACKAGE}/recipes/"
+
 
 def _lookup(key: str):
     for source in (DVC.get("vars") or [], [PARAMS]):
@@ -266,12 +257,14 @@ def _lookup(key: str):
     return None
 
 
-def resolve(dep: str) -> str | None:
-    """A dep with `${...}` filled in from params.yaml; None where it cannot be."""
+def resolve(dep: str, recipe: str, key: str = "tiny") -> str | None:
+    """A dep with `${...}` filled in for `recipe` (and the foreach `key`) from params.yaml; None where it
+    cannot be."""
     def sub(m: re.Match) -> str:
-        v = _lookup(m.group(1).strip())
+        name = m.group(1).strip()
+        v = {"recipe": recipe, "key": key}.get(name, _lookup(name))
         if v is None or isinstance(v, (dict, list)):
-            raise KeyError(m.group(1))
+            raise KeyError(name)
         return str(v)
     try:
         return re.sub(r"\$\{([^}]*)\}", sub, dep).rstrip("/")
@@ -279,9 +272,9 @@ def resolve(dep: str) -> str | None:
         return None
 
 
-def python_stages() -> dict[str, dict]:
-    """Stage name -> {'entries': modules its cmd runs, 'deps': its deps resolved} for the stages whose
-    cmd runs `python -m stages.X` (foreach/matrix stages: their `do` body, or the stage itself)."""
+def python_stages(recipe: str) -> dict[str, dict]:
+    """Stage name -> {'entries': modules its cmd runs, 'deps': its deps resolved for `recipe`} for the
+    stages whose cmd runs `python -m stages.X` (foreach/matrix stages: their `do` body)."""
     out = {}
     for name, stage in (DVC.get("stages") or {}).items():
         body = stage.get("do", stage) if ("foreach" in stage or "matrix" in stage) else stage
@@ -290,35 +283,75 @@ def python_stages() -> dict[str, dict]:
         entries = sorted({m for c in cmds for m in ENTRY.findall(str(c))})
         if entries:
             deps = [d if isinstance(d, str) else next(iter(d)) for d in body.get("deps") or []]
-            out[name] = {"entries": entries, "deps": [r for r in map(resolve, deps) if r]}
+            out[name] = {"entries": entries, "deps": [r for r in (resolve(d, recipe) for d in deps) if r]}
     return out
 
 
-STAGES = python_stages()
+STAGES = {r: python_stages(r) for r in RECIPES}
 
 
 def covered(path: str, deps: list[str]) -> bool:
     return any(path == d or path.startswith(d + "/") for d in deps)
 
 
-def code_of(stage: str) -> dict[str, str | None]:
-    """Module file -> its first importer, over every entry module of the stage."""
+def other_recipe(file: str, recipe: str) -> bool:
+    """A module of another recipe's package: imported only when that recipe is selected (the registry
+    imports the selected package alone), so never part of `recipe`'s runs."""
+    return file.startswith(RECIPE_PACKAGE) and file.count("/") >= 3 and \
+        not file.startswith(f"{RECIPE_PACKAGE}{recipe}/")
+
+
+@functools.cache
+def step_calls(file: str) -> frozenset[str]:
+    """The recipe steps `file` imports through the registry: `step(name, "prepare")` -> 'prepare'."""
+    out = set()
+    for node in ast.walk(tree(file)):
+        if isinstance(node, ast.Call) and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) \
+                and (getattr(node.func, "id", None) == "step" or getattr(node.func, "attr", None) == "step"):
+            out.add(str(node.args[1].value))
+    return frozenset(out)
+
+
+def recipe_closure(entry: str, recipe: str) -> dict[str, str | None]:
+    """`closure` for a run of `recipe`: the registry (stages/recipes/__init__.py) brings in the selected
+    package, each `step(name, "X")` call its module X, and other recipes' modules are left out."""
+    start = module_file(entry)
+    assert start, f"{entry}: no such module"
+    via: dict[str, str | None] = {start: None}
+    queue = deque([start])
+    while queue:
+        f = queue.popleft()
+        found = set(imports(f))
+        if f == f"{RECIPE_PACKAGE}__init__.py":
+            found.add(module_file(f"{PACKAGE}.recipes.{recipe}"))
+        for part in step_calls(f):
+            assert module_file(f"{PACKAGE}.recipes.{recipe}.{part}"), f"{f}: no step {part!r} in recipe {recipe}"
+            found.add(module_file(f"{PACKAGE}.recipes.{recipe}.{part}"))
+        for g in sorted(found):
+            if g not in via and not other_recipe(g, recipe):
+                via[g] = f
+                queue.append(g)
+    return via
+
+
+def code_of(stage: str, recipe: str) -> dict[str, str | None]:
+    """Module file -> its first importer, over every entry module of the stage, for `recipe`."""
     via: dict[str, str | None] = {}
-    for entry in STAGES[stage]["entries"]:
-        for f, parent in closure(entry).items():
+    for entry in STAGES[recipe][stage]["entries"]:
+        for f, parent in recipe_closure(entry, recipe).items():
             via.setdefault(f, parent)
     return via
 
 
-def required_code(stage: str) -> dict[str, str | None]:
-    return {f: parent for f, parent in code_of(stage).items()
+def required_code(stage: str, recipe: str) -> dict[str, str | None]:
+    return {f: parent for f, parent in code_of(stage, recipe).items()
             if not (f.endswith("__init__.py") and trivial(f))}
 
 
-def data_of(stage: str) -> dict[str, str]:
+def data_of(stage: str, recipe: str) -> dict[str, str]:
     """Paths inside stages/ the stage's code reads by path: path -> 'stages/x.py reads M.NAME'."""
     out: dict[str, str] = {}
-    for f in code_of(stage):
+    for f in code_of(stage, recipe):
         for p, const in reads(f).items():
             out.setdefault(p, f"{f} reads {const}")
     return out
@@ -336,52 +369,83 @@ def _chain(f: str, via: dict[str, str | None]) -> str:
 def test_every_python_stage_is_analysed():
     """The parser found the stages (else the tests below would pass on nothing), and every stage whose
     cmd mentions the package runs a module of it."""
-    assert len(STAGES) >= 10, sorted(STAGES)
+    stages = STAGES["assistant"]
+    assert len(stages) >= 9, sorted(stages)
     for name, stage in DVC["stages"].items():
         if PACKAGE in str(stage.get("cmd", "")) + str(stage.get("do", {}).get("cmd", "")):
-            assert name in STAGES, f"{name}: cmd names {PACKAGE} but no `python -m {PACKAGE}.X` found"
-    for name, stage in STAGES.items():
+            assert name in stages, f"{name}: cmd names {PACKAGE} but no `python -m {PACKAGE}.X` found"
+    for name, stage in stages.items():
         for entry in stage["entries"]:
             assert module_file(entry), f"{name}: cmd runs {entry}, which is no file"
 
 
-def test_code_deps_cover_import_closure():
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_code_deps_cover_import_closure(recipe):
     missing = []
-    for name in STAGES:
-        deps, via = STAGES[name]["deps"], required_code(name)
+    for name in STAGES[recipe]:
+        deps, via = STAGES[recipe][name]["deps"], required_code(name, recipe)
         missing += [f"  {name}: {f}  (imported by {_chain(f, via)})" for f in sorted(via) if not covered(f, deps)]
-    assert not missing, "dvc.yaml: code a stage imports is not in its deps:\n" + "\n".join(missing)
+    assert not missing, f"dvc.yaml, recipe {recipe}: code a stage imports is not in its deps:\n" + "\n".join(missing)
 
 
-def test_data_files_read_by_path_are_deps():
-    missing, stale = [], []
-    for name in STAGES:
-        deps, data = STAGES[name]["deps"], data_of(name)
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_data_files_read_by_path_are_deps(recipe):
+    missing = []
+    for name in STAGES[recipe]:
+        deps, data = STAGES[recipe][name]["deps"], data_of(name, recipe)
         for p, why in sorted(data.items()):
-            ok = covered(p, deps) or any(d.startswith(p + "/") for d in deps)
             if (name, p) in DATA_NOT_READ:
                 continue
-            if not ok:
+            if not (covered(p, deps) or any(d.startswith(p + "/") for d in deps)):
                 missing.append(f"  {name}: {p}  ({why})")
-    for (name, p) in DATA_NOT_READ:
-        if name not in STAGES or p not in data_of(name):
-            stale.append(f"  {name}: {p}  (no longer flagged: drop it from DATA_NOT_READ)")
-    assert not missing + stale, ("dvc.yaml: files a stage's code reads by path are not in its deps:\n"
-                                 + "\n".join(missing + stale))
+    assert not missing, (f"dvc.yaml, recipe {recipe}: files a stage's code reads by path are not in its deps:\n"
+                         + "\n".join(missing))
+
+
+def test_data_not_read_is_current():
+    stale = [f"  {name}: {p}  (no longer flagged: drop it from DATA_NOT_READ)" for (name, p) in DATA_NOT_READ
+             if not any(name in STAGES[r] and p in data_of(name, r) for r in RECIPES)]
+    assert not stale, "\n".join(stale)
 
 
 def test_no_code_dep_outside_closure():
-    """The reverse, softer (review it): a stages/ dep that none of the stage's code imports or reads."""
+    """The reverse, softer (review it): a stages/ dep that none of the stage's code imports or reads,
+    for any recipe (one deps list serves the three)."""
     extra = []
-    for name in STAGES:
-        code, data = code_of(name), data_of(name)
-        used = set(code) | set(data)
-        for d in STAGES[name]["deps"]:
+    for name in STAGES["assistant"]:
+        used = set()
+        for recipe in RECIPES:
+            used |= set(code_of(name, recipe)) | set(data_of(name, recipe))
+            used |= {f"{RECIPE_PACKAGE}{recipe}"} if any(u.startswith(f"{RECIPE_PACKAGE}{recipe}/") for u in used) else set()
+        for d in {d for r in RECIPES for d in STAGES[r][name]["deps"]}:
             if d.split("/")[0] != PACKAGE:
                 continue
             if not any(u == d or u.startswith(d + "/") or d.startswith(u + "/") for u in used):
-                extra.append(f"  {name}: {d}  (not imported or read by {', '.join(STAGES[name]['entries'])})")
-    assert not extra, "dvc.yaml: code deps the stage's code does not use:\n" + "\n".join(extra)
+                extra.append(f"  {name}: {d}  (not imported or read by {', '.join(STAGES['assistant'][name]['entries'])})")
+    assert not extra, "dvc.yaml: code deps the stage's code does not use:\n" + "\n".join(sorted(extra))
+
+
+OTHER_RECIPE_PLACES = ("stages/recipes/{}", "data/raw/{}", "data/generated/{}", "data/validated/{}", "models/{}")
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_no_stage_depends_on_another_recipe(recipe):
+    """A run of `recipe` depends on no other recipe's code, data or models, so an edit there reruns
+    nothing (the LLM stand-in's text, data/raw/assistant, is the one stated exception: stand_in only)."""
+    wrong = []
+    for name, stage in STAGES[recipe].items():
+        for other in set(RECIPES) - {recipe}:
+            places = [p.format(other) for p in OTHER_RECIPE_PLACES]
+            for d in stage["deps"]:
+                if covered(d, places) and not (name == "stand_in" and d.startswith("data/raw/assistant/")):
+                    wrong.append(f"  {name}: {d}")
+    assert not wrong, f"recipe {recipe}: deps on another recipe's parts:\n" + "\n".join(wrong)
+
+
+def test_no_recipe_imports_another():
+    wrong = [f"  {f} imports {g}" for f in all_modules() if f.startswith(RECIPE_PACKAGE) and f.count("/") >= 3
+             for g in imports(f) if other_recipe(g, f.split("/")[2])]
+    assert not wrong, "a recipe package imports another recipe's:\n" + "\n".join(wrong)
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -430,3 +494,22 @@ def test_no_import_cycles_among_module_level_imports():
     cycles = _cycles(import_graph(module_level=True))
     assert not cycles, "module-level import cycles:\n" + "\n".join("  " + " <-> ".join(c) for c in cycles)
 
+
+CLI_TOOLS = {"stages/compare.py"}  # commands for people, beside the pipeline (compare reads the reports' helpers)
+
+
+def test_layers_stages_recipes_core():
+    """A DVC stage module imports no other stage; a recipe imports no stage; the shared core imports no
+    stage and no recipe (the registry, stages/recipes/__init__.py, is for the stages)."""
+    stages = {module_file(e) for s in STAGES["assistant"].values() for e in s["entries"]}
+    wrong = []
+    for f in all_modules():
+        if f in CLI_TOOLS:
+            continue
+        recipe = f.startswith(RECIPE_PACKAGE) and f != f"{RECIPE_PACKAGE}__init__.py"
+        for g in imports(f):
+            if g in stages and g != f:
+                wrong.append(f"  {f} imports the stage {g}")
+            elif f not in stages and not recipe and g.startswith(RECIPE_PACKAGE) and f != f"{RECIPE_PACKAGE}__init__.py":
+                wrong.append(f"  {f} (core) imports the recipe module {g}")
+    assert not wrong, "layering:\n" + "\n".join(wrong)

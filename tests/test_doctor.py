@@ -16,12 +16,12 @@ def test_all_green_on_the_built_project(built):
 
 
 def test_missing_model_fails_with_one_line(project):
-    text = (project / "params.yaml").read_text(encoding="utf-8")
-    (project / "params.yaml").write_text(text.replace("path: models/tiny-internlm2", "path: models/nope"),
-                                         encoding="utf-8")
+    import shutil
+
+    shutil.rmtree(project / "models/assistant/llm")
     proc = sh(sys.executable, "-m", "stages.doctor", cwd=project, check=False)
     assert proc.returncode == 1
-    assert "FAIL  model" in proc.stdout and "models/nope is not a directory" in proc.stdout
+    assert "FAIL  model" in proc.stdout and "models/assistant/llm is not a directory" in proc.stdout
     assert proc.stderr.strip() == "error: doctor: 1 check(s) would fail: model"
 
 
@@ -51,14 +51,15 @@ def test_disk_needs_room_for_three_copies_of_the_model(tmp_path, monkeypatch):
     a byte less fails (whatever this machine's disk holds)."""
     import collections
 
-    model = tmp_path / "model"
+    base = P.load()
+    monkeypatch.chdir(tmp_path)  # the model folder is models/assistant/llm, relative to the project
+    model = tmp_path / "models/assistant/llm"
     (model / "sub").mkdir(parents=True)
     (model / "model.safetensors").write_bytes(b"\0" * 3000)
     (model / "sub" / "tokenizer.json").write_bytes(b"\0" * 1000)
     need = 3 * 4000 + 2**30
     usage = collections.namedtuple("usage", "total used free")
-    base = P.load()
-    p = replace(base, model=replace(base.model, path=str(model)))
+    p = base
     for free, ok in ((need, True), (need - 1, False)):
         monkeypatch.setattr(doctor.shutil, "disk_usage", lambda root, free=free: usage(2 * need, need, free))
         check = doctor.check_disk(p, tmp_path)
@@ -71,21 +72,23 @@ def test_memory_check_weighs_the_setting_against_the_card(tmp_path, monkeypatch)
     micro_batch auto the planner's setting fits. (The card is given; this machine has no GPU.)"""
     import json
 
-    from stages import render
+    from stages import plan
 
-    model = tmp_path / "model"
-    model.mkdir()
+    base = P.load()
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "models/assistant/llm"
+    model.mkdir(parents=True)
     (model / "config.json").write_text(json.dumps({
         "hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 8,
         "intermediate_size": 8192, "vocab_size": 92544}))
-    monkeypatch.setattr(render, "machine", lambda: {"cuda": True, "bf16": True, "card_gb": 24.0})
-    base = P.load()
-    p = replace(base, model=replace(base.model, path=str(model)),
-                data=replace(base.data, max_length=2048),
+    monkeypatch.setattr(plan, "machine", lambda: {"cuda": True, "bf16": True, "card_gb": 24.0})
+    p = replace(base, data=replace(base.data, max_length=2048),
                 train=replace(base.train, global_batch=16, micro_batch=16, activation_checkpointing=False))
     check = doctor.check_memory(p)
     assert not check.ok and check.fatal and "lower train.memory_gb" in check.detail
     auto = doctor.check_memory(replace(p, train=replace(p.train, micro_batch="auto", activation_checkpointing="auto")))
     assert auto.ok and "micro-batch 16 x 1, checkpointing True" in auto.detail
+    (tmp_path / "models/llava").mkdir()
+    (tmp_path / "models/llava/llm").symlink_to(model)
     image = doctor.check_memory(replace(p, recipe="llava"))  # the estimate models the text recipe only
     assert image.ok and "not estimated for recipe llava: micro-batch 16 x 1" in image.detail

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from stages import evaluate, params as P
+from stages import evaluate, generation, params as P
 from stages.errors import StageError
 from tests.conftest import ROOT
 
@@ -35,7 +35,7 @@ def test_prompts_of_three_kinds():
     prompts = evaluate.load_prompts(p)
     kinds = [k for k, _ in prompts]
     assert kinds.count("trained") == 3 and kinds.count("heldout") == 14 and kinds.count("general") == 14
-    trained_questions = json.loads((ROOT / "data/raw/self_cognition.json").read_text(encoding="utf-8"))["questions"]
+    trained_questions = json.loads((ROOT / "data/raw/assistant/self_cognition.json").read_text(encoding="utf-8"))["questions"]
     assert not {q for k, q in prompts if k == "heldout"} & set(trained_questions)
 
 
@@ -46,25 +46,25 @@ def test_bad_heldout_prompts_file(tmp_path):
     bad = tmp_path / "prompts.json"
     bad.write_text('{"identity_heldout": ["a"], "general": []}', encoding="utf-8")
     with pytest.raises(StageError, match="general: expected a non-empty list"):
-        evaluate.load_prompts(replace(p, eval=replace(p.eval, heldout_prompts=str(bad))))
+        evaluate.load_prompts(replace(p, assistant=replace(p.assistant, heldout_prompts=str(bad))))
 
 
 def test_backend_choice():
-    assert evaluate.pick_backend("transformers", cuda=True, lmdeploy_python=True) == "transformers"
-    assert evaluate.pick_backend("auto", cuda=False, lmdeploy_python=True) == "transformers"
-    assert evaluate.pick_backend("auto", cuda=True, lmdeploy_python=False) == "transformers"
-    assert evaluate.pick_backend("auto", cuda=True, lmdeploy_python=True) == "lmdeploy"
+    assert generation.pick_backend("transformers", cuda=True, lmdeploy_python=True) == "transformers"
+    assert generation.pick_backend("auto", cuda=False, lmdeploy_python=True) == "transformers"
+    assert generation.pick_backend("auto", cuda=True, lmdeploy_python=False) == "transformers"
+    assert generation.pick_backend("auto", cuda=True, lmdeploy_python=True) == "lmdeploy"
 
 
 def test_lmdeploy_without_its_environment_is_one_line(monkeypatch, tmp_path):
     monkeypatch.delenv("LMDEPLOY_PYTHON", raising=False)
     p = P.load(ROOT / "params.yaml")
     with pytest.raises(StageError, match="eval.backend: lmdeploy needs its own environment"):
-        evaluate.lmdeploy_answers([ROOT / "models/merged"], ["hi"], p)
+        generation.lmdeploy_answers([ROOT / "models/merged"], ["hi"], p)
     monkeypatch.setenv("LMDEPLOY_PYTHON", str(tmp_path / "nowhere/python"))
     with pytest.raises(StageError, match=r"^eval.backend: lmdeploy: LMDEPLOY_PYTHON=.*nowhere/python cannot run "
                                          r"\(No such file or directory\)$"):
-        evaluate.lmdeploy_answers([ROOT / "models/merged"], ["hi"], p)
+        generation.lmdeploy_answers([ROOT / "models/merged"], ["hi"], p)
 
 
 @pytest.mark.parametrize("system", ["", "You are XiaoPu."])
@@ -74,9 +74,9 @@ def test_lmdeploy_prompt_is_the_tokenizers_chat_template(built, system):
     prompt the transformers backend builds from the tokenizer's chat template."""
     from transformers import AutoTokenizer
 
-    t = evaluate.lmdeploy_template(system)
+    t = generation.lmdeploy_template(system)
     lmdeploy_prompt = t["system"] + t["meta_instruction"] + t["eosys"] + t["user"] + "你是谁" + t["eoh"] + t["assistant"]
-    tok = AutoTokenizer.from_pretrained(built / "models/tiny-internlm2", trust_remote_code=True)
+    tok = AutoTokenizer.from_pretrained(built / "models/assistant/llm", trust_remote_code=True)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "你是谁"}]
     assert tok.bos_token + lmdeploy_prompt == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert t["stop_words"] == ["<|im_end|>"]
@@ -121,14 +121,14 @@ def test_a_tokenizer_without_chat_template_is_prompted_with_train_prompt_templat
     import json
     import shutil
 
-    from stages.evaluate import TransformersChat
+    from stages.generation import TransformersChat
 
     plain = tmp_path / "plain"
-    shutil.copytree(built / "models/tiny-internlm2", plain)
+    shutil.copytree(built / "models/assistant/llm", plain)
     cfg = json.loads((plain / "tokenizer_config.json").read_text(encoding="utf-8"))
     cfg.pop("chat_template")
     (plain / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
     question = [{"role": "user", "content": "你是谁"}]
-    reference = TransformersChat(built / "models/tiny-internlm2", "cpu", "").encode(question)
+    reference = TransformersChat(built / "models/assistant/llm", "cpu", "").encode(question)
     assert TransformersChat(plain, "cpu", "", "internlm2_chat").encode(question) == reference
     assert TransformersChat(plain, "cpu", "", "vicuna").encode(question) != reference

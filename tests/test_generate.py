@@ -1,11 +1,12 @@
 import json
 from dataclasses import replace
 
-from stages import generate, params as P
+from stages import params as P
+from stages.recipes.assistant import generate
 from stages.checks import check_openai
 from tests.conftest import ROOT, assert_one_line_error, run_stage
 
-DATA = P.load(ROOT / "params.yaml").data
+DATA = P.load(ROOT / "params.yaml").data.assistant
 QUESTIONS = ["你是谁", "Who are you?"]
 ANSWERS = ["我是{author}的小助手{name}", "I am {name}, made by {author}."]
 GENERAL = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
@@ -13,7 +14,7 @@ GENERAL = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assista
 
 
 def test_counts_language_and_fill():
-    data = replace(DATA, repeat=3, general_ratio=0.25, assistant_name="Tuna", author="Ada")
+    data = replace(DATA, repeat=3, general_ratio=0.25, name="Tuna", author="Ada")
     records = generate.generate(QUESTIONS, ANSWERS, GENERAL, data)
     identity = [r for r in records if r["messages"][0]["content"] in QUESTIONS]
     assert len(identity) == 6 and len(records) == 8  # 6 identity; 6 * 0.25 / 0.75 = 2 general
@@ -42,29 +43,33 @@ def test_no_general_share():
 
 
 def test_shipped_templates_load():
-    questions, answers = generate.load_templates(ROOT / "data/raw/self_cognition.json")
-    assert P.load(ROOT / "params.yaml").data.templates == "data/raw/self_cognition.json"
+    questions, answers = generate.load_templates(ROOT / "data/raw/assistant/self_cognition.json")
+    assert P.load(ROOT / "params.yaml").data.assistant.templates == "data/raw/assistant/self_cognition.json"
     assert questions[:3] == ["请你介绍一下你自己", "你是谁", "你是我的小助手吗"]
     assert all("{name}" in a and "{author}" in a for a in answers)
 
 
 def test_stage_writes_openai_jsonl(project, capsys):
-    code, _ = run_stage(generate, capsys)
+    from stages import prepare
+
+    code, _ = run_stage(prepare, capsys)
     assert code == 0
-    lines = (project / "data/generated/self_cognition.jsonl").read_text(encoding="utf-8").splitlines()
+    lines = (project / "data/generated/assistant/self_cognition.jsonl").read_text(encoding="utf-8").splitlines()
     records = [json.loads(line) for line in lines]
     data = P.load().data
-    assert len(records) == round(36 * data.repeat / (1 - data.general_ratio))
+    assert len(records) == round(36 * data.assistant.repeat / (1 - data.assistant.general_ratio))
     assert all(not check_openai(r, "x", i) for i, r in enumerate(records))
 
 
 def test_own_general_chat_file_with_a_mistake(project, capsys):
-    own = project / "my_chat.jsonl"
+    from stages import prepare
+
+    own = project / "data/raw/assistant/my_chat.jsonl"
     own.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
                    '{"messages": [{"role": "assistant", "content": "first?"}, {"role": "user", "content": "x"}]}\n',
                    encoding="utf-8")
     text = (project / "params.yaml").read_text(encoding="utf-8")
-    (project / "params.yaml").write_text(text.replace("general_chat: data/raw/general_chat.jsonl",
-                                                      "general_chat: my_chat.jsonl"), encoding="utf-8")
-    code, err = run_stage(generate, capsys)
+    (project / "params.yaml").write_text(text.replace("general_chat: data/raw/assistant/general_chat.jsonl",
+                                                      "general_chat: data/raw/assistant/my_chat.jsonl"), encoding="utf-8")
+    code, err = run_stage(prepare, capsys)
     assert_one_line_error(code, err, "my_chat.jsonl: 1 bad record", "[1] messages[0].role")

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from stages import internvl, internvl_recipe, params as P, render
+from stages import params as P, plan, render
+from stages.recipes.internvl import config as internvl_config
+from stages.recipes.internvl import model as internvl, steps as internvl_recipe
 from stages.errors import StageError
 from tests.conftest import ROOT, env, ran, recipe_experiment, repro_in_copy
 
 PARAMS = P.validate({**P.read_yaml(ROOT / "params.yaml"), "recipe": "internvl"})  # its lora presets
-INTERNVL_STAGES = ["pretrain", "render", "train", "convert", "merge", "evaluate", "report"]
+INTERNVL_STAGES = ["stand_in@tiny", "prepare", "validate", "render", "train", "convert", "merge", "evaluate", "report"]
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +42,7 @@ def load(path: Path):
 
 
 def test_stand_in_is_deterministic_and_has_internvls_interface(built, tmp_path):
-    shape, llm = PARAMS.internvl.tiny, built / "models/tiny-internlm2"
+    shape, llm = PARAMS.stand_in.internvl, built / "models/assistant/llm"
     internvl.build(shape, llm, tmp_path / "a")
     internvl.build(shape, llm, tmp_path / "b")
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
@@ -60,7 +62,8 @@ def test_stand_in_is_deterministic_and_has_internvls_interface(built, tmp_path):
     assert cfg["auto_map"]["AutoModel"] == "modeling_internvl_chat.InternVLChatModel" and "_name_or_path" not in cfg
 
 
-def test_xtuner_internvl_dataset_reads_the_stand_in_and_validate_counts_its_tokens(built):
+@pytest.mark.e2e
+def test_xtuner_internvl_dataset_reads_the_stand_in_and_validate_counts_its_tokens(internvl_built):
     """XTuner's own InternVL_V1_5_Dataset on the validated data: the token count validate reported for a
     record is the length of what the dataset feeds the model, image tokens included."""
     from stages.xtuner_api import patch_stack
@@ -71,9 +74,10 @@ def test_xtuner_internvl_dataset_reads_the_stand_in_and_validate_counts_its_toke
 
     # a copy: XTuner's InternVL dataset rewrites the SYSTEM and INSTRUCTION of the template it is given, and
     # PROMPT_TEMPLATE's are shared by the whole process (each pipeline stage is its own process)
-    ds = InternVL_V1_5_Dataset(model_path=str(built / "models/tiny-internvl"),
+    built = internvl_built[0]
+    ds = InternVL_V1_5_Dataset(model_path=str(built / "models/internvl/model"),
                                template=copy.deepcopy(PROMPT_TEMPLATE.internlm2_chat),
-                               data_paths=str(built / "data/validated/internvl.json"),
+                               data_paths=str(built / "data/validated/internvl/train.json"),
                                image_folders=str(built / "data/raw/internvl"), max_length=256)
     item = ds[0]
     assert tuple(item["pixel_values"].shape) == (1, 3, 112, 112)
@@ -84,14 +88,17 @@ def test_xtuner_internvl_dataset_reads_the_stand_in_and_validate_counts_its_toke
 
 
 def test_internvl_params_that_cannot_work_are_one_line():
-    tiny = PARAMS.internvl.tiny
-    bad = replace(PARAMS, internvl=replace(PARAMS.internvl, tiny=replace(tiny, image_size=100)))
-    assert P._contradictions(bad) == ["internvl.tiny.image_size: 100 is not a multiple of patch_size 14"]
-    bad = replace(PARAMS, internvl=replace(PARAMS.internvl, warmup_iters=400))
-    assert P._contradictions(bad) == ["internvl.warmup_iters: 400 is not below max_iters 400"]
+    tiny = PARAMS.stand_in.internvl
+    bad = replace(PARAMS, stand_in=replace(PARAMS.stand_in, internvl=replace(tiny, image_size=100)))
+    assert P._contradictions(bad) == ["stand_in.tiny.internvl.image_size: 100 is not a multiple of patch_size 14"]
+    bad = replace(PARAMS, train=replace(PARAMS.train, warmup_iters=400))
+    assert P._contradictions(bad) == ["train.warmup_iters: 400 is not below max_iters 400"]
+    bad = replace(PARAMS, train=replace(PARAMS.train, max_iters=None))
+    assert P._contradictions(bad) == ["train.max_iters: null (epochs) is the assistant recipe's; the internvl recipe "
+                                      "counts iterations: give a number, or auto"]
     bad = replace(PARAMS, data=replace(PARAMS.data, max_length=48))
     assert P._contradictions(bad) == ["data.max_length: 48 leaves no room for text after up to 48 image tokens "
-                                      "(internvl.tiny)"]
+                                      "(stand_in.tiny.internvl)"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +112,7 @@ def test_lora_means_the_same_for_the_internvl_recipe(tmp_path):
 
     raw = {**P.read_yaml(ROOT / "params.yaml"), "recipe": "internvl"}
     p = P.validate({**raw, "lora": {**raw["lora"], "r": 32}})
-    cfg = render.check_config(render.render(p, render.resolve(p, **MACHINES["cpu"]), tmp_path / "a"))
+    cfg = plan.check_config(render.render(p, plan.resolve(p, **MACHINES["cpu"]), tmp_path / "a"))
     assert (cfg.model.llm_lora.r, cfg.model.llm_lora.lora_alpha, cfg.model.llm_lora.lora_dropout) == (32, 256, 0.05)
     p = P.validate({**raw, "lora": {**raw["lora"], "alpha": 16}})
     assert (p.lora.r, p.lora.alpha) == (128, 16)
@@ -115,9 +122,9 @@ def test_lora_means_the_same_for_the_internvl_recipe(tmp_path):
 def test_internvl_config_is_the_tutorial_recipe_and_loads(tmp_path):
     from tests.test_render import MACHINES
 
-    path = render.render(PARAMS, render.resolve(PARAMS, **MACHINES["cpu"]), tmp_path / "config")
-    cfg = render.check_config(path)
-    assert cfg.model.type.__name__ == "InternVL_V1_5" and cfg.model.model_path == "models/tiny-internvl"
+    path = render.render(PARAMS, plan.resolve(PARAMS, **MACHINES["cpu"]), tmp_path / "config")
+    cfg = plan.check_config(path)
+    assert cfg.model.type.__name__ == "InternVL_V1_5" and cfg.model.model_path == "models/internvl/model"
     assert (cfg.model.llm_lora.r, cfg.model.llm_lora.lora_alpha, cfg.model.llm_lora.target_modules) == (
         128, 256, ["w1", "w2", "w3", "wo", "wqkv"])  # InternLM2's block linears; not its output head
     assert cfg.model.quantization_llm is True and cfg.model.freeze_visual_encoder and cfg.model.freeze_llm
@@ -126,8 +133,7 @@ def test_internvl_config_is_the_tutorial_recipe_and_loads(tmp_path):
     assert cfg.pipeline["recipe"] == "internvl" and cfg.optim_wrapper.type.__name__ == "OptimWrapper"
     from tests.test_render import MACHINES
 
-    gpu = render.render_text("internvl", render.internvl_context(PARAMS, render.llava_batch(
-        PARAMS, render.resolve(PARAMS, **MACHINES["gpu_bf16"])), tmp_path))
+    gpu = internvl_config.text(PARAMS, plan.resolve(PARAMS, **MACHINES["gpu_bf16"]), tmp_path)
     assert "AmpOptimWrapper" in gpu and "dtype='bfloat16'" in gpu
 
 
@@ -141,16 +147,17 @@ def test_patch_internvl_makes_xtuners_single_process_rank_work():
     assert "unpatched: Default process group has not been initialized" in out and "patched: 0 True" in out
 
 
-def test_internvl_trains_float32_weights_over_a_bf16_model(built):
+@pytest.mark.e2e
+def test_internvl_trains_float32_weights_over_a_bf16_model(internvl_built):
     """On a GPU the model is built in bf16; its trainable weights (LoRA, mlp1) must be float32, or the
     AMP wrapper's gradient unscaling fails on bf16 gradients (it did, on the H100)."""
     code = ("from stages.xtuner_api import patch_internvl\npatch_internvl('bfloat16')\n"
             "import torch\nfrom peft import LoraConfig\nfrom xtuner.model import InternVL_V1_5\n"
-            "m = InternVL_V1_5('models/tiny-internvl', freeze_llm=True, freeze_visual_encoder=True,\n"
+            "m = InternVL_V1_5('models/internvl/model', freeze_llm=True, freeze_visual_encoder=True,\n"
             "    llm_lora=dict(type=LoraConfig, r=8, lora_alpha=16, lora_dropout=0.0, task_type='CAUSAL_LM'))\n"
             "dtypes = lambda train: sorted({str(p.dtype) for p in m.parameters() if p.requires_grad == train})\n"
             "print(dtypes(True), dtypes(False))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=built, env=env(), capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=internvl_built[0], env=env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     trainable, frozen = proc.stdout.strip().splitlines()[-1].split("] [")
     assert trainable == "['torch.float32'" and "torch.bfloat16" in frozen
@@ -199,7 +206,7 @@ def test_internvl_fine_tune_learns_the_captions(internvl_built):
     # trained on (the text recipe's files), so they are byte pieces, harder to learn in 400 steps
     assert metrics["tuned"]["answer_similarity"] > metrics["base"]["answer_similarity"] + 0.15
     train = json.loads((project / "reports/train/metrics.json").read_text())
-    assert train["final_loss"] < train["first_loss"] / 2 and train["iters"] == PARAMS.internvl.max_iters
+    assert train["final_loss"] < train["first_loss"] / 2 and train["iters"] == PARAMS.train.max_iters == 400
 
 
 @pytest.mark.e2e
@@ -237,3 +244,16 @@ def test_lmdeploy_backend_is_one_line_without_lmdeploy(tmp_path, monkeypatch):
                              "named 'lmdeploy')"
     assert "ChatTemplateConfig(**req[\"template\"])" in internvl_recipe.LMDEPLOY_SCRIPT
     assert internvl_recipe.LMDEPLOY_TEMPLATE == "internvl2-internlm2"
+
+
+@pytest.mark.e2e
+def test_other_recipes_inputs_rerun_nothing_in_an_internvl_workspace(internvl_built, tmp_path):
+    """The assistant's and llava's code, data and params, edited one at a time: nothing to rerun here,
+    but for the one stated exception: the LLM stand-in learns from the assistant's text."""
+    import shutil
+
+    from tests.test_pipeline import assert_other_recipes_isolated
+
+    project = tmp_path / "internvl"
+    shutil.copytree(internvl_built[0], project, symlinks=True)
+    assert_other_recipes_isolated(project, "internvl", allowed={"stand_in@tiny"})

@@ -3,18 +3,22 @@ the real `dvc exp run -S recipe=llava` on a copy of the session's built (assista
 import json
 import os
 import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from stages import llava, params as P, render, vision
+from stages import params as P, plan, render
+from stages.recipes.llava import config as llava_config
+from stages.recipes.llava import model as llava, vision
 from stages.errors import StageError
-from tests.conftest import ROOT, assert_one_line_error, ran, recipe_experiment, repro_in_copy, run_stage, sh
+from tests.conftest import (ROOT, assert_one_line_error, ran, recipe_experiment, repro_in_copy, run_stage, sh,
+                            tree_digest)
 
 GOLDEN = ROOT / "tests" / "golden"
 PARAMS = P.validate({**P.read_yaml(ROOT / "params.yaml"), "recipe": "llava"})  # its lora presets
-LLAVA_STAGES = ["pretrain", "render", "train", "convert", "merge", "evaluate", "report"]
+LLAVA_STAGES = ["stand_in@tiny", "prepare", "validate", "render", "train", "convert", "merge", "evaluate", "report"]
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +32,7 @@ def llava_built(built, tmp_path_factory) -> tuple[Path, str]:
 
 
 def test_tiny_clip_build_is_deterministic(tmp_path):
-    shape = PARAMS.llava.tiny_vision
+    shape = PARAMS.stand_in.llava
     a, b = vision.build(shape, tmp_path / "a"), vision.build(shape, tmp_path / "b")
     assert a["image_tokens"] == (shape.image_size // shape.patch_size) ** 2
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
@@ -45,14 +49,17 @@ def test_tiny_clip_build_is_deterministic(tmp_path):
 
 
 def test_vision_params_that_cannot_work_are_one_line():
-    bad = replace(PARAMS, llava=replace(PARAMS.llava, tiny_vision=replace(PARAMS.llava.tiny_vision, image_size=100)))
-    assert "llava.tiny_vision.image_size: 100 is not a multiple of patch_size 14" in P._contradictions(bad)[0]
-    bad = replace(PARAMS, llava=replace(PARAMS.llava, finetune=replace(PARAMS.llava.finetune, max_iters=5)))
-    assert P._contradictions(bad) == ["llava.finetune.warmup_iters: 5 is not below max_iters 5"]
+    bad = replace(PARAMS, stand_in=replace(PARAMS.stand_in, llava=replace(PARAMS.stand_in.llava, image_size=100)))
+    assert "stand_in.tiny.llava.image_size: 100 is not a multiple of patch_size 14" in P._contradictions(bad)[0]
+    bad = replace(PARAMS, train=replace(PARAMS.train, max_iters=5))
+    assert P._contradictions(bad) == ["train.warmup_iters: 5 is not below max_iters 5"]
+    bad = replace(PARAMS, llava=replace(PARAMS.llava, pretrain=replace(PARAMS.llava.pretrain, max_iters=5)))
+    assert P._contradictions(bad) == ["llava.pretrain.warmup_iters: 5 is not below max_iters 5"]
 
 
-def test_validate_counts_image_tokens_in_llava_lengths(built):
-    stats = json.loads((built / "reports/data_stats.json").read_text())["llava"]
+@pytest.mark.e2e
+def test_validate_counts_image_tokens_in_llava_lengths(llava_built):
+    stats = json.loads((llava_built[0] / "reports/data_stats.json").read_text())["llava"]
     assert stats["image_tokens"] == 64 and 64 < stats["tokens"]["min"] <= stats["tokens"]["max"] <= 256
 
 
@@ -60,39 +67,44 @@ def test_validate_counts_image_tokens_in_llava_lengths(built):
 # config
 
 
+@pytest.fixture
+def stand_in_vision(monkeypatch):
+    """The image tokens of the stand-in CLIP (stand_in.tiny.llava), without building it: rendering reads
+    them from models/llava/vision/config.json."""
+    monkeypatch.setattr(vision, "encoder_image_tokens", lambda p: vision.image_tokens(p.stand_in.llava))
+
+
 @pytest.mark.parametrize("machine", ["cpu", "gpu_bf16"])
-def test_llava_template_renders_the_golden_file(machine):
+def test_llava_template_renders_the_golden_file(machine, stand_in_vision):
     from tests.test_render import MACHINES
 
-    resolved = render.llava_batch(PARAMS, render.resolve(PARAMS, **MACHINES[machine]))
-    text = render.render_text("llava", render.llava_context(PARAMS, resolved, "finetune"))
+    text = llava_config.text(PARAMS, plan.resolve(PARAMS, **MACHINES[machine]))
     golden = GOLDEN / f"llava_{machine}.py"
     if os.environ.get("UPDATE_GOLDEN"):
         golden.write_text(text, encoding="utf-8")
     assert text == golden.read_text(encoding="utf-8")
 
 
-def test_llava_resolves_on_a_gpu_host_with_the_model_shape(built):
-    """The pretrain and render stages resolve through one function, which reads the model's shape: on a
-    GPU the memory planner needs it (the pretrain stage once resolved without it and failed there)."""
-    p = replace(PARAMS, model=replace(PARAMS.model, path=str(built / "models" / "tiny-internlm2")),
-                train=replace(PARAMS.train, micro_batch=4, global_batch=16))
-    r = render.resolve_here(p, dict(cuda=True, bf16=True, card_gb=80.0))
+def test_llava_resolves_on_a_gpu_host_with_the_model_shape(llava_project):
+    """The projector phase and render resolve through one function, which reads the model's shape: on a
+    GPU the memory planner needs it (the projector phase once resolved without it and failed there)."""
+    p = replace(PARAMS, train=replace(PARAMS.train, micro_batch=4, global_batch=16))
+    r = plan.resolve_here(p, dict(cuda=True, bf16=True, card_gb=80.0))
     assert (r["device"], r["precision"], r["micro_batch"], r["grad_accum"]) == ("cuda", "bf16", 4, 4)
     assert r["memory_gb"] == 72.0 and r["checkpointing"] is False and r["fused_loss"] is False
 
 
-def test_llava_config_is_the_xtuner_recipe_and_loads(tmp_path):
+def test_llava_config_is_the_xtuner_recipe_and_loads(tmp_path, stand_in_vision):
     p = replace(PARAMS, train=replace(PARAMS.train, micro_batch=2, global_batch=8))
-    path = render.render(p, render.resolve(p, cuda=False, bf16=False), tmp_path / "config")
-    cfg = render.check_config(path)
+    path = render.render(p, plan.resolve(p, cuda=False, bf16=False), tmp_path / "config")
+    cfg = plan.check_config(path)
     assert cfg.model.type.__name__ == "LLaVAModel" and cfg.model.pretrained_pth == "models/pretrain/projector.pth"
     assert cfg.model.llm_lora.r == p.lora.r and cfg.model.visual_encoder_lora.r == p.llava.visual_lora.r
     assert cfg.model.llm.quantization_config.bnb_4bit_quant_type == "nf4"
     assert cfg.train_dataloader.sampler.type.__name__ == "LengthGroupedSampler"
     assert (cfg.train_dataloader.batch_size, cfg.optim_wrapper.accumulative_counts) == (2, 4)  # global batch 8
     assert cfg.max_length == p.data.max_length - 64 and cfg.pipeline["recipe"] == "llava"
-    pre = render.render_text("llava", render.llava_context(p, render.llava_batch(p, render.resolve(
+    pre = plan.render_text(llava_config.TEMPLATE, llava_config.llava_context(p, plan.llava_batch(p, plan.resolve(
         p, cuda=False, bf16=False)), "pretrain"))
     assert "llm_lora" not in pre and "pretrained_pth" not in pre and "DefaultSampler" in pre
 
@@ -101,14 +113,23 @@ def test_llava_config_is_the_xtuner_recipe_and_loads(tmp_path):
 # pretrained_pth
 
 
-def _models(built: Path) -> tuple[Path, Path]:
-    return built / "models/tiny-internlm2", built / "models/tiny-clip"
+def _models(project: Path) -> tuple[Path, Path]:
+    return project / "models/llava/llm", project / "models/llava/vision"
 
 
-def test_pretrained_pth_that_fits_loads(built, tmp_path):
+@pytest.fixture
+def llava_project(llava_built, tmp_path, monkeypatch) -> Path:
+    """A private copy of the built llava workspace, made the working directory."""
+    dest = tmp_path / "llava"
+    shutil.copytree(llava_built[0], dest, symlinks=True)
+    monkeypatch.chdir(dest)
+    return dest
+
+
+def test_pretrained_pth_that_fits_loads(llava_built, tmp_path):
     import torch
 
-    llm, vit = _models(built)
+    llm, vit = _models(llava_built[0])
     expected = llava.expected_projector_from_dirs(llm, vit)
     assert expected["projector.model.0.weight"] == (64, 64) and len(expected) == 4
     path = tmp_path / "good.pth"
@@ -116,9 +137,9 @@ def test_pretrained_pth_that_fits_loads(built, tmp_path):
     assert sorted(llava.check_pretrained_pth(path, llm, vit)) == sorted(expected)
 
 
-def test_pretrained_pth_of_another_run_is_one_line(built, tmp_path):
+def test_pretrained_pth_of_another_run_is_one_line(built, llava_built):
     """The text recipe's adapter.pth: XTuner would load nothing and keep a random projector."""
-    llm, vit = _models(built)
+    llm, vit = _models(llava_built[0])
     with pytest.raises(StageError) as err:
         llava.check_pretrained_pth(built / "models/adapter.pth", llm, vit)
     message = str(err.value)
@@ -127,11 +148,11 @@ def test_pretrained_pth_of_another_run_is_one_line(built, tmp_path):
     assert "unexpected (llm.base_model.model" in message
 
 
-def test_pretrained_pth_with_wrong_shapes_is_one_line(built, tmp_path):
+def test_pretrained_pth_with_wrong_shapes_is_one_line(llava_built, tmp_path):
     """A projector made for another vision encoder (32 wide): XTuner fails deep in model building."""
     import torch
 
-    llm, vit = _models(built)
+    llm, vit = _models(llava_built[0])
     path = tmp_path / "wrong.pth"
     torch.save({"state_dict": {k: torch.zeros(v) for k, v in llava.expected_projector(32, 64).items()}}, path)
     with pytest.raises(StageError, match=r"1 with another shape \(projector.model.0.weight: \[64, 32\] vs "
@@ -141,63 +162,59 @@ def test_pretrained_pth_with_wrong_shapes_is_one_line(built, tmp_path):
         llava.check_pretrained_pth(tmp_path / "nothing.pth", llm, vit)
 
 
-def test_pretrain_stage_refuses_a_wrong_pretrained_pth(project, capsys, monkeypatch):
-    from stages import pretrain
+def use_pretrained_pth(project: Path, name: str) -> None:
+    path = project / "params.yaml"
+    path.write_text(path.read_text(encoding="utf-8").replace(
+        "  pretrained_pth:     ", f"  pretrained_pth: models/llava/{name}"), encoding="utf-8")
 
-    text = (project / "params.yaml").read_text(encoding="utf-8")
-    text = text.replace("recipe: assistant ", "recipe: llava     ").replace(
-        "  pretrained_pth:     ", "  pretrained_pth: models/adapter.pth")
-    (project / "params.yaml").write_text(text, encoding="utf-8")
-    assert P.load(project / "params.yaml").llava.pretrained_pth == "models/adapter.pth"
+
+def test_train_stage_refuses_a_wrong_pretrained_pth(built, llava_project, capsys, monkeypatch):
+    from stages import train
+
+    shutil.copy(built / "models/adapter.pth", llava_project / "models/llava/other.pth")
+    use_pretrained_pth(llava_project, "other.pth")
+    assert P.load(llava_project / "params.yaml").llava.pretrained_pth == "models/llava/other.pth"
     monkeypatch.setenv("PYTHONHASHSEED", "0")  # else the stage re-executes itself with it
-    code, err = run_stage(pretrain, capsys)
-    assert_one_line_error(code, err, "llava.pretrained_pth: models/adapter.pth does not fit", "4 missing")
+    code, err = run_stage(train, capsys)
+    assert_one_line_error(code, err, "llava.pretrained_pth: models/llava/other.pth does not fit", "4 missing")
 
 
-def test_pretrain_stage_takes_a_pretrained_pth_that_fits(project, capsys, monkeypatch):
+def test_projector_phase_takes_a_pretrained_pth_that_fits(llava_project):
     """The tutorial's way: a projector from someone's pretrain run; no pretraining here."""
     import torch
 
-    from stages import pretrain
+    from stages.paths import PRETRAIN
+    from stages.recipes.llava import pretrain
 
-    expected = llava.expected_projector_from_dirs(*_models(project))
+    expected = llava.expected_projector_from_dirs(*_models(llava_project))
     torch.manual_seed(0)
     torch.save({"state": "mmengine checkpoints hold more", "state_dict": {k: torch.randn(v) for k, v in expected.items()}},
-               project / "iter_2181.pth")
-    text = (project / "params.yaml").read_text(encoding="utf-8")
-    text = text.replace("recipe: assistant ", "recipe: llava     ").replace(
-        "  pretrained_pth:     ", "  pretrained_pth: iter_2181.pth")
-    (project / "params.yaml").write_text(text, encoding="utf-8")
-    monkeypatch.setenv("PYTHONHASHSEED", "0")
-    code, err = run_stage(pretrain, capsys)
-    assert code == 0, err
-    summary = json.loads((project / "models/pretrain/summary.json").read_text())
-    assert summary["projector_from"] == "iter_2181.pth" and "pretrain_iters" not in summary
-    saved = torch.load(project / "models/pretrain/projector.pth", weights_only=True)["state_dict"]
-    original = torch.load(project / "iter_2181.pth", weights_only=True)["state_dict"]
+               llava_project / "models/llava/iter_2181.pth")
+    use_pretrained_pth(llava_project, "iter_2181.pth")
+    summary = pretrain.prepare(P.load(), PRETRAIN)
+    assert summary["projector_from"] == "models/llava/iter_2181.pth" and "pretrain_iters" not in summary
+    saved = torch.load(llava_project / "models/pretrain/projector.pth", weights_only=True)["state_dict"]
+    original = torch.load(llava_project / "models/llava/iter_2181.pth", weights_only=True)["state_dict"]
     assert sorted(saved) == sorted(expected) and all(torch.equal(saved[k], original[k]) for k in saved)
-    assert not (project / "models/pretrain/pretrain_config.py").exists()
+    assert not (llava_project / "models/pretrain/pretrain_config.py").exists()
 
 
-def test_pretrain_stage_refuses_a_pretrained_pth_that_would_run_code(project, capsys, monkeypatch, tmp_path):
+def test_train_stage_refuses_a_pretrained_pth_that_would_run_code(llava_project, capsys, monkeypatch, tmp_path):
     """A crafted iter_2181.pth: one line naming the param, the file and what its pickle would call; the
     payload never runs and the stage writes nothing."""
-    from stages import pretrain
+    from stages import train
     from tests.test_xtuner_api import crafted_pth
 
     marker = tmp_path / "ran"
-    crafted_pth(project / "iter_2181.pth", marker)
-    text = (project / "params.yaml").read_text(encoding="utf-8")
-    text = text.replace("recipe: assistant ", "recipe: llava     ").replace(
-        "  pretrained_pth:     ", "  pretrained_pth: iter_2181.pth")
-    (project / "params.yaml").write_text(text, encoding="utf-8")
-    before = (project / "models/pretrain/note.json").read_bytes()
+    crafted_pth(llava_project / "models/llava/iter_2181.pth", marker)
+    use_pretrained_pth(llava_project, "iter_2181.pth")
+    before = tree_digest(llava_project / "models/pretrain")
     monkeypatch.setenv("PYTHONHASHSEED", "0")
-    code, err = run_stage(pretrain, capsys)
-    assert_one_line_error(code, err, "llava.pretrained_pth: iter_2181.pth: refused: its pickle would call builtins.exec")
+    code, err = run_stage(train, capsys)
+    assert_one_line_error(code, err, "llava.pretrained_pth: models/llava/iter_2181.pth: refused: its pickle would "
+                                     "call builtins.exec")
     assert not marker.exists()
-    assert (project / "models/pretrain/note.json").read_bytes() == before and \
-        not (project / "models/pretrain/projector.pth").exists()
+    assert tree_digest(llava_project / "models/pretrain") == before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,3 +278,14 @@ def test_compare_names_the_image_of_each_answer(llava_built, tmp_path):
     text = (out / "compare.md").read_text(encoding="utf-8")
     for image in PARAMS.llava.eval_images:
         assert f"[{Path(image).name}] |" in text, image
+
+
+@pytest.mark.e2e
+def test_other_recipes_inputs_rerun_nothing_in_a_llava_workspace(llava_built, tmp_path):
+    """The assistant's and internvl's code, data and params, edited one at a time: nothing to rerun here,
+    but for the one stated exception: the LLM stand-in learns from the assistant's text."""
+    from tests.test_pipeline import assert_other_recipes_isolated
+
+    project = tmp_path / "llava"
+    shutil.copytree(llava_built[0], project, symlinks=True)
+    assert_other_recipes_isolated(project, "llava", allowed={"stand_in@tiny"})

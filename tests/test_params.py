@@ -52,8 +52,8 @@ def test_yaml_1_2_numbers_as_dvc_reads_them(tmp_path):
 
 def test_whole_floats_become_integers():
     # JSON Schema counts 12.0 as an integer; the stages get an int (range(12.0) is a TypeError)
-    p = P.validate(with_change("train.max_iters", 10.0, data=with_change("data.repeat", 12.0)))
-    assert type(p.data.repeat) is int and p.data.repeat == 12
+    p = P.validate(with_change("train.max_iters", 10.0, data=with_change("data.assistant.repeat", 12.0)))
+    assert type(p.data.assistant.repeat) is int and p.data.assistant.repeat == 12
     assert type(p.train.max_iters) is int and p.train.max_iters == 10
 
 
@@ -61,30 +61,32 @@ BAD = [
     # (key, value, words the one-line error must contain)
     ("lora.rank", 8, ["lora.rank", "unknown key", "allowed: alpha, dropout, r, target_modules"]),
     ("train.lerning_rate", 1e-4, ["train.lerning_rate", "unknown key"]),
-    ("data.repat", 3, ["data.repat", "did you mean 'repeat'"]),
+    ("data.assistant.repat", 3, ["data.assistant.repat", "did you mean 'repeat'"]),
     ("lora.r", "64", ["lora.r", "'64' (a string)", "allowed: auto or integer >= 1"]),
     ("lora.r", 0, ["lora.r", "allowed: auto or integer >= 1"]),
     ("lora.r", 8.5, ["lora.r", "allowed: auto or integer >= 1"]),
     ("lora.dropout", 1.0, ["lora.dropout", "allowed: auto or number >= 0 and < 1"]),
     ("lora.target_modules", [], ["lora.target_modules"]),
-    ("train.lr", 0, ["train.lr", "must be > 0"]),
-    ("train.lr", -1e-4, ["train.lr", "must be > 0"]),
-    ("train.lr", "fast", ["train.lr", "expected a number"]),
+    ("train.lr", 0, ["train.lr", "allowed: auto or number > 0"]),
+    ("train.lr", -1e-4, ["train.lr", "allowed: auto or number > 0"]),
+    ("train.lr", "fast", ["train.lr", "'fast' (a string), allowed: auto or number > 0"]),
     ("train.warmup_iters", 1, ["train.warmup_iters", ">= 2"]),
-    ("train.max_iters", 0, ["train.max_iters", "integer >= 1 or null"]),
+    ("train.max_iters", 0, ["train.max_iters", "auto or integer >= 1 or null"]),
     ("train.betas", [0.9], ["train.betas", "at least 2"]),
     ("train.betas", [0.9, 1.5], ["train.betas[1]", "must be < 1"]),
     ("train.deepspeed", "zero4", ["train.deepspeed", "allowed: auto, none, zero1, zero2, zero3"]),
     ("train.device", "tpu", ["train.device", "allowed: auto, cpu, cuda"]),
     ("quant.double_quant", "yes", ["quant.double_quant", "expected a boolean"]),
     ("data.max_length", 8, ["data.max_length", "must be >= 32"]),
-    ("data.repeat", 0, ["data.repeat", "must be >= 1"]),
-    ("data.general_ratio", 1.0, ["data.general_ratio", "must be < 1"]),
-    ("data.assistant_name", "", ["data.assistant_name", "must not be empty"]),
+    ("data.assistant.repeat", 0, ["data.assistant.repeat", "must be >= 1"]),
+    ("data.assistant.general_ratio", 1.0, ["data.assistant.general_ratio", "must be < 1"]),
+    ("data.assistant.name", "", ["data.assistant.name", "must not be empty"]),
     ("data.llava.repeat", 0, ["data.llava.repeat", "must be >= 1"]),
     ("recipe", "alpaca", ["recipe", "allowed: assistant"]),
-    ("eval.prompts", [], ["eval.prompts", "at least 1"]),
-    ("model.tiny.num_heads", 3, ["model.tiny.num_heads", "does not divide hidden_size"]),
+    ("assistant.prompts", [], ["assistant.prompts", "at least 1"]),
+    ("stand_in.tiny.llm.num_heads", 3, ["stand_in.tiny.llm.num_heads", "does not divide hidden_size"]),
+    ("data.assistant.general_chat", "chat.jsonl", ["data.assistant.general_chat", "outside data/raw/assistant/"]),
+    ("assistant.perplexity_data", "data/raw/llava/x.jsonl", ["assistant.perplexity_data", "outside data/raw/assistant/"]),
 ]
 
 
@@ -133,8 +135,8 @@ def test_schema_is_derived_from_the_dataclasses():
     assert schema["properties"]["lora"]["properties"]["r"] == {
         "anyOf": [{"enum": ["auto"]}, {"type": "integer", "minimum": 1}],
         "description": "LoRA rank; auto: the recipe's preset (assistant and llava 64; internvl 128, the tutorial's)"}
-    assert set(schema["required"]) == {"recipe", "model", "data", "lora", "quant", "train", "merge", "eval", "llava",
-                                       "internvl"}
+    assert set(schema["required"]) == {"recipe", "stand_in", "data", "lora", "quant", "train", "eval", "assistant",
+                                       "llava", "internvl"}
 
 
 def test_cli_prints_one_line_and_exits_nonzero(tmp_path):

@@ -6,7 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from stages import memory, params as P, render
+from stages import memory, params as P, plan, render
+from stages.recipes.assistant import config as assistant_config
 from stages.errors import StageError
 from tests.conftest import ROOT
 
@@ -21,8 +22,8 @@ MACHINES = {"cpu": dict(cuda=False, bf16=False, shape={"arch": "InternLM2ForCaus
 
 @pytest.mark.parametrize("machine", MACHINES)
 def test_template_renders_the_golden_file(machine):
-    resolved = render.resolve(PARAMS, **MACHINES[machine])
-    text = render.render_text("assistant", render.context(PARAMS, resolved))
+    resolved = plan.resolve(PARAMS, **MACHINES[machine])
+    text = assistant_config.text(PARAMS, resolved)
     golden = GOLDEN / f"assistant_{machine}.py"
     if os.environ.get("UPDATE_GOLDEN"):
         golden.write_text(text, encoding="utf-8")
@@ -30,16 +31,16 @@ def test_template_renders_the_golden_file(machine):
 
 
 def test_auto_resolves_per_machine():
-    cpu = render.resolve(PARAMS, cuda=False, bf16=False)
+    cpu = plan.resolve(PARAMS, cuda=False, bf16=False)
     assert (cpu["device"], cpu["precision"], cpu["deepspeed"], cpu["torch_dtype"]) == ("cpu", "fp32", "none",
                                                                                          "float32")
-    gpu = render.resolve(PARAMS, **H100)
+    gpu = plan.resolve(PARAMS, **H100)
     assert (gpu["device"], gpu["precision"], gpu["deepspeed"], gpu["compute_dtype"]) == ("cuda", "bf16", "none",
                                                                                          "bfloat16")
     assert gpu["compile_layers"] and not cpu["compile_layers"]
-    two = render.resolve(replace(PARAMS, train=replace(PARAMS.train, gpus=2, global_batch=2)), **H100)
+    two = plan.resolve(replace(PARAMS, train=replace(PARAMS.train, gpus=2, global_batch=2)), **H100)
     assert two["deepspeed"] == "zero2" and not two["compile_layers"]
-    old_gpu = render.resolve(PARAMS, **{**H100, "bf16": False})
+    old_gpu = plan.resolve(PARAMS, **{**H100, "bf16": False})
     assert old_gpu["precision"] == "fp16"
 
 
@@ -48,7 +49,7 @@ def test_memory_budget_chooses_micro_batch_and_checkpointing(budget, micro, ckpt
     """The global batch stays 16 sequences; the budget decides how they are split."""
     p = replace(PARAMS, data=replace(PARAMS.data, max_length=2048),
                 train=replace(PARAMS.train, global_batch=16, memory_gb=float(budget)))
-    r = render.resolve(p, **H100)
+    r = plan.resolve(p, **H100)
     assert (r["micro_batch"], r["checkpointing"]) == (micro, ckpt)
     assert r["micro_batch"] * r["grad_accum"] == 16 and r["estimate_gb"] <= budget
 
@@ -76,7 +77,7 @@ def test_memory_estimate_within_ten_percent_of_each_structure(shape, arch, setti
     """Peaks of the train stage on one H200 (benchmarks/results/structures/), checkpointing, fused
     loss, frozen bf16, LoRA r=64 on the blocks' linear layers: InternLM2's fused `wqkv` carries one
     adapter where Llama's q, k, v carry three, and paged 8-bit states sit outside PyTorch's count."""
-    targets = render.lora_targets({"architectures": [arch]}, "all-linear")
+    targets = plan.lora_targets({"architectures": [arch]}, "all-linear")
     est = memory.estimate({**shape, "arch": arch}, tokens=setting["micro"] * 2048, checkpointing=True, quant="nf4",
                           compute_bytes=2, lora_r=64, optimizer=setting["optimizer"], upcast_frozen=False,
                           fused_loss=True, loss_chunk=memory.loss_chunk_bytes(setting["budget"]),
@@ -92,19 +93,19 @@ def test_global_batch_that_cannot_be_split_is_one_line():
 def test_cuda_asked_for_without_a_gpu_is_one_line():
     p = replace(PARAMS, train=replace(PARAMS.train, device="cuda"))
     with pytest.raises(StageError, match="train.device: cuda, but no CUDA GPU is visible"):
-        render.resolve(p, cuda=False, bf16=False)
+        plan.resolve(p, cuda=False, bf16=False)
 
 
 def test_deepspeed_json_states_precision():
-    ds = render.deepspeed_config(render.resolve(replace(PARAMS, train=replace(PARAMS.train, deepspeed="zero2")),
+    ds = plan.deepspeed_config(plan.resolve(replace(PARAMS, train=replace(PARAMS.train, deepspeed="zero2")),
                                                 **H100))
     assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
 
 
 def test_rendered_config_loads_with_mmengine(tmp_path):
     p = replace(PARAMS, train=replace(PARAMS.train, deepspeed="zero2"))
-    path = render.render(p, render.resolve(p, **H100), tmp_path / "config")
-    cfg = render.check_config(path)
+    path = render.render(p, plan.resolve(p, **H100), tmp_path / "config")
+    cfg = plan.check_config(path)
     assert cfg.model.lora.r == PARAMS.lora.r and cfg.train_dataloader.batch_size == cfg.pipeline["micro_batch"]
     assert cfg.pipeline["deepspeed_config"] == "deepspeed.json"
     assert json.loads((tmp_path / "config" / "deepspeed.json").read_text())["bf16"]["enabled"]
@@ -115,7 +116,7 @@ def test_rendered_config_loads_with_mmengine(tmp_path):
 def test_every_tuned_value_reaches_the_config():
     p = replace(PARAMS, lora=replace(PARAMS.lora, r=8, alpha=32.0, target_modules=["q_proj", "v_proj"]),
                 train=replace(PARAMS.train, lr=3e-4, max_iters=77, warmup_iters=3, micro_batch=2, global_batch=8))
-    text = render.render_text("assistant", render.context(p, render.resolve(p, cuda=False, bf16=False)))
+    text = assistant_config.text(p, plan.resolve(p, cuda=False, bf16=False))
     for needle in ("r=8,", "lora_alpha=32.0", "target_modules=['q_proj', 'v_proj']", "lr = 0.0003",
                    "max_iters=77", "warmup_iters = 3", "batch_size = 2", "accumulative_counts = 4",
                    "end=77"):

@@ -174,22 +174,21 @@ def test_doctor_names_the_structure_and_refuses_missing_remote_code(internlm2_di
     from stages import doctor, params as P
 
     p = P.load(ROOT / "params.yaml")
-    p = replace(p, model=replace(p.model, path=str(internlm2_dir)))
-    check = doctor.check_structure(p)
+    check = doctor.check_structure(p, internlm2_dir)
     assert check.ok and check.detail.startswith("InternLM2 (remote code); attention sdpa")
     assert check.detail.endswith("LoRA on w1, w2, w3, wo, wqkv")
     broken = tmp_path / "broken"
     shutil.copytree(internlm2_dir, broken)
     (broken / "modeling_internlm2.py").unlink()
-    check = doctor.check_structure(replace(p, model=replace(p.model, path=str(broken))))
+    check = doctor.check_structure(p, broken)
     assert not check.ok and check.fatal
-    assert check.detail == (f"model.path: {broken / 'config.json'} names remote code that is not in the folder: "
+    assert check.detail == (f"{broken / 'config.json'}: names remote code that is not in the folder: "
                             "modeling_internlm2.py (copy the model's *.py files beside it)")
 
 
 @pytest.mark.e2e
 def test_the_llama_format_case_runs_the_whole_pipeline(built, tmp_path):
-    """Many users bring Llama-format models: the same DAG on `model.tiny.architecture: llama`, by a real
+    """Many users bring Llama-format models: the same DAG on `stand_in.tiny.llm.architecture: llama`, by a real
     `dvc exp run`, to the report."""
     import shutil
 
@@ -199,11 +198,11 @@ def test_the_llama_format_case_runs_the_whole_pipeline(built, tmp_path):
     shutil.copytree(built, dest, symlinks=True)
     sh("git", "add", "-A", cwd=dest)
     sh("git", "commit", "-q", "--allow-empty", "-m", "baseline", cwd=dest)
-    out = sh("dvc", "exp", "run", "-S", "model.tiny.architecture=llama", "-S", "model.tiny.pretrain_steps=20",
+    out = sh("dvc", "exp", "run", "-S", "stand_in.tiny.llm.architecture=llama", "-S", "stand_in.tiny.llm.pretrain_steps=20",
              "-S", "train.max_iters=20", "-n", "llama", cwd=dest).stdout
-    for stage in ("base", "train", "convert", "merge", "evaluate", "report"):
+    for stage in ("stand_in@tiny", "train", "convert", "merge", "evaluate", "report"):
         assert f"Running stage '{stage}'" in out
-    cfg = json.loads((dest / "models/tiny-internlm2/config.json").read_text())
+    cfg = json.loads((dest / "models/assistant/llm/config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"] and "auto_map" not in cfg
     assert "target_modules=['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj']" in (
         dest / "models/config/xtuner_config.py").read_text()

@@ -43,7 +43,7 @@ def test_merged_model_answers_as_base_plus_adapter_token_for_token(built):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    prompts = P.load(built / "params.yaml").eval.prompts
+    prompts = P.load(built / "params.yaml").assistant.prompts
     tok = AutoTokenizer.from_pretrained(built / "models/merged", trust_remote_code=True)
 
     def answers(model) -> list[list[int]]:
@@ -57,7 +57,7 @@ def test_merged_model_answers_as_base_plus_adapter_token_for_token(built):
         return out
 
     def base():
-        return AutoModelForCausalLM.from_pretrained(built / "models/tiny-internlm2", torch_dtype=torch.float32,
+        return AutoModelForCausalLM.from_pretrained(built / "models/assistant/llm", torch_dtype=torch.float32,
                                                     trust_remote_code=True)
 
     merged = answers(AutoModelForCausalLM.from_pretrained(built / "models/merged", torch_dtype=torch.float32,

@@ -13,7 +13,7 @@ CONV = {"messages": [{"role": "user", "content": "你好"}, {"role": "assistant"
 def test_token_lengths_follow_xtuner_template(built):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(built / "models/tiny-internlm2", trust_remote_code=True)
+    tok = AutoTokenizer.from_pretrained(built / "models/assistant/llm", trust_remote_code=True)
     template = prompt_template("internlm2_chat")
     pieces = validate.openai_pieces(CONV, template)
     assert pieces == ["<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n", "你好！<|im_end|>"]
@@ -34,12 +34,11 @@ def test_stats_and_helpers():
 
 def test_stage_writes_validated_data_and_metrics(built):
     stats = json.loads((built / "reports/data_stats.json").read_text())
-    for name in ("assistant", "llava"):
-        assert stats[name]["records"] == stats[name]["kept"] > 0
-        assert 0 < stats[name]["tokens"]["min"] <= stats[name]["tokens"]["max"] <= stats["max_length"]
-    assert stats["llava"]["unique_images"] == 8
-    assert (built / "data/validated/assistant.jsonl").read_bytes() == \
-        (built / "data/generated/self_cognition.jsonl").read_bytes()
+    assert set(stats) == {"max_length", "assistant"}  # the selected recipe's data alone
+    assert stats["assistant"]["records"] == stats["assistant"]["kept"] > 0
+    assert 0 < stats["assistant"]["tokens"]["min"] <= stats["assistant"]["tokens"]["max"] <= stats["max_length"]
+    assert (built / "data/validated/assistant/train.jsonl").read_bytes() == \
+        (built / "data/generated/assistant/self_cognition.jsonl").read_bytes()
 
 
 def _set_param(project, old, new):
@@ -50,7 +49,7 @@ def _set_param(project, old, new):
 
 
 def _overlong(project):
-    path = project / "data/generated/self_cognition.jsonl"
+    path = project / "data/generated/assistant/self_cognition.jsonl"
     long = {"messages": [{"role": "user", "content": "长" * 400}, {"role": "assistant", "content": "好"}]}
     path.write_text(path.read_text(encoding="utf-8") + json.dumps(long, ensure_ascii=False) + "\n",
                     encoding="utf-8")
@@ -94,22 +93,27 @@ def test_overlong_records_can_be_left_to_xtuner(project, capsys):
     ('{"messages": [}\n', ["line 1", "not valid JSON"]),
 ])
 def test_bad_conversations(project, capsys, content, words):
-    (project / "data/generated/self_cognition.jsonl").write_text(content, encoding="utf-8")
+    (project / "data/generated/assistant/self_cognition.jsonl").write_text(content, encoding="utf-8")
     raw, validated = tree_digest(project / "data/raw"), tree_digest(project / "data/validated")
     code, err = run_stage(validate, capsys)
-    assert_one_line_error(code, err, "data/generated/self_cognition.jsonl", *words)
+    assert_one_line_error(code, err, "data/generated/assistant/self_cognition.jsonl", *words)
     assert tree_digest(project / "data/raw") == raw
     assert tree_digest(project / "data/validated") == validated  # bad data never replaces good
 
 
 def test_many_bad_records_are_listed_with_a_count(project, capsys):
     bad = '{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]}\n'
-    (project / "data/generated/self_cognition.jsonl").write_text(bad * 7, encoding="utf-8")
+    (project / "data/generated/assistant/self_cognition.jsonl").write_text(bad * 7, encoding="utf-8")
     code, err = run_stage(validate, capsys)
     assert_one_line_error(code, err, "7 bad records", "[0]", "[1]", "[2]", "and 4 more")
 
 
 def test_image_missing_from_the_repeated_data(project, capsys):
+    from stages import prepare
+
+    text = (project / "params.yaml").read_text(encoding="utf-8")
+    (project / "params.yaml").write_text(text.replace("recipe: assistant ", "recipe: llava     "), encoding="utf-8")
+    assert run_stage(prepare, capsys)[0] == 0
     (project / "data/raw/llava/images/red_circle_on_white.png").unlink()
     code, err = run_stage(validate, capsys)
     assert_one_line_error(code, err, "repeated_data.json", "red_circle_on_white.png", "not found")
@@ -118,4 +122,4 @@ def test_image_missing_from_the_repeated_data(project, capsys):
 def test_generated_data_missing(project, capsys):
     shutil.rmtree(project / "data/generated")
     code, err = run_stage(validate, capsys)
-    assert_one_line_error(code, err, "self_cognition.jsonl: not found", "dvc repro generate")
+    assert_one_line_error(code, err, "self_cognition.jsonl: not found", "dvc repro prepare")

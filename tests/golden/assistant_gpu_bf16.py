@@ -1,4 +1,4 @@
-# Rendered by `dvc repro render` (stages/render.py, stages/templates/assistant.py.j2) from params.yaml. Do not edit: change params.yaml.
+# Rendered by `dvc repro render` (stages/render.py, stages/recipes/assistant/template.py.j2) from params.yaml. Do not edit: change params.yaml.
 #
 # XTuner config of the self-cognition assistant: InternLM2-chat QLoRA, as XTuner's
 # internlm2_chat_1_8b_qlora_alpaca_e3 edited by the tutorial (openai_map_fn, load_dataset('json'),
@@ -29,8 +29,8 @@ from xtuner.utils import PROMPT_TEMPLATE
 #######################################################################
 #                          PART 1  Settings                           #
 #######################################################################
-pretrained_model_name_or_path = 'models/tiny-internlm2'
-data_path = 'data/validated/assistant.jsonl'
+pretrained_model_name_or_path = 'models/assistant/llm'
+data_path = 'data/validated/assistant/train.jsonl'
 prompt_template = PROMPT_TEMPLATE.internlm2_chat
 max_length = 256
 pack_to_max_length = True

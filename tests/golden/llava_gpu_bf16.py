@@ -1,4 +1,4 @@
-# Rendered by `dvc repro render` (stages/templates/llava.py.j2) from params.yaml. Do not edit: change params.yaml.
+# Rendered by `dvc repro render` (stages/recipes/llava/template.py.j2) from params.yaml. Do not edit: change params.yaml.
 #
 # XTuner LLaVA config, finetune phase: as XTuner's
 # llava_internlm2_chat_1_8b_qlora_clip_vit_large_p14_336_lora_e1_gpu8_finetune (QLoRA on the LLM, LoRA
@@ -29,12 +29,12 @@ from xtuner.utils import PROMPT_TEMPLATE
 #######################################################################
 #                          PART 1  Settings                           #
 #######################################################################
-llm_name_or_path = 'models/tiny-internlm2'
-visual_encoder_name_or_path = 'models/tiny-clip'
+llm_name_or_path = 'models/llava/llm'
+visual_encoder_name_or_path = 'models/llava/vision'
 # the projector from the pretrain phase (or llava.pretrained_pth); XTuner loads it with strict=False,
-# so the pipeline checks it first (stages/llava.py check_pretrained_pth)
+# so the pipeline checks it first (stages/recipes/llava/model.py check_pretrained_pth)
 pretrained_pth = 'models/pretrain/projector.pth'
-# tokenized once by the pretrain stage (stages/llava.py tokenize: XTuner's process_hf_dataset with one
+# tokenized once by the train stage (stages/recipes/llava/model.py tokenize: XTuner's process_hf_dataset with one
 # process; LLaVADataset itself maps with 32: 17 s instead of 0.1 s for 160 records on 2 cores)
 offline_processed_text_folder = 'models/pretrain/llava_text'
 image_folder = 'data/raw/llava'

@@ -63,6 +63,10 @@ class InternLM2Tokenizer(PreTrainedTokenizer):
         return self.sp_model.PieceToId(token)
 
     def _convert_id_to_token(self, index: int) -> str:
+        # An id past the pieces (a model whose embedding has more rows than this vocabulary, as a
+        # random model of a real shape over the stand-in's tokenizer) decodes as <unk>, not an error.
+        if not 0 <= index < self.sp_model.GetPieceSize():
+            return self.unk_token
         return self.sp_model.IdToPiece(index)
 
     def convert_tokens_to_string(self, tokens: List[str]) -> str:

@@ -73,7 +73,7 @@ def tiles(image: Path, model_config: Any) -> Any:
     from torchvision.transforms.functional import InterpolationMode
     from xtuner.dataset.internvl_dataset import dynamic_preprocess
 
-    from stages.internvl import IMAGENET_MEAN, IMAGENET_STD
+    from stages.recipes.internvl.model import IMAGENET_MEAN, IMAGENET_STD
 
     size = model_config.force_image_size
     transform = T.Compose([T.Resize((size, size), interpolation=InterpolationMode.BICUBIC), T.ToTensor(),
@@ -207,7 +207,7 @@ def merge(config: Path, pth: Path, model_dir: Path, out: Path, torch_dtype: str,
         seconds = time.time() - start
         merged = Chat(tmp, str(out))
         saved_dtype = json.loads((tmp / "config.json").read_text()).get("torch_dtype")
-        base = Chat(model_dir, "internvl.path")
+        base = Chat(model_dir, str(model_dir))
         logits = {image: merged.logits(image, prompt) for image in images}
         before = {image: base.logits(image, prompt) for image in images}
         trained = trained_model(config, pth)
@@ -255,7 +255,7 @@ def lmdeploy_answers(model: Path, images: list[Path], prompt: str, max_new_token
     """The tutorial's `pipeline(model)((prompt, load_image(image)))` with the internvl2-internlm2 chat
     template, in LMDeploy's own interpreter ($LMDEPLOY_PYTHON: it cannot share XTuner 0.2.0's
     environment)."""
-    from stages.evaluate import lmdeploy_template, run_lmdeploy
+    from stages.generation import lmdeploy_template, run_lmdeploy
 
     template = {**lmdeploy_template(INTERNVL2_SYSTEM), "model_name": LMDEPLOY_TEMPLATE}
     return run_lmdeploy(LMDEPLOY_SCRIPT, {"model": str(model), "images": [str(i) for i in images], "prompt": prompt,
@@ -268,7 +268,7 @@ def lmdeploy_answers(model: Path, images: list[Path], prompt: str, max_new_token
 
 def run_merge(p: Any) -> dict:
     """The merge stage for recipe internvl: models/merged from models/adapter.pth."""
-    from stages.paths import ADAPTER, ADAPTER_PTH, CONFIG, MERGED
+    from stages.paths import ADAPTER, ADAPTER_PTH, CONFIG, INTERNVL_MODEL, MERGED
     from stages.xtuner_api import read_pipeline
 
     if not (ADAPTER / "adapter.safetensors").is_file():
@@ -279,7 +279,7 @@ def run_merge(p: Any) -> dict:
         if not image.is_file():
             fail(f"internvl.eval_images: {image.relative_to(folder)}: not found in data.internvl.image_folder ({folder})")
     dtype = read_pipeline(CONFIG)["torch_dtype"]
-    return merge(CONFIG, ADAPTER_PTH, Path(p.internvl.path), MERGED, dtype, images, p.internvl.eval_prompt,
+    return merge(CONFIG, ADAPTER_PTH, INTERNVL_MODEL, MERGED, dtype, images, p.internvl.eval_prompt,
                  p.internvl.merge_tolerance)
 
 
@@ -299,8 +299,8 @@ def evaluate(p: Any, backend: str) -> tuple[list[dict], dict]:
     and of models/merged (after): answers, and their match and similarity to the data's caption."""
     import torch
 
-    from stages.evaluate import score_image_answers
-    from stages.paths import MERGED
+    from stages.generation import score_image_answers
+    from stages.paths import INTERNVL_MODEL, MERGED
 
     folder = Path(p.data.internvl.image_folder)
     known = reference_answers(Path(p.data.internvl.source))
@@ -312,7 +312,7 @@ def evaluate(p: Any, backend: str) -> tuple[list[dict], dict]:
                      "reference": known.get(image)})
     metrics: dict[str, Any] = {"backend": backend, "prompts": len(rows),
                                "chat_template": LMDEPLOY_TEMPLATE if backend == "lmdeploy" else "the model's chat()"}
-    for side, path, key in (("base", Path(p.internvl.path), "internvl.path"), ("tuned", MERGED, str(MERGED))):
+    for side, path, key in (("base", INTERNVL_MODEL, str(INTERNVL_MODEL)), ("tuned", MERGED, str(MERGED))):
         if backend == "lmdeploy":
             out = lmdeploy_answers(path, [Path(r["image"]) for r in rows], p.internvl.eval_prompt,
                                    p.eval.max_new_tokens, p.eval.seed)

@@ -1,4 +1,4 @@
-"""InternVLChatConfig of the pipeline's InternVL stand-in (models/tiny-internvl; see stages/internvl.py).
+"""InternVLChatConfig of the pipeline's InternVL stand-in (models/internvl/model; see stages/recipes/internvl/model.py).
 
 Written for this project, not InternVL's code. It composes the two configurations that InternVL2-2B's
 directory also carries, copied in beside this file from the installed XTuner package when the
@@ -27,7 +27,7 @@ class InternVLChatConfig(PretrainedConfig):
         llm_config = llm_config or {"architectures": ["InternLM2ForCausalLM"]}
         if isinstance(llm_config, PretrainedConfig):
             self.llm_config = llm_config
-        elif llm_config.get("model_type") == "llama":  # a Llama-format LLM (model.tiny.architecture: llama)
+        elif llm_config.get("model_type") == "llama":  # a Llama-format LLM (stand_in.tiny.llm.architecture: llama)
             self.llm_config = LlamaConfig(**llm_config)
         else:
             self.llm_config = InternLM2Config(**llm_config)

@@ -91,8 +91,8 @@ def expected_projector_from_dirs(llm: Path, visual_encoder: Path) -> dict:
     """`expected_projector` from the two models' config.json (no weights loaded)."""
     from stages.io import read_json
 
-    llm_cfg = read_json(Path(llm) / "config.json", "model.path")
-    vis_cfg = read_json(Path(visual_encoder) / "config.json", "llava.visual_encoder")
+    llm_cfg = read_json(Path(llm) / "config.json", f"the LLM {llm}")
+    vis_cfg = read_json(Path(visual_encoder) / "config.json", f"the vision encoder {visual_encoder}")
     vis_cfg = vis_cfg.get("vision_config", vis_cfg)  # a full CLIPModel config holds the vision part
     return expected_projector(vis_cfg["hidden_size"], llm_cfg["hidden_size"])
 
@@ -208,7 +208,7 @@ class Chat:
         from transformers import CLIPImageProcessor, CLIPVisionModel
         from xtuner.model.modules import ProjectorConfig, ProjectorModel
 
-        model = load_model(llm, "model.path", torch_dtype=torch.float32)
+        model = load_model(llm, None, torch_dtype=torch.float32)
         tokenizer = load_tokenizer(llm)
         if llm_adapter is not None:
             model = PeftModel.from_pretrained(model, str(llm_adapter), is_trainable=False)
@@ -217,7 +217,7 @@ class Chat:
                                                   local_files_only=True)
             processor = CLIPImageProcessor.from_pretrained(str(visual_encoder), local_files_only=True)
         except (OSError, ValueError) as err:
-            fail(f"llava.visual_encoder: {visual_encoder} does not load as a CLIP vision model "
+            fail(f"{visual_encoder}: does not load as a CLIP vision model "
                  f"({str(err).splitlines()[0] if str(err) else type(err).__name__})")
         if visual_encoder_adapter is not None:
             vit = PeftModel.from_pretrained(vit, str(visual_encoder_adapter), is_trainable=False)

@@ -1,13 +1,13 @@
-"""Stage `internvl`: build the internvl recipe's stand-in model, deterministically.
+"""The internvl recipe's stand-in model (built by the stage stand_in), deterministically.
 
 InternVL needs its model's own remote code, and no InternVL model is on a CPU machine. The stand-in
 has InternVL2-2B's structure at a tiny size: InternViT (`modeling_intern_vit.py`, of the shape in
-`internvl.tiny`, random from its seed), `mlp1` over pixel-shuffled patch features (random), and as
-language model models/tiny-internlm2 (the base stage's tiny InternLM2 chat model) with the tokenizer
+`stand_in.tiny.internvl`, random from its seed), `mlp1` over pixel-shuffled patch features (random), and as
+language model the LLM stand-in (stand_in.tiny.llm, a tiny InternLM2 chat model) with the tokenizer
 extended by `<img>`, `</img>` and `<IMG_CONTEXT>` (the vocabulary padded to a multiple of 64:
 bitsandbytes' CPU 4-bit kernels need output rows in blocks of 32). The directory holds, as
 InternVL2-2B's does, `modeling_internvl_chat.py` and `configuration_internvl_chat.py` (written for this
-project: stages/remote_code/internvl/) beside InternViT's and InternLM2's code files, copied from the
+project: stages/recipes/internvl/remote_code/) beside InternViT's and InternLM2's code files, copied from the
 installed XTuner package (stages/structures.py). It exercises the plumbing (training, conversion,
 remote code, chat); it knows nothing. A real InternVL2-2B directory goes in `internvl.path` on a GPU
 host.
@@ -15,7 +15,7 @@ host.
 Loads with `AutoModel.from_pretrained(path, trust_remote_code=True)` and `AutoTokenizer`. Same params,
 same bytes.
 
-    python -m stages.internvl        # writes models/tiny-internvl
+    python -m stages.recipes.internvl.model --llm DIR --out DIR   # a stand-in by hand (the stage: stand_in@tiny)
 """
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Sequence
 
 from stages import params as P
-from stages.paths import INTERNVL_CODE, TINY_INTERNVL, TINY_MODEL
+from stages.paths import INTERNVL_MODEL
 
+INTERNVL_CODE = Path(__file__).with_name("remote_code")  # the stand-in's own remote code (copied into it)
 IMAGE_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>"]
 # The system prompt XTuner's InternVL_V1_5_Dataset trains InternLM2-based models with; the stand-in's
 # chat() uses it too, so its prompt at evaluation is the one it was trained on.
@@ -58,7 +59,7 @@ def image_token_counts(records: list[dict], folder: Path, model: Path) -> list[i
         tiling = (int(cfg.get("min_dynamic_patch", 1)), int(cfg.get("max_dynamic_patch", 6)), size,
                   bool(cfg.get("use_thumbnail", False)))
     except (KeyError, TypeError, ValueError) as err:
-        fail(f"internvl.path: {Path(model) / 'config.json'} lacks InternVL's {err} (not an InternVL model?)")
+        fail(f"{Path(model) / 'config.json'}: lacks InternVL's {err} (not an InternVL model?)")
     sizes: dict[str, tuple[int, int]] = {}
     out = []
     for r in records:
@@ -83,7 +84,7 @@ def config_dict(shape: P.TinyInternVL, llm_config: dict) -> dict:
               "use_flash_attn": True, "dropout": 0.0, "attention_dropout": 0.0, "drop_path_rate": 0.0,
               "initializer_range": 0.02, "initializer_factor": 1.0}
     # XTuner's InternVL dataset picks its chat template by `architectures` and accepts InternLM2 (or Phi-3):
-    # a Llama-format tiny LLM (model.tiny.architecture: llama) speaks InternLM2's format, and its
+    # a Llama-format tiny LLM (stand_in.tiny.llm.architecture: llama) speaks InternLM2's format, and its
     # `model_type` (llama) says what it is built as
     llm = {**llm_config, "architectures": ["InternLM2ForCausalLM"]}
     return {"architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
@@ -152,12 +153,12 @@ def build(shape: P.TinyInternVL, llm: Path, out: Path) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.internvl", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m stages.recipes.internvl.model", description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default=str(P.PARAMS), help="params file (default: params.yaml)")
-    parser.add_argument("--llm", default=str(TINY_MODEL), help=f"the stand-in's LLM (default: {TINY_MODEL})")
-    parser.add_argument("--out", default=str(TINY_INTERNVL), help=f"output folder (default: {TINY_INTERNVL})")
+    parser.add_argument("--llm", required=True, help="the stand-in's LLM (an InternLM2 model directory)")
+    parser.add_argument("--out", default=str(INTERNVL_MODEL), help=f"output folder (default: {INTERNVL_MODEL})")
     args = parser.parse_args(argv)
-    shape = P.load(args.params).internvl.tiny
+    shape = P.load(args.params).stand_in.internvl
     P.log_section("internvl", shape)
     info = build(shape, Path(args.llm), Path(args.out))
     print(f"[internvl] {info['path']}: InternVL stand-in, {info['parameters']:,} parameters "

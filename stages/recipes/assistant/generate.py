@@ -1,28 +1,25 @@
-"""Stage `generate`: the self-cognition dataset of the tutorial's generate_data.py, done properly.
+"""The assistant recipe's data preparation (stage `prepare`): the self-cognition dataset of the tutorial's generate_data.py, done properly.
 
 Instead of one sentence repeated 10,000 times: every question template of
-`data.templates` is asked `data.repeat` times, each answered by an answer template of the
-same language, filled with `data.assistant_name` and `data.author`. A share `data.general_ratio` of
-general conversations from `data.general_chat` is mixed in, so the model keeps talking
-normally (the tutorial's own remedy for the overfitting it saw). Deterministic for `data.seed`.
+`data.assistant.templates` is asked `data.assistant.repeat` times, each answered by an answer template of the
+same language, filled with `data.assistant.name` and `data.assistant.author`. A share `data.assistant.general_ratio` of
+general conversations from `data.assistant.general_chat` is mixed in, so the model keeps talking
+normally (the tutorial's own remedy for the overfitting it saw). Deterministic for `data.assistant.seed`.
 Output: OpenAI messages format, one conversation a line, as XTuner's `openai_map_fn` reads it.
 
-    python -m stages.generate        # writes data/generated/self_cognition.jsonl
+    python -m stages.prepare         # with recipe: assistant, writes data/generated/assistant/self_cognition.jsonl
 """
 from __future__ import annotations
 
-import argparse
 import random
 import re
 import string
 from pathlib import Path
-from typing import Sequence
 
 from stages import params as P
 from stages.checks import check_records, raise_problems
 from stages.errors import fail
 from stages.io import read_json, read_jsonl, write_jsonl
-from stages.paths import SELF_COGNITION
 
 PLACEHOLDERS = {"name", "author"}
 _CJK = re.compile(r"[\u3400-\u9fff]")
@@ -58,10 +55,10 @@ def conversation(question: str, answer: str) -> dict:
     return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
 
 
-def generate(questions: list[str], answers: list[str], general: list[dict], data: P.Data) -> list[dict]:
+def generate(questions: list[str], answers: list[str], general: list[dict], data: P.AssistantData) -> list[dict]:
     """Identity conversations plus the general share, shuffled; pure and deterministic."""
     rng = random.Random(data.seed)
-    fill = {"name": data.assistant_name, "author": data.author}
+    fill = {"name": data.name, "author": data.author}
     by_lang = {lang: [a for a in answers if is_chinese(a) == lang] or answers for lang in (True, False)}
     identity = []
     for q in questions:
@@ -73,7 +70,7 @@ def generate(questions: list[str], answers: list[str], general: list[dict], data
     mixed = []
     if n_general:
         if not general:
-            fail(f"data.general_ratio: {data.general_ratio} but {data.general_chat} has no conversations")
+            fail(f"data.assistant.general_ratio: {data.general_ratio} but {data.general_chat} has no conversations")
         order = list(range(len(general)))
         while len(mixed) < n_general:  # each pass uses every conversation once, in a new order
             rng.shuffle(order)
@@ -83,26 +80,16 @@ def generate(questions: list[str], answers: list[str], general: list[dict], data
     return records
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.generate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", default=str(P.PARAMS), help="params file (default: params.yaml)")
-    parser.add_argument("--out", default=str(SELF_COGNITION), help=f"output (default: {SELF_COGNITION})")
-    args = parser.parse_args(argv)
-    data = P.load(args.params).data
-    P.log_section("generate", data)
+def write(data: P.AssistantData, out: Path) -> str:
+    """Stage prepare for the assistant: the conversations generated from `data`, written to `out`."""
+    P.log_section("prepare", data)
     questions, answers = load_templates(Path(data.templates))
     general = []
     if data.general_ratio > 0:
-        general = read_jsonl(Path(data.general_chat), "data.general_chat, mixed in by data.general_ratio")
+        general = read_jsonl(Path(data.general_chat), "data.assistant.general_chat, mixed in by data.assistant.general_ratio")
         raise_problems(check_records(general, data.general_chat, "openai"))
     records = generate(questions, answers, general, data)
-    write_jsonl(Path(args.out), records)
+    write_jsonl(out, records)
     n_identity = len(questions) * data.repeat
-    print(f"[generate] {args.out}: {len(records)} conversations ({n_identity} identity from "
-          f"{len(questions)} questions x {data.repeat}, {len(records) - n_identity} general)", flush=True)
-
-
-if __name__ == "__main__":
-    from stages.errors import run
-
-    run(main, stage="generate")
+    return (f"{out}: {len(records)} conversations ({n_identity} identity from {len(questions)} questions x "
+            f"{data.repeat}, {len(records) - n_identity} general)")

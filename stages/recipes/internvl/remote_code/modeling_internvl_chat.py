@@ -1,4 +1,4 @@
-"""InternVLChatModel of the pipeline's InternVL stand-in (models/tiny-internvl; see stages/internvl.py).
+"""InternVLChatModel of the pipeline's InternVL stand-in (models/internvl/model; see stages/recipes/internvl/model.py).
 
 Written for this project, not InternVL's code: InternVL2's composition with the interface XTuner's
 InternVL_V1_5 and the evaluate stage use. Its parts are the real structures, from the files copied in

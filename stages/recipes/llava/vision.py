@@ -1,26 +1,24 @@
-"""Stage `vision`: build the llava recipe's tiny CLIP vision encoder, deterministically.
+"""The llava recipe's stand-in CLIP vision encoder (built by the stage stand_in), deterministically.
 
-A randomly initialised `CLIPVisionModel` of the shape in `llava.tiny_vision`, from its fixed seed, and a
+A randomly initialised `CLIPVisionModel` of the shape in `stand_in.tiny.llava`, from its fixed seed, and a
 `CLIPImageProcessor` whose resize and centre crop match the encoder's image size (OpenAI CLIP's mean
 and std). Same params, same bytes. Loads with `CLIPVisionModel.from_pretrained` /
 `CLIPImageProcessor.from_pretrained`, as XTuner's LLaVA configs and `xtuner convert merge --is-clip` do.
-It is to the llava recipe what models/tiny-internlm2 is to the LLM: unused when
-`llava.visual_encoder` names a real CLIP (openai/clip-vit-large-patch14-336, downloaded by hand).
+On a real-model run (`stand_in: {}`) it is not built: a real CLIP (openai/clip-vit-large-patch14-336,
+downloaded by hand) is linked into models/llava/vision (`python -m stages.link vision DIR`).
 
 XTuner's LLaVA feeds the LLM the encoder's hidden_states[-2] minus the CLS token: (image_size /
 patch_size)^2 image tokens per image.
 
-    python -m stages.vision          # writes models/tiny-clip
+    dvc repro stand_in@tiny          # with recipe: llava, writes models/llava/llm and models/llava/vision
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
 
 from stages import params as P
-from stages.paths import TINY_CLIP
+from stages.paths import LLAVA_VISION
 
 # OpenAI CLIP's normalisation (what openai/clip-vit-large-patch14-336's processor uses).
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -57,20 +55,18 @@ def image_tokens(shape: P.TinyVision) -> int:
 
 
 def encoder_image_tokens(p: P.Params) -> int:
-    """Image tokens per image of `llava.visual_encoder`: from `llava.tiny_vision` for the tiny CLIP (known
-    before it is built), else (image_size / patch_size)^2 of its config.json (ViT-L/14-336: 576)."""
-    folder = Path(p.llava.visual_encoder)
-    if folder.name == TINY_CLIP.name:
-        return image_tokens(p.llava.tiny_vision)
+    """Image tokens per image of the vision encoder (models/llava/vision): (image_size / patch_size)^2 of
+    its config.json (ViT-L/14-336: 576)."""
+    folder = LLAVA_VISION
     from stages.errors import fail
     from stages.io import read_json
 
-    cfg = read_json(folder / "config.json", "llava.visual_encoder (a CLIP vision model directory)")
+    cfg = read_json(folder / "config.json", "the llava recipe's CLIP vision model")
     cfg = cfg.get("vision_config", cfg)
     try:
         return (int(cfg["image_size"]) // int(cfg["patch_size"])) ** 2
     except (KeyError, TypeError, ValueError):
-        fail(f"llava.visual_encoder: {folder / 'config.json'} has no image_size and patch_size (not a CLIP?)")
+        fail(f"{folder / 'config.json'}: has no image_size and patch_size (not a CLIP?)")
 
 
 def build(shape: P.TinyVision, out: Path) -> dict:
@@ -87,21 +83,3 @@ def build(shape: P.TinyVision, out: Path) -> dict:
         processor.save_pretrained(tmp)
     return {"path": str(out), "parameters": sum(p.numel() for p in model.parameters()),
             "image_tokens": image_tokens(shape), **asdict(shape)}
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.vision", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", default=str(P.PARAMS), help="params file (default: params.yaml)")
-    parser.add_argument("--out", default=str(TINY_CLIP), help=f"output folder (default: {TINY_CLIP})")
-    args = parser.parse_args(argv)
-    shape = P.load(args.params).llava.tiny_vision
-    P.log_section("vision", shape)
-    info = build(shape, Path(args.out))
-    print(f"[vision] {info['path']}: CLIP vision encoder, {info['parameters']:,} parameters, "
-          f"{info['image_size']} px / patch {info['patch_size']} = {info['image_tokens']} image tokens", flush=True)
-
-
-if __name__ == "__main__":
-    from stages.errors import run
-
-    run(main, stage="vision")
