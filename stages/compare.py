@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from stages.errors import fail
 from stages.io import write_text
 from stages.paths import GENERATIONS, PARAMS, REPORTS
-from stages.report import LOSS_TSV, plot_losses, read_tsv, table
+from stages.reporting import LOSS_TSV, plot_losses, read_tsv, table
 
 METRICS = REPORTS / "metrics.json"
 

@@ -1,12 +1,11 @@
 """Stage `train`: QLoRA fine-tuning with XTuner's trainer, from the rendered config.
 
-Recipe internvl: XTuner's InternVL_V1_5 (QLoRA LLM, frozen vision encoder, mlp1) from `internvl.path`,
-run in the rendered dtype in one process (stages/xtuner_api.py patch_internvl); the same outputs.
-
-Recipe llava: the tutorial's two phases. First the tokenized text and the projector in models/pretrain/
-(XTuner's pretrain phase, LLM and vision encoder frozen, unless `llava.pretrained_pth` gives the projector,
-checked against the two models; stages/recipes/llava/pretrain.py), then XTuner's LLaVA fine-tune (QLoRA
-LLM, LoRA vision encoder, the projector); the same outputs, the projector it started from included.
+What differs by recipe is its step (stages/recipes/<recipe>/train.py): internvl runs XTuner's
+InternVL_V1_5 (QLoRA LLM, frozen vision encoder, mlp1) in the rendered dtype (stages/xtuner_api.py
+patch_internvl); llava runs the tutorial's two phases, first the tokenized text and the projector in
+models/pretrain/ (XTuner's pretrain phase, LLM and vision encoder frozen, unless `llava.pretrained_pth`
+gives the projector, checked against the two models), then XTuner's LLaVA fine-tune; the same outputs,
+the projector it started from included.
 
 Runs the trainer in this process (several GPUs: through torchrun, XTuner's NPROC_PER_NODE way), so
 killing the stage kills the trainer. A `dvc repro` after an interruption resumes from the last
@@ -37,8 +36,7 @@ from typing import Sequence
 
 from stages import params as P
 from stages.errors import fail, note
-from stages.paths import (ADAPTER_PTH, CONFIG, CONFIG_DIR, PRETRAIN, TRAIN_WORK, VALIDATED_ASSISTANT,
-                          VALIDATED_INTERNVL, VALIDATED_LLAVA, INTERNVL_MODEL, LLAVA_VISION, llm_dir)
+from stages.paths import ADAPTER_PTH, CONFIG, CONFIG_DIR, TRAIN_WORK
 from stages.train_log import write_live
 from stages.xtuner_api import final_checkpoint, save_adapter
 
@@ -136,10 +134,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     pipeline = load_config(CONFIG).pipeline
     kernels.apply(pipeline)
     deepspeed = CONFIG_DIR / pipeline["deepspeed_config"] if pipeline["deepspeed_config"] else None
-    if pipeline.get("recipe") == "internvl":  # XTuner's InternVL_V1_5 in the rendered dtype, one process or many
-        from stages.xtuner_api import patch_internvl
+    from stages import recipes
 
-        patch_internvl(pipeline["torch_dtype"])
+    step = recipes.step(params.recipe, "train")  # stages/recipes/<recipe>/train.py
+    step.setup(pipeline)  # every process, torchrun's workers too
     if args.worker:  # one of torchrun's processes
         with out_of_memory_says_what_to_lower(pipeline):
             run_trainer(CONFIG, TRAIN_WORK, deepspeed, Path(args.resume) if args.resume else None, "pytorch")
@@ -149,22 +147,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     require(params, skip=("stack",))  # the preflight: seconds now rather than a failure after training
     P.log_section("train", params.train)
-    if params.recipe == "llava":  # its first phase: the tokenized text, and the projector (pretrained here)
-        from stages.recipes.llava import pretrain
-
-        s = pretrain.prepare(params, PRETRAIN)
-        print(f"[train] {PRETRAIN}: {s['samples']} tokenized samples, projector from {s['projector_from']} "
-              f"({len(s['projector_keys'])} tensors, checked against {llm_dir(params.recipe)} + "
-              f"{LLAVA_VISION})", flush=True)
-        fp = fingerprint(CONFIG_DIR, VALIDATED_LLAVA, llm_dir(params.recipe), extra=(PRETRAIN,),
-                         extra_models=(LLAVA_VISION,))
-    elif params.recipe == "internvl":
-        from stages.modeldir import check
-
-        check(INTERNVL_MODEL)
-        fp = fingerprint(CONFIG_DIR, VALIDATED_INTERNVL, INTERNVL_MODEL)
-    else:
-        fp = fingerprint(CONFIG_DIR, VALIDATED_ASSISTANT, llm_dir(params.recipe))
+    inputs = step.before(params)  # what the trainer reads besides the config (llava: its projector phase first)
+    fp = fingerprint(CONFIG_DIR, inputs["data"], inputs["model"], extra=inputs.get("extra", ()),
+                     extra_models=inputs.get("extra_models", ()))
     resume = prepare_work_dir(TRAIN_WORK, fp)
     start = time.time()
     if pipeline["gpus"] > 1:
@@ -174,23 +159,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             run_trainer(CONFIG, TRAIN_WORK, deepspeed, resume)
     wall = time.time() - start
     ckpt = final_checkpoint(TRAIN_WORK)
-    n = save_adapter(ckpt, ADAPTER_PTH, before=PRETRAIN / "projector.pth" if params.recipe == "llava" else None)
-    summary = write_live(TRAIN_WORK, wall, pipeline, tokens_per_iter=llava_tokens_per_iter(pipeline))
+    n = save_adapter(ckpt, ADAPTER_PTH, before=inputs.get("projector_before"))
+    summary = write_live(TRAIN_WORK, wall, pipeline, tokens_per_iter=step.tokens_per_iter(pipeline))
     if summary["peak_memory_kind"] == "gpu_allocated":
         note(peak_gpu_mb=summary["peak_memory_mb"])
     print(f"[train] {ADAPTER_PTH}: {n:,} adapter weights from {ckpt.name}; final loss "
           f"{summary['final_loss']}, {summary['tokens_per_sec']} tokens/s, {wall:.0f} s", flush=True)
-
-
-def llava_tokens_per_iter(pipeline: dict) -> float | None:
-    """The llava recipe's tokens per iteration (XTuner's throughput hook serves the text recipe only):
-    micro-batch x GPUs x the mean tokenized sample, its image tokens included (the first phase's
-    figure). Samples of one dataset differ little in length, and the sampler draws them all each epoch."""
-    summary = PRETRAIN / "summary.json"
-    if pipeline.get("recipe") != "llava" or not summary.is_file():
-        return None
-    mean = json.loads(summary.read_text()).get("mean_tokens")
-    return mean * pipeline["micro_batch"] * pipeline["gpus"] if mean else None
 
 
 @contextlib.contextmanager

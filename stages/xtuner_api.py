@@ -598,3 +598,16 @@ def save_adapter(ckpt: Path, out: Path, before: Path | None = None) -> int:
     torch.save(saved, tmp)
     os.replace(tmp, out)
     return sum(t.numel() for t in weights.values())
+
+
+def sort_targets(folder: Path) -> None:
+    """adapter_config.json's `target_modules` sorted, so the file is the same on every rerun."""
+    import json
+
+    cfg_path = folder / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    from stages.io import write_json
+
+    write_json(cfg_path, cfg)

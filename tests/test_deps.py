@@ -495,17 +495,12 @@ def test_no_import_cycles_among_module_level_imports():
     assert not cycles, "module-level import cycles:\n" + "\n".join("  " + " <-> ".join(c) for c in cycles)
 
 
-CLI_TOOLS = {"stages/compare.py"}  # commands for people, beside the pipeline (compare reads the reports' helpers)
-
-
 def test_layers_stages_recipes_core():
     """A DVC stage module imports no other stage; a recipe imports no stage; the shared core imports no
     stage and no recipe (the registry, stages/recipes/__init__.py, is for the stages)."""
     stages = {module_file(e) for s in STAGES["assistant"].values() for e in s["entries"]}
     wrong = []
     for f in all_modules():
-        if f in CLI_TOOLS:
-            continue
         recipe = f.startswith(RECIPE_PACKAGE) and f != f"{RECIPE_PACKAGE}__init__.py"
         for g in imports(f):
             if g in stages and g != f:

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from stages import evaluate, generation, params as P
+from stages import generation, params as P
+from stages.recipes.assistant import evaluate
 from stages.errors import StageError
 from tests.conftest import ROOT
 
@@ -109,7 +110,7 @@ def test_report_has_every_section_and_a_png(built):
 
 
 def test_markdown_cells_are_escaped():
-    from stages.report import cell
+    from stages.reporting import cell
 
     assert cell("a|b\nc") == "a\\|b ⏎ c"
     assert len(cell("x" * 500)) == 160

@@ -169,7 +169,6 @@ def test_internlm2_runs_in_a_lean_process(internlm2_dir, how):
 
 def test_doctor_names_the_structure_and_refuses_missing_remote_code(internlm2_dir, tmp_path):
     import shutil
-    from dataclasses import replace
 
     from stages import doctor, params as P
 

@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from stages import validate
+from stages import dataset, validate
 from stages.xtuner_api import prompt_template
 from tests.conftest import assert_one_line_error, run_stage, tree_digest
 
@@ -15,20 +15,20 @@ def test_token_lengths_follow_xtuner_template(built):
 
     tok = AutoTokenizer.from_pretrained(built / "models/assistant/llm", trust_remote_code=True)
     template = prompt_template("internlm2_chat")
-    pieces = validate.openai_pieces(CONV, template)
+    pieces = dataset.openai_pieces(CONV, template)
     assert pieces == ["<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n", "你好！<|im_end|>"]
-    (n,) = validate.token_lengths([CONV], validate.openai_pieces, tok, template)
+    (n,) = dataset.token_lengths([CONV], dataset.openai_pieces, tok, template)
     assert n == 1 + sum(len(tok(p, add_special_tokens=False)["input_ids"]) for p in pieces)
     with_system = {"messages": [{"role": "system", "content": "be brief"}] + CONV["messages"] * 2}
-    pieces = validate.openai_pieces(with_system, template)
+    pieces = dataset.openai_pieces(with_system, template)
     assert len(pieces) == 4 and pieces[0].startswith("<|im_start|>system\nbe brief<|im_end|>\n")
     assert pieces[1].endswith("<|im_end|>\n") and not pieces[3].endswith("\n")
 
 
 def test_stats_and_helpers():
-    assert validate.duplicate_rate([CONV, CONV, {"messages": []}, CONV]) == 0.5
-    assert validate.duplicate_rate([{"id": 1, "x": 1}, {"id": 2, "x": 1}], ignore=("id",)) == 0.5
-    assert validate.length_stats([1, 2, 3, 4, 100]) == {"min": 1, "mean": 22.0, "p50": 3, "p95": 100,
+    assert dataset.duplicate_rate([CONV, CONV, {"messages": []}, CONV]) == 0.5
+    assert dataset.duplicate_rate([{"id": 1, "x": 1}, {"id": 2, "x": 1}], ignore=("id",)) == 0.5
+    assert dataset.length_stats([1, 2, 3, 4, 100]) == {"min": 1, "mean": 22.0, "p50": 3, "p95": 100,
                                                         "max": 100}
 
 

@@ -27,7 +27,8 @@ def get(name: str) -> Recipe:
     return importlib.import_module(f"stages.recipes.{name}")  # type: ignore[return-value]
 
 
-STEPS = ("stand_in", "prepare", "config")  # the modules every recipe package has (interface.py)
+# the modules every recipe package has, one a stage (interface.py)
+STEPS = ("stand_in", "prepare", "validate", "config", "train", "convert", "merge", "evaluate", "report")
 
 
 def step(name: str, part: str):

@@ -35,9 +35,62 @@ class Prepare(Protocol):
         summary line."""
 
 
+class Validate(Protocol):
+    """stages/recipes/<name>/validate.py (`step(name, "validate")`)."""
+
+    def run(self, p: Any, template: dict) -> tuple[list, dict]:
+        """Stage validate: the prepared records checked and measured (stages/dataset.py) with XTuner's
+        prompt `template`; (the records kept, their statistics for reports/data_stats.json)."""
+
+
+class Train(Protocol):
+    """stages/recipes/<name>/train.py (`step(name, "train")`)."""
+
+    def setup(self, pipeline: dict) -> None:
+        """In every training process: what XTuner's model class of the recipe needs patched."""
+
+    def before(self, p: Any) -> dict:
+        """Before the trainer (llava: its projector phase); what it reads: `data`, `model`, and optional
+        `extra` folders, `extra_models`, `projector_before` (kept in models/adapter.pth)."""
+
+    def tokens_per_iter(self, pipeline: dict) -> float | None:
+        """Tokens per iteration where XTuner's throughput hook does not count them, else None."""
+
+
 class Config(Protocol):
     """stages/recipes/<name>/config.py (`step(name, "config")`)."""
 
     def text(self, p: Any, resolved: dict, out: Path) -> str:
         """Stage render: the recipe's XTuner config (its template filled for `resolved`, the settings
         stages.plan resolved for this machine), to be written into `out`."""
+
+
+class Convert(Protocol):
+    """stages/recipes/<name>/convert.py (`step(name, "convert")`)."""
+
+    def run(self, p: Any, pipeline: dict) -> None:
+        """Stage convert: models/adapter.pth (the train stage's) into models/adapter/; `pipeline` is the
+        rendered config's resolved settings."""
+
+
+class Merge(Protocol):
+    """stages/recipes/<name>/merge.py (`step(name, "merge")`)."""
+
+    def run(self, p: Any) -> tuple[dict, list[str]]:
+        """Stage merge: models/merged/ from the base model and the adapter, checked; (the metrics for
+        reports/merge.json, the lines to print)."""
+
+
+class Evaluate(Protocol):
+    """stages/recipes/<name>/evaluate.py (`step(name, "evaluate")`)."""
+
+    def run(self, p: Any) -> tuple[list[dict], dict, str]:
+        """Stage evaluate: the base and the tuned model asked the same; (rows for generations.jsonl, the
+        metrics, a summary line)."""
+
+
+class Report(Protocol):
+    """stages/recipes/<name>/report.py (`step(name, "report")`)."""
+
+    def build(self, p: Any) -> tuple[str, dict]:
+        """Stage report: (reports/report.md's Markdown, the headline numbers for reports/metrics.json)."""

@@ -1,0 +1,20 @@
+"""Stage validate, recipe llava: the repeated LLaVA data; a record's length counts its image's tokens."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from stages import params as P
+from stages.dataset import validate_dataset
+from stages.io import read_json
+from stages.paths import LLAVA_REPEATED, llm_dir
+
+
+def run(p: P.Params, template: dict) -> tuple[list, dict]:
+    from stages.recipes.llava.vision import encoder_image_tokens
+
+    records = read_json(LLAVA_REPEATED, "run `dvc repro prepare` first")
+    kept, stats = validate_dataset(
+        records, str(LLAVA_REPEATED), "llava", llm_dir(p.recipe), template, p.data, Path(p.data.llava.image_folder),
+        lambda checked: [encoder_image_tokens(p) * ("image" in r) for r in checked])
+    stats["image_tokens"] = encoder_image_tokens(p)
+    return kept, stats
