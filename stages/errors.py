@@ -70,7 +70,8 @@ def record_stage(name: str, wall: float) -> None:
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         stats["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     stats.update(_NOTES)
-    from stages.io import write_json
+    import json  # written here, not through stages.io, which reports its own failures through this module
 
-    write_json(STAGE_TIMES / f"{name}.json", stats, indent=None)
+    STAGE_TIMES.mkdir(parents=True, exist_ok=True)
+    (STAGE_TIMES / f"{name}.json").write_text(json.dumps(stats, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"[{name}] done in {wall:.1f} s, peak memory {stats['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)

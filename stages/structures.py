@@ -21,7 +21,6 @@ directory's fast tokenizer class.
 """
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 from typing import Any
@@ -41,16 +40,11 @@ INTERNLM2_AUTO_MAP = {
 }
 
 
-def xtuner_folder() -> Path:
-    spec = importlib.util.find_spec("xtuner")
-    if spec is None or not spec.submodule_search_locations:
-        fail("xtuner is not installed: the InternLM2 and InternViT model code comes from XTuner 0.2.0's package")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def code_files(structure: str) -> list[Path]:
     """The installed package's files of `structure` (internlm2, intern_vit)."""
     sub, names = REMOTE_CODE[structure]
+    from stages.xtuner_api import xtuner_folder
+
     folder = xtuner_folder() / sub
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:

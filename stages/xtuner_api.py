@@ -564,8 +564,6 @@ def convert_to_official(config: Path, pth: Path, out: Path, torch_dtype: str) ->
     the model rebuilt from the config without quantization, the checkpoint loaded, LoRA merged, saved in
     bfloat16 with the tokenizer. It does not copy the model's remote code (the caller does)."""
     patch_internvl(torch_dtype)
-    from stages.structures import xtuner_folder
-
     script = xtuner_folder() / "configs/internvl/v1_5/convert_to_official.py"
     if not script.is_file():
         fail(f"{script}: not found; XTuner 0.2.0's InternVL converter is needed")
@@ -611,3 +609,11 @@ def sort_targets(folder: Path) -> None:
     from stages.io import write_json
 
     write_json(cfg_path, cfg)
+
+
+def xtuner_folder() -> Path:
+    """The installed XTuner package's folder (its model code and configs are read from there)."""
+    spec = importlib.util.find_spec("xtuner")
+    if spec is None or not spec.submodule_search_locations:
+        fail("xtuner is not installed: the InternLM2 and InternViT model code comes from XTuner 0.2.0's package")
+    return Path(next(iter(spec.submodule_search_locations)))

@@ -487,12 +487,10 @@ def import_graph(module_level: bool) -> dict[str, set[str]]:
     return {f: imports(f, module_level) for f in all_modules()}
 
 
-def test_no_import_cycles_among_module_level_imports():
-    """Imports that run at import time form no cycle. Imports inside functions do close cycles
-    (errors <-> io, structures <-> xtuner_api, evaluate <-> internvl_recipe): harmless at run time, and
-    for the deps they only mean that those pairs always come together in a closure."""
-    cycles = _cycles(import_graph(module_level=True))
-    assert not cycles, "module-level import cycles:\n" + "\n".join("  " + " <-> ".join(c) for c in cycles)
+def test_no_import_cycles():
+    """No two modules import each other, directly or round a circle, at import time or inside a function."""
+    cycles = _cycles(import_graph(module_level=False))
+    assert not cycles, "import cycles:\n" + "\n".join("  " + " <-> ".join(c) for c in cycles)
 
 
 def test_layers_stages_recipes_core():
