@@ -32,7 +32,7 @@ from stages.paths import MODEL_ROLES, STAND_IN_MARK
 
 def only_links(folder: Path) -> bool:
     """True when `folder` holds nothing but file symlinks (in subfolders too): a tree this module made."""
-    return all(f.is_symlink() or (f.is_dir() and not f.is_symlink()) for f in folder.rglob("*"))
+    return all(f.is_symlink() or f.is_dir() for f in folder.rglob("*"))
 
 
 def link_tree(source: Path, target: Path) -> int:

@@ -13,8 +13,13 @@ def run(p: P.Params, template: dict) -> tuple[list, dict]:
     from stages.recipes.llava.vision import encoder_image_tokens
 
     records = read_json(LLAVA_REPEATED, "run `dvc repro prepare` first")
-    kept, stats = validate_dataset(
-        records, str(LLAVA_REPEATED), "llava", llm_dir(p.recipe), template, p.data, Path(p.data.llava.image_folder),
-        lambda checked: [encoder_image_tokens(p) * ("image" in r) for r in checked])
-    stats["image_tokens"] = encoder_image_tokens(p)
+    tokens: list[int] = []  # the encoder's image tokens, read once the records passed their checks
+
+    def per_record(checked: list) -> list[int]:
+        tokens.append(encoder_image_tokens(p))
+        return [tokens[0] * ("image" in r) for r in checked]
+
+    kept, stats = validate_dataset(records, str(LLAVA_REPEATED), "llava", llm_dir(p.recipe), template, p.data,
+                                   Path(p.data.llava.image_folder), per_record)
+    stats["image_tokens"] = tokens[0]
     return kept, stats
