@@ -59,6 +59,15 @@ PLANS = {
         {**LEAN, "optimizer": "paged_adamw8bit", "loss_chunk_mb": 256, "micro_batch": 1, "compile": True},
         {**LEAN, "optimizer": "paged_adamw8bit", "loss_chunk_mb": 256, "micro_batch": 3, "compile": True},
     ],
+    # Today's train stage on the 1.8B shape (the InternLM2 structure): dropout 0.1 as the preset and 0 as the
+    # peers, then larger and smaller micro-batches; the last one is profiled with --profile.
+    "stage": [
+        {**LEAN, "micro_batch": 16, "compile": True},
+        {**LEAN, "micro_batch": 8, "compile": True, "dropout": 0.0},
+        {**LEAN, "micro_batch": 4, "compile": True, "dropout": 0.0, "checkpointing": False},
+        {**LEAN, "micro_batch": 2, "compile": True, "dropout": 0.0, "checkpointing": False},
+        {**LEAN, "micro_batch": 16, "compile": True, "dropout": 0.0},
+    ],
     # The 7B shape: XTuner's default against the lean settings.
     "lean": [
         {},
@@ -81,9 +90,9 @@ def build(model_dir: Path, lora_r: int, upcast_frozen: bool):
 
     from stages import kernels
 
-    kernels.apply({"fused_loss": True, "upcast_frozen": upcast_frozen, "compute_dtype": "bfloat16"})
+    kernels.apply({"fused_loss": True, "upcast_frozen": upcast_frozen, "compute_dtype": "bfloat16", "max_length": SEQ})
     llm = dict(type=AutoModelForCausalLM.from_pretrained, pretrained_model_name_or_path=str(model_dir),
-               torch_dtype=torch.bfloat16,
+               torch_dtype=torch.bfloat16, trust_remote_code=True,
                quantization_config=dict(type=BitsAndBytesConfig, load_in_4bit=True, load_in_8bit=False,
                                         llm_int8_threshold=6.0, llm_int8_has_fp16_weight=False,
                                         bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True,
@@ -123,6 +132,52 @@ def optimizer(params, name: str):
     return {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[name](params, lr=2e-4)
 
 
+KINDS = [  # kernel name patterns, first match wins: where a step's GPU time goes
+    ("4-bit dequantisation", ("dequantize", "kdequant")),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("matmul", ("gemm", "cutlass", "sm90_", "sm100_", "matmul", "cublas", "nvjet", "xmma")),
+    ("optimizer", ("adam", "multi_tensor")),
+    ("compiled (Triton)", ("triton_",)),  # before copies: inductor's kernel names say `_to_copy`
+    ("copies", ("memcpy", "memset", "copy_")),
+    ("other element-wise", ("elementwise", "vectorized", "reduce", "softmax", "cat", "index")),
+]
+
+
+def profile(step, table_path: Path) -> dict:
+    """Two profiled steps: GPU time by kind of kernel, the GPU idle share of the wall time, and the
+    60 kernels with the most GPU time, as a table in `table_path`."""
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    kinds: dict[str, float] = {}
+    gpu_total = 0.0
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+        if not us or event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        gpu_total += us
+        name = event.key.lower()
+        kind = next((k for k, pats in KINDS if any(p in name for p in pats)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + us
+    table_path.parent.mkdir(parents=True, exist_ok=True)
+    sort = "self_device_time_total" if hasattr(prof.key_averages()[0], "self_device_time_total") else "self_cuda_time_total"
+    table_path.write_text(prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=90))
+    step_ms = wall / 2 * 1e3
+    return {"step_ms": round(step_ms, 1), "gpu_busy_ms": round(gpu_total / 2e3, 1),
+            "gpu_idle_share": round(max(0.0, 1 - gpu_total / 2e3 / step_ms), 3),
+            "gpu_ms_by_kind": {k: round(v / 2e3, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", type=Path)
@@ -131,6 +186,8 @@ def main() -> None:
     parser.add_argument("--lora-r", type=int, default=64)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="after the plan, profile two steps of its last setting: a kernel table to this file")
     args = parser.parse_args()
     import torch
 
@@ -160,6 +217,11 @@ def main() -> None:
         if "tokens_per_s" in result:
             result["mfu"] = round(mfu(result["tokens_per_s"], shape, args.lora_r, SEQ, info["name"]), 4)
         append(args.out, {"run": "train stage lever", "shape": args.shape, **s, **result, "gpu": info["name"]})
+        if args.profile and s is settings[-1] and "tokens_per_s" in result:
+            try:
+                append(args.out, {"run": "profile", "shape": args.shape, **s, **profile(step, args.profile)})
+            except Exception as err:  # a profiler's failure must not lose the measurements
+                append(args.out, {"run": "profile", "error": repr(err)[:500]})
         del opt, data
         free()
 

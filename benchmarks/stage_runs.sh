@@ -17,6 +17,7 @@
 #   OUT=bench bash benchmarks/stage_runs.sh lean7b-structures [ITERS]  # 7B within 8 GB: Llama beside InternLM2
 #   OUT=bench bash benchmarks/stage_runs.sh internvl2b-merge [ITERS]    # InternVL2-2B's shapes: train, convert, merge only
 #   OUT=bench bash benchmarks/stage_runs.sh speed-structures [ITERS]   # 1.8B default: Llama, InternLM2, twice, alternating
+#   STAGE_MODEL=DIR OUT=bench bash benchmarks/stage_runs.sh speed-stage ITERS NAME UPDATES  # benchmarks/speed.sh's stage runs
 set -euo pipefail
 SUITE=${1:-compare}; ITERS=${2:-30}; OUT=${OUT:-bench}
 mkdir -p "$OUT" /tmp/bin /tmp/models
@@ -49,11 +50,14 @@ link() {  # role, folder, [recipe]: a real-model run (`stand_in: {}`), the folde
 use_model() {  # shape, [arch: internlm2 (default) | llama], [recipe: assistant]: the random model linked in, data built
   local arch=${2:-internlm2} model=/tmp/models/$1-${2:-internlm2}
   [ -d "$model" ] || python scripts/random_model.py "$1" "$model" --arch "$arch" --tokenizer "$TINY_TEXT"
-  link llm "$model" "${3:-assistant}"
+  use_dir "$model" "${3:-assistant}"
+}
+use_dir() {  # model folder, [recipe: assistant]: that folder linked in as the LLM, the benchmark's data and schedule
+  link llm "$1" "${2:-assistant}"
   set_params "{'data': {'assistant': {'repeat': 200}, 'max_length': 2048},
     'lora': {'alpha': 16}, 'eval': {'interval': 100000, 'max_new_tokens': 8},
     'train': {'lr': 2e-4, 'global_batch': 16, 'max_iters': $ITERS, 'save_interval': 100000, 'warmup_iters': 2}}"
-  [ "${3:-assistant}" != assistant ] || python -m dvc repro validate >/dev/null
+  [ "${2:-assistant}" != assistant ] || python -m dvc repro validate >/dev/null
 }
 record() {  # name, seconds, [status]: the train stage's figures as one JSON line
   python - "$1" "$2" "${3:-ok}" "$OUT/stage.jsonl" <<'PY'
@@ -136,6 +140,10 @@ case $SUITE in
     use_model internlm2-1_8b internlm2
     run "1.8B InternLM2 structure, default (24 GB budget)" "$DEFAULT"
     dag assistant "assistant recipe, InternLM2-1.8B structure, default GPU settings" ;;
+  speed-stage)  # ITERS NAME UPDATES, with STAGE_MODEL: the train stage on that folder, the defaults, then UPDATES
+    use_dir "${STAGE_MODEL:?set STAGE_MODEL}"
+    set_params "$DEFAULT"
+    FORCE=1 run "$3" "$4" ;;
   speed-structures)  # train stage only, alternating, so that the spread between runs shows beside the difference
     for round in 1 2; do
       use_model internlm2-1_8b llama

@@ -6,12 +6,26 @@
 # Usage: bash scripts/gpu_wheels.sh [PYTHON]   (about 45 MB; PYTHON: an interpreter with torch, to build deepspeed)
 # On the GPU host, with .whl carried:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+#        bash scripts/gpu_wheels.sh --peers   (./.whl-peers, about 15 MB: Unsloth, Liger Kernel and what they need
+#        beyond the GPU image, for benchmarks/peers.py; bitsandbytes comes from .whl)
 set -euo pipefail
+plat="--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
+ --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64"
+if [ "${1:-}" = --peers ]; then  # the versions measured beside the train stage (benchmarks/README.md)
+  mkdir -p .whl-peers
+  for spec in liger-kernel==0.8.5 unsloth==2026.10.9 unsloth_zoo==2026.10.9 trl==1.15.0 datasets==4.8.5 dill==0.4.1 \
+              multiprocess==0.70.19 torchao==0.18.0 cut_cross_entropy==25.1.1 msgspec==0.23.0 tyro==1.0.17 \
+              docstring_parser==0.18.0 typeguard==4.6.1 structlog==26.1.0 json5==0.17.3 nest_asyncio==1.6.0 \
+              hf_transfer==0.1.9; do
+    python3 -m pip download -q --no-deps --only-binary=:all: $plat -d .whl-peers "$spec"
+  done
+  for w in .whl-peers/unsloth-2*.whl; do zip -q -d "$w" 'studio/*' 2>/dev/null || true; done  # a web app, never imported
+  du -sh .whl-peers
+  exit 0
+fi
 py=${1:-python3}
 mkdir -p .whl
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
-plat="--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
- --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64"
 for spec in xtuner==0.2.0 mmengine==0.10.6 transformers==4.48.0 "tokenizers>=0.21,<0.22" "huggingface_hub<1.0" \
             bitsandbytes==0.50.2 datasets==3.6.0 "dill<0.3.9" "multiprocess<0.70.17" loguru addict yapf platformdirs \
             termcolor hjson pydantic pydantic-core annotated-types typing-inspection peft==0.15.2 tomli \

@@ -28,6 +28,9 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, required=True, help="folder whose tokenizer files are copied")
     parser.add_argument("--arch", choices=["internlm2", "llama"], default="internlm2",
                         help="internlm2: the real remote-code structure (default); llama: transformers' Llama")
+    parser.add_argument("--plain-tokenizer", action="store_true",
+                        help="write a plain fast tokenizer over the vocabulary instead (no remote code: for the "
+                             "peer libraries of benchmarks/peers.py, which load tokenizers without trusting code)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -48,12 +51,29 @@ def main() -> None:
     model = new_causal_lm(args.out, config, args.seed, dtype=args.dtype, device=device)
     n = sum(p.numel() for p in model.parameters())
     model.save_pretrained(args.out, safe_serialization=True)
-    tok.save_pretrained(args.out)
+    if args.plain_tokenizer:
+        plain_tokenizer(s["vocab_size"]).save_pretrained(args.out)
+    else:
+        tok.save_pretrained(args.out)
     for extra in ("generation_config.json",):
         if (args.tokenizer / extra).is_file():
             shutil.copy2(args.tokenizer / extra, args.out / extra)
     print(f"{args.out}: {args.shape}, {type(model).__name__}, {n / 1e9:.2f} B parameters, {args.dtype}, "
           f"{time.time() - start:.0f} s")
+
+
+def plain_tokenizer(vocab_size: int):
+    """A word-level fast tokenizer with one token per id: <unk>, <s>, </s>, <pad>, then t4 ... (the
+    benchmarks feed token ids; the tokenizer only has to load)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {name: i for i, name in enumerate(["<unk>", "<s>", "</s>", "<pad>"])}
+    vocab.update({f"t{i}": i for i in range(4, vocab_size)})
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", model_max_length=32768)
 
 
 if __name__ == "__main__":

@@ -168,7 +168,7 @@ def check_memory(p: P.Params) -> Check:
     if r["estimate_gb"] is None:  # the image recipes: the estimate models the text recipe's training
         return Check("memory", True, f"not estimated for recipe {p.recipe}: micro-batch {r['micro_batch']} x "
                                      f"{r['grad_accum']} as set in train", fatal=False)
-    detail = (f"micro-batch {r['micro_batch']} x {r['grad_accum']}, checkpointing {r['checkpointing']}: "
+    detail = (f"micro-batch {r['micro_batch']} x {r['grad_accum']}, checkpointing {plan.checkpointing_words(r)}: "
               f"about {r['estimate_gb']} GB of {m['card_gb']:.0f} GB")
     if r["estimate_gb"] > m["card_gb"]:
         return Check("memory", False, detail + "; lower train.memory_gb or set train.micro_batch: auto")

@@ -1,5 +1,5 @@
 """What the train stage installs into XTuner's model building: a fused linear cross-entropy, frozen
-weights kept in the compute dtype, and compiled decoder layers.
+weights kept in the compute dtype, compiled decoder layers, and checkpointing of some layers only.
 
 A causal LM's loss is usually `cross_entropy(lm_head(h), labels)`. For InternLM2's 92,544-token
 vocabulary that materialises, per micro-batch of T tokens, T x 92,544 logits, their float32 copy
@@ -168,6 +168,43 @@ def compile_layers(model) -> int:
     return len(layers)
 
 
+def checkpoint_first(model, count: int) -> int:
+    """Activation checkpointing of the first `count` decoder layers only; the number wrapped.
+
+    A checkpointed layer keeps only its input and runs its forward pass again in the backward pass: a
+    third more compute for that layer. Checkpointing every layer lets a large micro-batch fit; none
+    is the fastest but needs the most memory; the planner (stages/memory.py) checkpoints as few
+    layers as the budget allows. The first ones: the backward pass reaches them last, once the
+    others have freed their activations, so rebuilding one never coincides with the others' peak.
+    The model's own all-layer checkpointing (which XTuner switches on) is turned off at each forward."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    inner = getattr(model, model.base_model_prefix, None)
+    layers = list(getattr(inner, "layers", None) or [])[:count]
+    for layer in layers:
+        forward = layer.forward
+
+        def run(*args, _layer=layer, _forward=forward, **kwargs):
+            if _layer.training and torch.is_grad_enabled():
+                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            return _forward(*args, **kwargs)
+
+        layer.forward = run
+    if layers:
+        inner.register_forward_pre_hook(_own_checkpointing_off, with_kwargs=True)
+    return len(layers)
+
+
+def _own_checkpointing_off(module, args, kwargs):
+    """Before each forward of the decoder stack: its own checkpointing off, and in training no KV cache
+    (which a layer's second forward pass would append to again), as the model's own checkpointing does."""
+    module.gradient_checkpointing = False
+    if module.training:
+        kwargs["use_cache"] = False
+    return args, kwargs
+
+
 def static_rope(model, max_length: int) -> int:
     """Switch InternLM2's dynamic NTK rotary embeddings to the plain rotary embedding class of the same
     code where no training position can reach the dynamic branch (`max_length` <= the module's
@@ -221,7 +258,8 @@ def _frozen_to(model, dtype) -> None:
 
 def apply(pipeline: dict) -> None:
     """Install what the rendered config's `pipeline` block asks for (`fused_loss`, `loss_chunk_mb`,
-    `upcast_frozen`, `compute_dtype`, `max_length`) into XTuner's model building; later calls change the settings."""
+    `upcast_frozen`, `compute_dtype`, `max_length`, `compile_layers`, `checkpoint_layers`) into
+    XTuner's model building; later calls change the settings."""
     import torch
     from xtuner.model import sft
 
@@ -229,6 +267,7 @@ def apply(pipeline: dict) -> None:
                      loss_chunk=int(pipeline.get("loss_chunk_mb") or CHUNK_BYTES >> 20) << 20,
                      upcast_frozen=bool(pipeline.get("upcast_frozen", True)),
                      compile_layers=bool(pipeline.get("compile_layers")),
+                     checkpoint_layers=int(pipeline.get("checkpoint_layers") or 0),
                      max_length=int(pipeline.get("max_length") or 0),
                      dtype=getattr(torch, pipeline.get("compute_dtype") or "float32"))
     if getattr(sft.dispatch_modules, "_pipeline", False):
@@ -244,6 +283,8 @@ def apply(pipeline: dict) -> None:
             install_fused_loss(model)
         if _SETTINGS["compile_layers"]:
             compile_layers(model)
+        if _SETTINGS["checkpoint_layers"]:
+            checkpoint_first(model, _SETTINGS["checkpoint_layers"])
         return result
 
     def prepare_model_for_kbit_training(model, *args, **kwargs):

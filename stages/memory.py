@@ -16,12 +16,17 @@ The estimate is peak = weights + adapter training state + loss buffer + tokens x
 - loss: one chunk of float32 logits with `fused_loss` (stages/kernels.py; 1 GB, or a 32nd of a
   smaller budget); without it the whole micro-batch's logits, their float32 copy and gradient
   (12 bytes x vocabulary a token).
-- activations a token, per decoder layer, without checkpointing: 24 x hidden + 11.7 x intermediate
-  bytes. With checkpointing every layer keeps 2.8 x hidden bytes, and one layer is rebuilt at a
-  time, which does not coincide with the loss.
+- activations a token, per decoder layer, without checkpointing: 6 x hidden + 8.7 x intermediate
+  bytes, plus with LoRA dropout 3 bytes (the dropped-out copy and its mask) for each input width of
+  an adapted layer (Llama's q, k, v, o, gate, up: 6 x hidden, and down: intermediate; InternLM2's
+  fused wqkv, wo, w1, w3: 4 x hidden, and w2). A checkpointed layer keeps 2.8 x hidden bytes, and is rebuilt in the backward pass, one
+  at a time, which does not coincide with the loss (24 x hidden + 11.7 x intermediate bytes a token
+  when every layer is checkpointed, with or without dropout). Checkpointing may cover some of the layers
+  (the first ones: the backward pass reaches them after the others have freed their activations).
 
 The constants were fitted to the peaks PyTorch reserved on an H100 (bf16, LoRA dropout 0.1, SDPA
-attention, sequence 2048) for the 1.8B and 7B shapes, within 0.5 GB: see benchmarks/README.md.
+attention, sequence 2048) for the 1.8B and 7B shapes, within 0.5 GB, and to the train stage's peaks
+on an H200 with LoRA dropout 0 (InternLM2 structure): see benchmarks/README.md.
 A 0.5 GB margin covers the allocator's own.
 """
 from __future__ import annotations
@@ -33,7 +38,7 @@ from stages.errors import fail
 
 GB = 1e9
 MARGIN = 0.5 * GB
-UNCHECKPOINTED_TOKENS = 16384  # a micro-batch this large keeps the GPU busy without recomputation
+BUSY_TOKENS = 8192  # a micro-batch this large keeps an H200 busy (benchmarks/README.md, "Speed")
 # optimizer state bytes a LoRA parameter that PyTorch's allocator holds: AdamW's two float32 moments,
 # 8-bit AdamW's two bytes; the paged 8-bit states live in CUDA managed memory, outside PyTorch's count,
 # and page out to host memory when the card is full
@@ -86,18 +91,21 @@ def counts(shape: dict, lora_r: int, targets: list[str] | str = "all-linear") ->
 
 def estimate(shape: dict, *, tokens: int, checkpointing: bool, quant: str, compute_bytes: int, lora_r: int,
              optimizer: str, upcast_frozen: bool, fused_loss: bool, loss_chunk: int = int(GB),
-             targets: list[str] | str = "all-linear") -> float:
-    """Peak GPU bytes of one training process (what PyTorch reserves)."""
+             targets: list[str] | str = "all-linear", checkpointed: int | None = None,
+             dropout: float = 0.1) -> float:
+    """Peak GPU bytes of one training process (what PyTorch reserves). `checkpointed`: how many
+    decoder layers are checkpointed (default: all of them with `checkpointing`, else none)."""
     n = counts(shape, lora_r, targets)
     weights = n["linear"] * (0.516 if quant != "none" else compute_bytes)
     frozen = n["frozen"] * (4 if upcast_frozen and quant != "none" else compute_bytes)
     lora = n["lora"] * (8 + OPTIMIZER_STATE_BYTES[optimizer])
     loss = loss_chunk if fused_loss else tokens * shape["vocab"] * 12
-    layer = tokens * (24 * shape["hidden"] + 11.7 * shape["intermediate"])
-    if checkpointing:
-        activations = tokens * shape["layers"] * 2.8 * shape["hidden"] + max(layer, loss)
-    else:
-        activations = shape["layers"] * layer + loss
+    dropped = sum(a for name, (a, _) in linear_shapes(shape).items() if targets == "all-linear" or name in targets)
+    layer = tokens * (6 * shape["hidden"] + 8.7 * shape["intermediate"] + (3 * dropped if dropout else 0))
+    k = checkpointed if checkpointed is not None else (shape["layers"] if checkpointing else 0)
+    kept = tokens * k * 2.8 * shape["hidden"] + (shape["layers"] - k) * layer
+    rebuilt = tokens * (24 * shape["hidden"] + 11.7 * shape["intermediate"])  # fitted; the same with dropout 0
+    activations = kept + (max(rebuilt, loss) if k == shape["layers"] else loss)
     return weights + frozen + lora + activations + MARGIN
 
 
@@ -107,30 +115,34 @@ def divisors(n: int) -> list[int]:
 
 def plan(shape: dict, *, budget_gb: float | None, seq: int, global_batch: int, gpus: int,
          micro_batch: int | str, checkpointing: bool | str, **setting) -> dict:
-    """Micro-batch, accumulation and checkpointing for a budget. Fixed choices are kept; `auto`
-    ones are chosen: without checkpointing when a micro-batch of 16k tokens (or the whole per-GPU
-    batch) fits, else with it, at the largest micro-batch that fits."""
+    """Micro-batch, accumulation and activation checkpointing for a budget. Fixed choices are kept.
+    With `auto` checkpointing and a budget: among micro-batches of at least BUSY_TOKENS (or the whole
+    per-GPU batch), the fewest checkpointed layers that fit (each costs its forward pass again, a
+    third of its compute), then the largest micro-batch; when none fits so, every layer checkpointed
+    at the largest micro-batch that fits. Without a budget (CPU): no checkpointing."""
     per_gpu = global_batch // gpus
+    layers = shape.get("layers", 0) if shape else 0
 
-    def fits(mb: int, ckpt: bool) -> bool:
-        return budget_gb is None or estimate(shape, tokens=mb * seq, checkpointing=ckpt, **setting) <= budget_gb * GB
+    def fits(mb: int, k: int) -> bool:
+        return budget_gb is None or estimate(shape, tokens=mb * seq, checkpointing=k > 0, checkpointed=k,
+                                             **setting) <= budget_gb * GB
 
     sizes = [micro_batch] if micro_batch != "auto" else divisors(per_gpu)
-    ckpts = [checkpointing] if checkpointing != "auto" else ([False, True] if budget_gb else [False])
-    chosen = None
-    for ckpt in ckpts:
-        fitting = [mb for mb in sizes if fits(mb, ckpt)]
-        if not fitting:
-            continue
-        mb = fitting[0]
-        wanted = min(per_gpu, max(1, UNCHECKPOINTED_TOKENS // seq))
-        if ckpt is False and checkpointing == "auto" and mb < wanted:
-            continue  # too small a micro-batch to keep the GPU busy: checkpointing buys a larger one
-        chosen = (mb, ckpt)
-        break
-    if chosen is None:  # nothing fits: the smallest setting, and say so
-        chosen = (sizes[-1], ckpts[-1])
-    mb, ckpt = chosen
-    peak = None if budget_gb is None else estimate(shape, tokens=mb * seq, checkpointing=ckpt, **setting)
-    return {"micro_batch": mb, "grad_accum": per_gpu // mb, "checkpointing": ckpt,
+    if checkpointing == "auto" and budget_gb and layers:
+        busy = min(per_gpu, max(1, BUSY_TOKENS // seq))
+        options = [(next((k for k in range(layers + 1) if fits(mb, k)), None), mb)
+                   for mb in sizes if mb >= busy or micro_batch != "auto"]
+        options = sorted((k, -mb) for k, mb in options if k is not None)
+        if options:
+            k, mb = options[0][0], -options[0][1]
+        else:
+            k = layers
+            mb = next((mb for mb in sizes if fits(mb, k)), sizes[-1])
+    else:
+        k = layers if (checkpointing is True or checkpointing == "auto" and budget_gb) else 0
+        mb = next((mb for mb in sizes if fits(mb, k)), sizes[-1])  # nothing fits: the smallest, and say so
+    peak = None if budget_gb is None else estimate(shape, tokens=mb * seq, checkpointing=k > 0, checkpointed=k,
+                                                   **setting)
+    return {"micro_batch": mb, "grad_accum": per_gpu // mb, "checkpointing": k > 0 or checkpointing is True,
+            "checkpoint_layers": k if 0 < k < layers else None,
             "estimate_gb": None if peak is None else round(peak / GB, 1)}  # no budget (CPU): no estimate

@@ -120,8 +120,8 @@ class Train:
     memory_gb: Union[Literal["auto"], float] = spec(
         "GPU memory the run may use, per GPU, in GB; auto: 90% of the card's", exclusiveMinimum=0)
     activation_checkpointing: Union[Literal["auto"], bool] = spec(
-        "recompute activations in the backward pass (far less memory, a third more compute); auto: on "
-        "unless a micro-batch of 16k tokens fits without it")
+        "recompute activations in the backward pass (far less memory, a third more compute); auto: in as "
+        "few decoder layers as memory_gb allows at a micro-batch of at least 8k tokens (stages/memory.py)")
     fused_loss: bool = spec("compute the loss in chunks, never the whole vocabulary's logits (stages/kernels.py)")
     compile_layers: Union[Literal["auto"], bool] = spec(
         "torch.compile each decoder layer for training (fuses norms, RoPE, SwiGLU and LoRA's element-wise "

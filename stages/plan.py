@@ -56,16 +56,23 @@ def resolve(p: P.Params, cuda: bool, bf16: bool, card_gb: float | None = None,
         micro_batch=t.micro_batch, checkpointing=t.activation_checkpointing,  # no budget (CPU): all, none
         quant=p.quant.mode, compute_bytes=2 if compute != "float32" else 4, lora_r=p.lora.r,
         optimizer=t.optimizer, upcast_frozen=p.quant.upcast_frozen, fused_loss=t.fused_loss, loss_chunk=chunk,
-        targets=targets)
+        targets=targets, dropout=p.lora.dropout)
     return {"device": device, "precision": precision, "deepspeed": deepspeed, "gpus": t.gpus,
             "torch_dtype": DTYPES[precision], "compute_dtype": compute, "memory_gb": budget,
             "micro_batch": batch["micro_batch"], "grad_accum": batch["grad_accum"],
-            "checkpointing": batch["checkpointing"], "estimate_gb": batch["estimate_gb"],
+            "checkpointing": batch["checkpointing"], "checkpoint_layers": batch["checkpoint_layers"],
+            "estimate_gb": batch["estimate_gb"],
             "fused_loss": t.fused_loss, "loss_chunk_mb": chunk // 2**20,
             "compile_layers": t.compile_layers if t.compile_layers != "auto" else (
                 device == "cuda" and deepspeed == "none" and t.gpus == 1),
             "upcast_frozen": p.quant.upcast_frozen or p.quant.mode == "none",
             "lora_targets": targets, "max_length": p.data.max_length}
+
+
+def checkpointing_words(resolved: dict) -> str:
+    """`True`, `False`, or `True (the first 8 layers)` when the planner checkpoints some layers only."""
+    k = resolved.get("checkpoint_layers")
+    return f"{resolved.get('checkpointing')}" + (f" (the first {k} layers)" if k else "")
 
 
 def resolve_here(p: P.Params, machine_facts: dict | None = None) -> dict:
@@ -100,7 +107,8 @@ def llava_batch(p: P.Params, resolved: dict) -> dict:
     t = p.train
     micro = t.micro_batch if isinstance(t.micro_batch, int) else 1
     accum = max(1, t.global_batch // (micro * t.gpus))
-    return {**resolved, "micro_batch": micro, "grad_accum": accum, "checkpointing": False, "estimate_gb": None,
+    return {**resolved, "micro_batch": micro, "grad_accum": accum, "checkpointing": False, "checkpoint_layers": None,
+            "estimate_gb": None,
             "fused_loss": False, "compile_layers": False}
 
 

@@ -131,7 +131,9 @@ def params_rows(p: P.Params, resolved: dict) -> list[list[Any]]:
                                            f"{resolved.get('precision')} / {resolved.get('deepspeed')}"],
         ["batch", f"{resolved.get('micro_batch')} x {resolved.get('grad_accum')} accumulation x {t.gpus} GPU "
                   f"= {t.global_batch} sequences of {p.data.max_length} tokens, packed {t.pack}"],
-        ["memory", f"activation checkpointing {resolved.get('checkpointing')}, fused loss {t.fused_loss}, "
+        ["memory", f"activation checkpointing {resolved.get('checkpointing')}"
+                   + (f" (the first {resolved['checkpoint_layers']} layers)" if resolved.get("checkpoint_layers") else "")
+                   + f", fused loss {t.fused_loss}, "
                    f"optimizer {t.optimizer}"
                    + (f", estimated {resolved.get('estimate_gb')} GB of {resolved.get('memory_gb')} GB"
                       if resolved.get("memory_gb") else "")],

@@ -208,3 +208,33 @@ def test_the_llama_format_case_runs_the_whole_pipeline(built, tmp_path):
     merge = json.loads((dest / "reports/merge.json").read_text())
     assert merge["max_logit_diff"] <= merge["tolerance"]
     assert json.loads((dest / "reports/eval/metrics.json").read_text())
+
+
+def test_checkpointing_some_layers_gives_the_same_gradients_and_rebuilds_only_those(internlm2_dir):
+    """InternLM2's own all-layer checkpointing switched on (as XTuner does), then `checkpoint_first`
+    of one of two layers: that layer's forward runs twice a step, the other's once, and the loss and
+    every gradient are those of the model without checkpointing."""
+    import torch
+
+    from stages.kernels import checkpoint_first
+
+    plain, some = load(internlm2_dir).train(), load(internlm2_dir).train()
+    some.gradient_checkpointing_enable()
+    calls = [0, 0]
+    for i, layer in enumerate(some.model.layers):
+        def counted(*args, _i=i, _forward=layer.forward, **kwargs):
+            calls[_i] += 1
+            return _forward(*args, **kwargs)
+        layer.forward = counted
+    assert checkpoint_first(some, 1) == 1
+    ids = torch.randint(3, SHAPE["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
+    a, b = plain(input_ids=ids, labels=ids), some(input_ids=ids, labels=ids)
+    a.loss.backward(), b.loss.backward()
+    assert calls == [2, 1] and some.model.gradient_checkpointing is False
+    torch.testing.assert_close(a.loss, b.loss)
+    for (name, p), q in zip(plain.named_parameters(), some.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=name)
+    some.eval()
+    with torch.no_grad():
+        some(input_ids=ids)
+    assert calls == [3, 2]  # evaluation: no checkpoint

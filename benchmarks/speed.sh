@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The train stage beside what users run instead, in one call to the GPU machine, on the same shapes:
+# Unsloth, transformers + peft + Liger Kernel, plain transformers + peft (benchmarks/peers.py, on
+# the InternLM2 shape as a Llama model, on the GPU image's own transformers), then the project's
+# real train stage (`dvc repro train`, XTuner's trainer) on the InternLM2 remote-code structure.
+# One JSON line a measurement in $OUT/speed.jsonl; `python -m benchmarks.speed_report FILE` makes the table.
+#
+#   bash scripts/gpu_wheels.sh .venv/bin/python && bash scripts/gpu_wheels.sh --peers   # here: .whl, .whl-peers
+#   # there, with .whl installed into /tmp/site and on PYTHONPATH (benchmarks/README.md):
+#   OUT=bench bash benchmarks/speed.sh [SUITE] [ITERS]
+#
+# Suites: peers (the three libraries at micro-batch 8 and 16, plain also 4), stage (the train stage
+# at the project's defaults at `train.memory_gb: 24`, LoRA as the peers': r 64, alpha 16, dropout 0),
+# levers (benchmarks/levers.py's `stage` plan on the built model, the last setting profiled),
+# all (peers, then the stage at 24 GB with the peers' LoRA and with dropout 0.1), lean7b (7B: the peers at micro-batch 1 and 2, the stage at memory_gb 8).
+set -uo pipefail
+SUITE=${1:-all}; ITERS=${2:-40}; OUT=${OUT:-bench}
+mkdir -p "$OUT" /tmp/models
+RESULTS=$(realpath "$OUT")/speed.jsonl
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 \
+  UNSLOTH_DISABLE_STATISTICS=1 DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
+XTUNER_SITE=${PYTHONPATH:-/tmp/site}
+[ -d /tmp/peers ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/peers \
+  .whl-peers/*.whl .whl/bitsandbytes-*.whl >"$OUT/peers-install.log" 2>&1 || { tail -n 5 "$OUT/peers-install.log"; exit 1; }
+TINY_TEXT=$(mktemp -d)/tokenizer && cp -r models/assistant/llm "$TINY_TEXT"
+
+model() {  # shape, arch, [--plain-tokenizer]: a random model of that shape under /tmp/models
+  local dir=/tmp/models/$1-$2${3:+-plain}
+  [ -d "$dir" ] || PYTHONPATH=$XTUNER_SITE python3 scripts/random_model.py "$1" "$dir" --arch "$2" \
+    --tokenizer "$TINY_TEXT" ${3:-} | tail -n 1 >&2
+  echo "$dir"
+}
+peer() {  # lib, shape, micro-batches
+  local dir; dir=$(model "$2" llama --plain-tokenizer)
+  echo "== peer $1 $2 micro-batches $3 at +${SECONDS}s"
+  PYTHONPATH=/tmp/peers timeout -k 5 240 python3 -m benchmarks.peers --lib "$1" --model "$dir" --shape "$2" \
+    --mbs "$3" --out "$RESULTS" >"$OUT/peer-$1-$2.log" 2>&1 || { echo "peer $1 failed"; tail -n 8 "$OUT/peer-$1-$2.log"; }
+  grep -h '"run": "peer"' "$OUT/peer-$1-$2.log" | cut -c1-300
+}
+stage() {  # name, shape, params updates: the train stage through `dvc repro train`, figures into $RESULTS
+  local dir; dir=$(model "$2" internlm2)
+  echo "== stage $1 at +${SECONDS}s"
+  OUT=$OUT/stage STAGE_MODEL=$dir ITERS=$ITERS bash benchmarks/stage_runs.sh speed-stage "$ITERS" "$1" "$3" \
+    >>"$OUT/stage.log" 2>&1 || { echo "stage failed"; tail -n 15 "$OUT/stage.log"; }
+  tail -n 1 "$OUT/stage/stage.jsonl" 2>/dev/null | python3 -c "
+import json, sys
+for line in sys.stdin:
+    rec = json.loads(line); rec['shape'] = '$2'; open('$RESULTS', 'a').write(json.dumps(rec) + '\n')
+    print({k: rec.get(k) for k in ('run', 'status', 'tokens_per_s', 'peak_gb', 'stage_wall_s')})"
+}
+levers() {  # shape, plan
+  local dir; dir=$(model "$1" internlm2)
+  echo "== levers $2 at +${SECONDS}s"
+  PYTHONPATH=$XTUNER_SITE timeout -k 5 420 python3 -m benchmarks.levers "$dir" --shape "$1" --plan "$2" \
+    --out "$RESULTS" --profile "$OUT/profile-$2.txt" >"$OUT/levers-$2.log" 2>&1 || { echo "levers failed"; tail -n 15 "$OUT/levers-$2.log"; }
+  grep -h '^{' "$OUT/levers-$2.log" | cut -c1-400
+}
+PEERLORA="'lora': {'r': 64, 'alpha': 16, 'dropout': 0.0}"
+case $SUITE in
+  peers) peer unsloth internlm2-1_8b 8,16; peer liger internlm2-1_8b 8,16; peer hf internlm2-1_8b 4,8 ;;
+  stage) stage "train stage, defaults at 24 GB, peer LoRA" internlm2-1_8b "{$PEERLORA}" ;;
+  levers) levers internlm2-1_8b stage ;;
+  all)
+    peer unsloth internlm2-1_8b 8,16; peer liger internlm2-1_8b 8,16; peer hf internlm2-1_8b 4,8
+    stage "train stage, defaults at 24 GB, peer LoRA" internlm2-1_8b "{$PEERLORA}"
+    stage "train stage, defaults at 24 GB, LoRA dropout 0.1" internlm2-1_8b "{'lora': {'r': 64, 'alpha': 16, 'dropout': 0.1}}" ;;
+  lean7b)
+    peer unsloth 7b 1,2; peer liger 7b 1,2; peer hf 7b 1
+    stage "train stage, lean (8 GB), peer LoRA" 7b "{$PEERLORA, 'train': {'memory_gb': 8, 'optimizer': 'paged_adamw8bit'}}" ;;
+  *) echo "unknown suite $SUITE"; exit 2 ;;
+esac
+echo "done at +${SECONDS}s"
