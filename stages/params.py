@@ -107,17 +107,17 @@ class Quant:
 class Train:
     device: Literal["auto", "cpu", "cuda"] = spec("where to train; auto: cuda when a GPU is visible")
     gpus: int = spec("training processes on each node (torchrun --nproc-per-node; more than one runs torchrun): "
-                     "GPUs on a GPU host, CPU processes (gloo) with device: cpu", minimum=1)
+                     "GPUs on a GPU host, CPU processes (gloo) when training on the CPU", minimum=1)
     nodes: int = spec("machines the run spans (torchrun --nnodes); each runs the train stage, node 0 writes the "
                       "outputs; the project (models/work/ too) must be on a filesystem they share", minimum=1)
     node_rank: Union[Literal["auto"], int] = spec(
         "this machine's index among the nodes, 0 to nodes - 1; auto: $SLURM_NODEID, else $NODE_RANK, else 0",
         minimum=0)
-    master_addr: str = spec("address of node 0, where the nodes meet (torchrun --master-addr); auto: $MASTER_ADDR, "
-                            "else 127.0.0.1 on one node", minLength=1)
+    master_addr: str = spec("address of node 0, where the nodes meet (torchrun --master-addr); auto: 127.0.0.1 on "
+                            "one node, $MASTER_ADDR on several", minLength=1)
     master_port: Union[Literal["auto"], int] = spec(
-        "TCP port on node 0 the nodes meet at (torchrun --master-port); auto: $MASTER_PORT, else a free port on one "
-        "node, 29500 on several", minimum=1, maximum=65535)
+        "TCP port on node 0 the nodes meet at (torchrun --master-port); auto: a free port on one node; on several "
+        "$MASTER_PORT, else 29500", minimum=1, maximum=65535)
     deepspeed: Literal["auto", "none", "zero1", "zero2", "zero3"] = spec(
         "DeepSpeed ZeRO stage; auto: zero2 on several GPUs, none on one GPU (nothing to shard) or CPU")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = spec(

@@ -7,8 +7,9 @@ models/pretrain/ (XTuner's pretrain phase, LLM and vision encoder frozen, unless
 gives the projector, checked against the two models), then XTuner's LLaVA fine-tune; the same outputs,
 the projector it started from included.
 
-Runs the trainer in this process (several GPUs: through torchrun, XTuner's NPROC_PER_NODE way), so
-killing the stage kills the trainer. A `dvc repro` after an interruption resumes from the last
+Runs the trainer in this process, so killing the stage kills the trainer. Several processes (GPUs, or
+CPU processes over gloo) and several nodes go through torchrun (stages/launch.py), whose workers die
+with the stage; node 0's stage owns the work dir and writes the outputs. A `dvc repro` after an interruption resumes from the last
 checkpoint when the stage's inputs are unchanged and starts clean when they changed: the work dir
 remembers a fingerprint of them. Outputs at fixed paths:
 
