@@ -26,7 +26,7 @@ def run(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None
     start = time.time()
     try:
         main(argv)
-        if stage:
+        if stage and _RECORDED:
             record_stage(stage, time.time() - start)
     except StageError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -50,6 +50,14 @@ def _isolate_caches() -> None:
 
 
 _NOTES: dict = {}
+_RECORDED = True
+
+
+def leave_unrecorded() -> None:
+    """This process's run is not the stage's record: torchrun's workers, and the nodes other than 0 of a
+    run over several (they share the project, and node 0's stage writes reports/stages/train.json)."""
+    global _RECORDED
+    _RECORDED = False
 
 
 def note(**figures) -> None:
@@ -64,8 +72,8 @@ def record_stage(name: str, wall: float) -> None:
 
     from stages.paths import STAGE_TIMES
 
-    stats = {"wall_time_s": round(wall, 1),
-             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    rss_kb = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    stats = {"wall_time_s": round(wall, 1), "peak_rss_mb": round(rss_kb / 1024, 1)}  # the largest process's
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         stats["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

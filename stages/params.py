@@ -106,15 +106,26 @@ class Quant:
 @dataclass(frozen=True)
 class Train:
     device: Literal["auto", "cpu", "cuda"] = spec("where to train; auto: cuda when a GPU is visible")
-    gpus: int = spec("GPUs on this host (more than one runs torchrun)", minimum=1)
+    gpus: int = spec("training processes on each node (torchrun --nproc-per-node; more than one runs torchrun): "
+                     "GPUs on a GPU host, CPU processes (gloo) when training on the CPU", minimum=1)
+    nodes: int = spec("machines the run spans (torchrun --nnodes); each runs the train stage, node 0 writes the "
+                      "outputs; the project (models/work/ too) must be on a filesystem they share", minimum=1)
+    node_rank: Union[Literal["auto"], int] = spec(
+        "this machine's index among the nodes, 0 to nodes - 1; auto: $SLURM_NODEID, else $NODE_RANK, else 0",
+        minimum=0)
+    master_addr: str = spec("address of node 0, where the nodes meet (torchrun --master-addr); auto: 127.0.0.1 on "
+                            "one node, $MASTER_ADDR on several", minLength=1)
+    master_port: Union[Literal["auto"], int] = spec(
+        "TCP port on node 0 the nodes meet at (torchrun --master-port); auto: a free port on one node; on several "
+        "$MASTER_PORT, else 29500", minimum=1, maximum=65535)
     deepspeed: Literal["auto", "none", "zero1", "zero2", "zero3"] = spec(
         "DeepSpeed ZeRO stage; auto: zero2 on several GPUs, none on one GPU (nothing to shard) or CPU")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = spec(
         "mixed precision; auto: bf16 where the GPU has it, fp32 on CPU")
     prompt_template: str = spec("XTuner prompt template name", minLength=1)
     pack: bool = spec("pack samples to max_length")
-    global_batch: int = spec("sequences per optimizer step over all GPUs (micro_batch x accumulation x gpus; "
-                             "the accumulation is derived)", minimum=1)
+    global_batch: int = spec("sequences per optimizer step over all processes (micro_batch x accumulation x gpus x "
+                             "nodes; the accumulation is derived)", minimum=1)
     micro_batch: Union[Literal["auto"], int] = spec(
         "sequences per GPU per forward pass; auto: the largest that fits memory_gb (stages/memory.py)", minimum=1)
     memory_gb: Union[Literal["auto"], float] = spec(
@@ -446,23 +457,27 @@ def _contradictions(p: Params) -> list[str]:
     if p.train.deepspeed == "zero3" and p.quant.mode != "none":
         out.append(f"train.deepspeed: zero3 cannot shard 4-bit weights (quant.mode: {p.quant.mode}); "
                    "use zero2, or quant.mode: none")
-    if p.train.device == "cpu" and p.train.gpus > 1:
-        out.append(f"train.gpus: {p.train.gpus} GPUs with train.device: cpu; set train.gpus: 1 or device: cuda")
+    if isinstance(p.train.node_rank, int) and p.train.node_rank >= p.train.nodes:
+        out.append(f"train.node_rank: {p.train.node_rank} is not below train.nodes {p.train.nodes} (node ranks "
+                   "run from 0); set node_rank, or auto to take it from $SLURM_NODEID")
     if p.train.device == "cpu" and p.train.deepspeed not in ("auto", "none"):
         out.append(f"train.deepspeed: {p.train.deepspeed} needs a GPU (train.device is cpu); use auto or none")
     if p.train.device == "cpu" and p.train.precision in ("bf16", "fp16"):
         out.append(f"train.precision: {p.train.precision} mixed precision needs a GPU (train.device is cpu); "
                    "use auto or fp32")
     tr = p.train
-    if isinstance(tr.micro_batch, int) and tr.global_batch % (tr.micro_batch * tr.gpus):
-        out.append(f"train.global_batch: {tr.global_batch} is not a multiple of micro_batch x gpus "
-                   f"({tr.micro_batch} x {tr.gpus})")
-    elif tr.global_batch % tr.gpus:
-        out.append(f"train.global_batch: {tr.global_batch} cannot be split over {tr.gpus} GPUs")
+    world = tr.gpus * tr.nodes  # training processes in all
+    if isinstance(tr.micro_batch, int) and tr.global_batch % (tr.micro_batch * world):
+        out.append(f"train.global_batch: {tr.global_batch} is not a multiple of micro_batch x "
+                   + (f"gpus x nodes ({tr.micro_batch} x {tr.gpus} x {tr.nodes})" if tr.nodes > 1
+                      else f"gpus ({tr.micro_batch} x {tr.gpus})"))
+    elif tr.global_batch % world:
+        out.append(f"train.global_batch: {tr.global_batch} cannot be split over {world} processes (train.gpus "
+                   f"{tr.gpus}" + (f" x train.nodes {tr.nodes})" if tr.nodes > 1 else ")"))
     if tr.optimizer != "adamw":
-        if tr.deepspeed not in ("auto", "none") or (tr.deepspeed == "auto" and tr.gpus > 1):
+        if tr.deepspeed not in ("auto", "none") or (tr.deepspeed == "auto" and world > 1 and tr.device != "cpu"):
             out.append(f"train.optimizer: {tr.optimizer} is not a DeepSpeed optimizer "
-                       f"(train.deepspeed: {tr.deepspeed}, {tr.gpus} GPUs); use adamw, or deepspeed: none")
+                       f"(train.deepspeed: {tr.deepspeed}, {world} processes); use adamw, or deepspeed: none")
         elif tr.device == "cpu":
             out.append(f"train.optimizer: {tr.optimizer} needs a GPU (train.device is cpu); use adamw")
     ph = p.llava.pretrain

@@ -41,8 +41,9 @@ def resolve(p: P.Params, cuda: bool, bf16: bool, card_gb: float | None = None,
         ("bf16" if bf16 else "fp16") if device == "cuda" else "fp32")
     if precision == "bf16" and device == "cuda" and not bf16:
         fail("train.precision: bf16, but this GPU has no bf16 (use fp16 or auto)")
+    world = t.gpus * t.nodes  # training processes over all nodes
     deepspeed = t.deepspeed if t.deepspeed != "auto" else (
-        "zero2" if device == "cuda" and t.gpus > 1 else "none")
+        "zero2" if device == "cuda" and world > 1 else "none")  # CPU processes: plain DDP over gloo
     if t.optimizer != "adamw" and device == "cpu":
         fail(f"train.optimizer: {t.optimizer} needs a GPU, and this run trains on the CPU; use adamw")
     compute = p.quant.compute_dtype if p.quant.compute_dtype != "auto" else DTYPES[precision]
@@ -52,19 +53,19 @@ def resolve(p: P.Params, cuda: bool, bf16: bool, card_gb: float | None = None,
     chunk = memory.loss_chunk_bytes(budget)
     targets = lora_targets({"architectures": [(shape or {}).get("arch")]}, p.lora.target_modules)
     batch = memory.plan(
-        shape or {}, budget_gb=budget, seq=p.data.max_length, global_batch=t.global_batch, gpus=t.gpus,
+        shape or {}, budget_gb=budget, seq=p.data.max_length, global_batch=t.global_batch, gpus=world,
         micro_batch=t.micro_batch, checkpointing=t.activation_checkpointing,  # no budget (CPU): all, none
         quant=p.quant.mode, compute_bytes=2 if compute != "float32" else 4, lora_r=p.lora.r,
         optimizer=t.optimizer, upcast_frozen=p.quant.upcast_frozen, fused_loss=t.fused_loss, loss_chunk=chunk,
         targets=targets, dropout=p.lora.dropout)
-    return {"device": device, "precision": precision, "deepspeed": deepspeed, "gpus": t.gpus,
+    return {"device": device, "precision": precision, "deepspeed": deepspeed, "gpus": t.gpus, "nodes": t.nodes,
             "torch_dtype": DTYPES[precision], "compute_dtype": compute, "memory_gb": budget,
             "micro_batch": batch["micro_batch"], "grad_accum": batch["grad_accum"],
             "checkpointing": batch["checkpointing"], "checkpoint_layers": batch["checkpoint_layers"],
             "estimate_gb": batch["estimate_gb"],
             "fused_loss": t.fused_loss, "loss_chunk_mb": chunk // 2**20,
             "compile_layers": t.compile_layers if t.compile_layers != "auto" else (
-                device == "cuda" and deepspeed == "none" and t.gpus == 1),
+                device == "cuda" and deepspeed == "none" and world == 1),
             "upcast_frozen": p.quant.upcast_frozen or p.quant.mode == "none",
             "lora_targets": targets, "max_length": p.data.max_length}
 
@@ -91,13 +92,17 @@ def resolve_here(p: P.Params, machine_facts: dict | None = None) -> dict:
 def run_settings(resolved: dict, max_iters: int | None) -> dict:
     """What every recipe's template takes alike from the resolved settings: the optimizer wrapper
     (mmengine's AMP one unless fp32; loss scaling for fp16 only), the log interval (every step on a
-    CPU, else 10, or fewer when the run is shorter) and the distributed backend."""
+    CPU, else 10, or fewer when the run is shorter), the distributed backend, and on several CPU
+    processes mmengine's DDP wrapper without a device (its default pins the model to GPU LOCAL_RANK:
+    `ValueError: DistributedDataParallel device_ids and output_device arguments only work with
+    single-device/multiple-device GPU modules`)."""
     amp = resolved["precision"] != "fp32"
     return {"optim_wrapper": "AmpOptimWrapper" if amp else "OptimWrapper",
             "amp_dtype": DTYPES[resolved["precision"]] if amp else None,
             "loss_scale": "dynamic" if resolved["precision"] == "fp16" else None,
             "log_interval": 1 if resolved["device"] == "cpu" else min(10, max_iters or 10),
-            "dist_backend": "nccl" if resolved["device"] == "cuda" else "gloo"}
+            "dist_backend": "nccl" if resolved["device"] == "cuda" else "gloo",
+            "cpu_ddp": resolved["device"] == "cpu" and resolved["gpus"] * resolved.get("nodes", 1) > 1}
 
 
 def llava_batch(p: P.Params, resolved: dict) -> dict:
@@ -106,7 +111,7 @@ def llava_batch(p: P.Params, resolved: dict) -> dict:
     kernels module serves the text recipe's model class)."""
     t = p.train
     micro = t.micro_batch if isinstance(t.micro_batch, int) else 1
-    accum = max(1, t.global_batch // (micro * t.gpus))
+    accum = max(1, t.global_batch // (micro * t.gpus * t.nodes))
     return {**resolved, "micro_batch": micro, "grad_accum": accum, "checkpointing": False, "checkpoint_layers": None,
             "estimate_gb": None,
             "fused_loss": False, "compile_layers": False}

@@ -127,9 +127,11 @@ def params_rows(p: P.Params, resolved: dict) -> list[list[Any]]:
         ["assistant / author", f"{p.data.assistant.name} / {p.data.assistant.author}"],
         ["LoRA", f"r={p.lora.r}, alpha={p.lora.alpha}, dropout={p.lora.dropout}, targets={p.lora.target_modules}"],
         ["quantization", f"{p.quant.mode}, double quant {p.quant.double_quant}, compute {resolved.get('compute_dtype')}"],
-        ["device / precision / DeepSpeed", f"{resolved.get('device')} x{resolved.get('gpus')} / "
+        ["device / precision / DeepSpeed", f"{resolved.get('device')} x{resolved.get('gpus')}"
+                                           + (f" on {t.nodes} nodes" if t.nodes > 1 else "") + " / "
                                            f"{resolved.get('precision')} / {resolved.get('deepspeed')}"],
-        ["batch", f"{resolved.get('micro_batch')} x {resolved.get('grad_accum')} accumulation x {t.gpus} GPU "
+        ["batch", f"{resolved.get('micro_batch')} x {resolved.get('grad_accum')} accumulation x {t.gpus * t.nodes} "
+                  f"{'GPU' if resolved.get('device') == 'cuda' else 'CPU process'} "
                   f"= {t.global_batch} sequences of {p.data.max_length} tokens, packed {t.pack}"],
         ["memory", f"activation checkpointing {resolved.get('checkpointing')}"
                    + (f" (the first {resolved['checkpoint_layers']} layers)" if resolved.get("checkpoint_layers") else "")

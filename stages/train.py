@@ -7,8 +7,9 @@ models/pretrain/ (XTuner's pretrain phase, LLM and vision encoder frozen, unless
 gives the projector, checked against the two models), then XTuner's LLaVA fine-tune; the same outputs,
 the projector it started from included.
 
-Runs the trainer in this process (several GPUs: through torchrun, XTuner's NPROC_PER_NODE way), so
-killing the stage kills the trainer. A `dvc repro` after an interruption resumes from the last
+Runs the trainer in this process, so killing the stage kills the trainer. Several processes (GPUs, or
+CPU processes over gloo) and several nodes go through torchrun (stages/launch.py), whose workers die
+with the stage; node 0's stage owns the work dir and writes the outputs. A `dvc repro` after an interruption resumes from the last
 checkpoint when the stage's inputs are unchanged and starts clean when they changed: the work dir
 remembers a fingerprint of them. Outputs at fixed paths:
 
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Sequence
 
 from stages import params as P
-from stages.errors import fail, note
+from stages.errors import fail, leave_unrecorded, note
 from stages.paths import ADAPTER_PTH, CONFIG, CONFIG_DIR, TRAIN_WORK
 from stages.train_log import write_live
 from stages.xtuner_api import final_checkpoint, save_adapter
@@ -44,7 +45,7 @@ FINGERPRINT = "pipeline-inputs.json"
 
 
 CODE = [Path(__file__), Path(__file__).with_name("train_log.py"), Path(__file__).with_name("xtuner_api.py"),
-        Path(__file__).with_name("kernels.py")]
+        Path(__file__).with_name("kernels.py"), Path(__file__).with_name("launch.py")]
 
 
 def fingerprint(config_dir: Path, data: Path, model: Path, code: list[Path] = CODE,
@@ -84,31 +85,19 @@ def prepare_work_dir(work: Path, fp: str) -> Path | None:
     return None
 
 
-def run_distributed(args: argparse.Namespace, gpus: int, resume: Path | None) -> None:
-    """torchrun with one worker per GPU, in its own process group: a signal to this stage is passed
-    on, and no worker outlives it."""
-    from stages.xtuner_api import free_port
+def run_distributed(args: argparse.Namespace, pipeline: dict, train, meet: dict, resume: Path | None) -> None:
+    """torchrun on this node (stages/launch.py): `train.gpus` workers, joined by the other nodes' when
+    `train.nodes` is more than one, meeting where `meet` says."""
+    from stages import launch
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={gpus}",
-           f"--master-port={free_port()}", "-m", "stages.train", "--worker", "--params", args.params]
-    if resume is not None:
-        cmd += ["--resume", str(resume)]
-    proc = subprocess.Popen(cmd, start_new_session=True)
-
-    def forward(signum, _frame):
-        os.killpg(proc.pid, signum)
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
-    try:
-        code = proc.wait()
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    if code:
-        fail(f"training failed on {gpus} GPUs (torchrun exited {code}; see the log above)")
+    worker = ["--params", args.params] + (["--resume", str(resume)] if resume is not None else [])
+    env = dict(os.environ)
+    if pipeline["device"] == "cpu":  # torchrun would give each process one thread
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // train.gpus)))
+    what = (f"node {meet['node_rank']} of {train.nodes}, " if train.nodes > 1 else "") + \
+        f"{train.gpus} {'GPUs' if pipeline['device'] == 'cuda' else 'CPU processes'}"
+    print(f"[train] torchrun: {what}, meeting at {meet['master_addr']}:{meet['master_port']}", flush=True)
+    launch.run_torchrun(launch.torchrun_command(train, meet, worker), what, env)
 
 
 def ensure_hash_seed(argv: Sequence[str] | None, module: str = "stages.train") -> None:
@@ -128,10 +117,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     ensure_hash_seed(argv)
     params = P.load(args.params)
-    from stages import kernels
+    from stages import kernels, launch
     from stages.xtuner_api import load_config, run_trainer
 
-    pipeline = load_config(CONFIG).pipeline
+    cfg = load_config(CONFIG)
+    pipeline = cfg.pipeline
     kernels.apply(pipeline)
     deepspeed = CONFIG_DIR / pipeline["deepspeed_config"] if pipeline["deepspeed_config"] else None
     from stages import recipes
@@ -139,21 +129,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     step = recipes.step(params.recipe, "train")  # stages/recipes/<recipe>/train.py
     step.setup(pipeline)  # every process, torchrun's workers too
     if args.worker:  # one of torchrun's processes
-        with out_of_memory_says_what_to_lower(pipeline):
-            run_trainer(CONFIG, TRAIN_WORK, deepspeed, Path(args.resume) if args.resume else None, "pytorch")
+        run_worker(args, cfg, deepspeed)
         return
-    check_machine(pipeline)
+    check_machine(pipeline, params.train)
     from stages.doctor import require
 
     require(params, skip=("stack",))  # the preflight: seconds now rather than a failure after training
     P.log_section("train", params.train)
+    meet = launch.rendezvous(params.train) if params.train.gpus * params.train.nodes > 1 else None
+    if meet and meet["node_rank"] > 0:  # node 0 owns models/work/ and writes the outputs
+        leave_unrecorded()
+        run_distributed(args, pipeline, params.train, meet, None)
+        print(f"[train] node {meet['node_rank']}: done; node 0 writes {ADAPTER_PTH} and the metrics", flush=True)
+        return
     inputs = step.before(params)  # what the trainer reads besides the config (llava: its projector phase first)
     fp = fingerprint(CONFIG_DIR, inputs["data"], inputs["model"], extra=inputs.get("extra", ()),
                      extra_models=inputs.get("extra_models", ()))
     resume = prepare_work_dir(TRAIN_WORK, fp)
     start = time.time()
-    if pipeline["gpus"] > 1:
-        run_distributed(args, pipeline["gpus"], resume)
+    if meet:
+        run_distributed(args, pipeline, params.train, meet, resume)
     else:
         with out_of_memory_says_what_to_lower(pipeline):
             run_trainer(CONFIG, TRAIN_WORK, deepspeed, resume)
@@ -165,6 +160,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         note(peak_gpu_mb=summary["peak_memory_mb"])
     print(f"[train] {ADAPTER_PTH}: {n:,} adapter weights from {ckpt.name}; final loss "
           f"{summary['final_loss']}, {summary['tokens_per_sec']} tokens/s, {wall:.0f} s", flush=True)
+
+
+def run_worker(args: argparse.Namespace, cfg, deepspeed: Path | None) -> None:
+    """One of torchrun's processes: it dies with torchrun, joins the process group (the rendered
+    backend: NCCL on GPUs, gloo on CPU), takes global rank 0's resume decision, and trains; the stage's
+    record and outputs are the launching process's."""
+    from stages import launch
+    from stages.xtuner_api import run_trainer
+
+    leave_unrecorded()
+    launch.die_with_parent()
+    launch.join_process_group(cfg.env_cfg.dist_cfg.backend)
+    resume = launch.shared_resume(args.resume)
+    with out_of_memory_says_what_to_lower(cfg.pipeline):
+        run_trainer(CONFIG, TRAIN_WORK, deepspeed, resume, "pytorch")
 
 
 @contextlib.contextmanager
@@ -196,15 +206,18 @@ def out_of_memory_message(pipeline: dict) -> str:
             + "; ".join(fixes))
 
 
-def check_machine(pipeline: dict) -> None:
-    """The config was rendered for a device; refuse to train it on another kind of machine (the GPU
-    count is the doctor's check, which runs next)."""
+def check_machine(pipeline: dict, train) -> None:
+    """The config was rendered for a device and a number of processes; refuse to train it on another
+    kind of machine or split (the GPU count is the doctor's check, which runs next)."""
     import torch
 
     here = "cuda" if torch.cuda.is_available() else "cpu"
     if pipeline["device"] == "cuda" and here == "cpu":
         fail(f"{CONFIG} was rendered for cuda but no GPU is visible here; rerun `dvc repro -f render`")
-
+    rendered = (pipeline["gpus"], pipeline.get("nodes", 1))
+    if rendered != (train.gpus, train.nodes):
+        fail(f"{CONFIG} was rendered for train.gpus {rendered[0]} x train.nodes {rendered[1]}, params say "
+             f"{train.gpus} x {train.nodes}; rerun `dvc repro render`")
 
 if __name__ == "__main__":
     from stages.errors import run

@@ -40,7 +40,8 @@ def summarize(steps: dict[int, dict], wall: float, pipeline: dict, tokens_per_it
     if not speeds and tokens_per_iter:
         speeds = [tokens_per_iter / r["iter_time_s"] for r in rows if r.get("iter_time_s")][1:]
     gpu_mem = [r["memory_mb"] for r in rows if "memory_mb" in r]
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: kilobytes
+    # Linux: kilobytes; the largest of this process and the ones it waited for (torchrun's workers)
+    rss_kb = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     return {
         "final_loss": round(statistics.fmean(losses[-5:]), 4) if losses else None,
         "first_loss": round(losses[0], 4) if losses else None,
@@ -49,7 +50,7 @@ def summarize(steps: dict[int, dict], wall: float, pipeline: dict, tokens_per_it
         "peak_memory_mb": round(max(gpu_mem) if gpu_mem else rss_kb / 1024, 1),
         "peak_memory_kind": "gpu_allocated" if gpu_mem else "process_rss",
         "wall_time_s": round(wall, 1),
-        "device": pipeline["device"], "gpus": pipeline["gpus"],
+        "device": pipeline["device"], "gpus": pipeline["gpus"], "nodes": pipeline.get("nodes", 1),
     }
 
 

@@ -199,9 +199,8 @@ CASES = [
     # contradictions
     Case("params-zero3-with-4bit", "render", param("deepspeed: auto", "deepspeed: zero3"),
          ("train.deepspeed: zero3 cannot shard 4-bit weights (quant.mode: nf4)",)),
-    Case("params-cpu-with-2-gpus", "render", params_bytes(
-        lambda t: t.replace("device: auto", "device: cpu").replace("gpus: 1", "gpus: 2").encode()),
-         ("train.gpus: 2 GPUs with train.device: cpu",)),
+    Case("params-node-rank-beyond-nodes", "render", param("node_rank: auto", "node_rank: 1"),
+         ("train.node_rank: 1 is not below train.nodes 1",)),
     Case("params-cpu-with-deepspeed", "render", params_bytes(
         lambda t: t.replace("device: auto", "device: cpu").replace("deepspeed: auto", "deepspeed: zero2").encode()),
          ("train.deepspeed: zero2 needs a GPU (train.device is cpu)",)),

@@ -106,7 +106,10 @@ def test_missing_key_is_named():
 
 @pytest.mark.parametrize("changes,words", [
     ({"train.deepspeed": "zero3"}, ["train.deepspeed: zero3", "quant.mode: nf4"]),
-    ({"train.device": "cpu", "train.gpus": 2}, ["train.gpus: 2", "cpu"]),
+    ({"train.nodes": 2, "train.node_rank": 2}, ["train.node_rank: 2 is not below train.nodes 2"]),
+    ({"train.gpus": 2, "train.global_batch": 3}, ["train.global_batch: 3 cannot be split over 2 processes"]),
+    ({"train.nodes": 2, "train.gpus": 2, "train.global_batch": 6},
+     ["train.global_batch: 6 cannot be split over 4 processes (train.gpus 2 x train.nodes 2)"]),
     ({"train.device": "cpu", "train.deepspeed": "zero2"}, ["train.deepspeed: zero2 needs a GPU"]),
     ({"train.device": "cpu", "train.precision": "bf16"}, ["train.precision: bf16"]),
 ])
@@ -117,6 +120,13 @@ def test_contradictions_are_refused(changes, words):
     message = error_of(data)
     for word in words:
         assert word in message
+
+
+def test_several_cpu_processes_are_allowed():
+    """On a CPU, train.gpus counts processes (gloo); only a DeepSpeed stage or half precision needs a GPU."""
+    data = with_change("train.gpus", 2, data=with_change("train.device", "cpu"))
+    train = P.validate(with_change("train.global_batch", 2, data=data)).train
+    assert (train.device, train.gpus, train.nodes, train.node_rank) == ("cpu", 2, 1, "auto")
 
 
 def test_zero3_without_quantization_is_allowed():

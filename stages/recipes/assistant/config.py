@@ -16,8 +16,9 @@ def context(p: P.Params, resolved: dict, out: Path = CONFIG_DIR) -> dict:
     t, ds = p.train, resolved["deepspeed"]
     command = f"python -m xtuner.tools.train {out / 'xtuner_config.py'} --work-dir {TRAIN_WORK}" + (
         f" --deepspeed {out / 'deepspeed.json'}" if ds != "none" else "")
-    if resolved["gpus"] > 1:
-        command = f"NPROC_PER_NODE={resolved['gpus']} torchrun --nproc-per-node {resolved['gpus']} " \
+    if resolved["gpus"] * resolved["nodes"] > 1:
+        nodes = f"--nnodes {resolved['nodes']} --node-rank N --master-addr NODE0 " if resolved["nodes"] > 1 else ""
+        command = f"NPROC_PER_NODE={resolved['gpus']} torchrun {nodes}--nproc-per-node {resolved['gpus']} " \
                   f"-m xtuner.tools.train ... --launcher pytorch"
     return {
         "header": "Rendered by `dvc repro render` (stages/render.py, stages/recipes/assistant/template.py.j2) "

@@ -30,4 +30,4 @@ def tokens_per_iter(pipeline: dict) -> float | None:
     if not summary.is_file():
         return None
     mean = json.loads(summary.read_text()).get("mean_tokens")
-    return mean * pipeline["micro_batch"] * pipeline["gpus"] if mean else None
+    return mean * pipeline["micro_batch"] * pipeline["gpus"] * pipeline.get("nodes", 1) if mean else None
