@@ -184,6 +184,19 @@ class Eval:
 
 
 @dataclass(frozen=True)
+class Select:
+    rule: Literal["best", "last"] = spec(
+        "which checkpoint convert, merge and evaluate use (stage select): best: the highest held-out identity "
+        "hit rate among the checkpoints within max_leak and max_perplexity_rise (the assistant recipe; the image "
+        "recipes keep their last); last: the final one")
+    max_leak: float = spec("best: the largest share of general answers that may name the identity", minimum=0,
+                           maximum=1)
+    max_perplexity_rise: float = spec(
+        "best: how far perplexity on held-out general conversations may rise above the base model's, as a "
+        "fraction of it (0.2: 20%)", minimum=0)
+
+
+@dataclass(frozen=True)
 class TinyVision:
     """The llava recipe's embedded vision encoder: a CLIP vision model built locally (stage stand_in, recipe llava)."""
 
@@ -300,6 +313,7 @@ class Params:
     quant: Quant = spec("quantization of the base model")
     train: Train = spec("training")
     eval: Eval = spec("evaluation: chats during training, and the evaluate stage")
+    select: Select = spec("which of the saved checkpoints the rest of the pipeline uses")
     assistant: AssistantRecipe = spec("the assistant recipe: its prompts, held-out data and merge")
     llava: LlavaRecipe = spec("the llava recipe: vision encoder, projector, its phases")
     internvl: InternVLRecipe = spec("the internvl recipe: model directory, stand-in shape, schedule")

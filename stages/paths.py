@@ -54,7 +54,9 @@ PRETRAIN_WORK = Path("models/work-pretrain")  # stage train (llava): XTuner's wo
 CONFIG_DIR = Path("models/config")  # stage render: xtuner_config.py [+ deepspeed.json]
 CONFIG = CONFIG_DIR / "xtuner_config.py"
 TRAIN_WORK = Path("models/work")  # stage train: XTuner's work dir (checkpoints for resume; not cached)
-ADAPTER_PTH = Path("models/adapter.pth")  # stage train: final adapter weights, no optimizer state
+SNAPSHOTS = TRAIN_WORK / "snapshots"  # stage train: each checkpoint's adapter weights as it is saved (stages/snapshots.py)
+CHECKPOINTS = Path("models/checkpoints")  # stage train: iter_N.pth, each checkpoint's adapter weights, no optimizer state
+ADAPTER_PTH = Path("models/adapter.pth")  # stage select: the chosen checkpoint's adapter weights
 ADAPTER = Path("models/adapter")  # stage convert: HF/peft adapter (safetensors); llava: llm_adapter/,
 #                                   visual_encoder_adapter/, projector/; internvl: adapter.safetensors (LoRA, mlp1)
 MERGED = Path("models/merged")  # stage merge: base + adapter, safetensors; llava: llm/, visual_encoder/, projector/;
@@ -74,4 +76,5 @@ REPORT = REPORTS / "report.md"  # stage report
 LOSS_PNG = REPORTS / "loss.png"
 STAGE_TIMES = REPORTS / "stages"  # every stage: <name>.json with wall time and peak memory
 
+SELECT = REPORTS / "select"  # stage select: scores.json (a plot over the step), choice.json, answers.jsonl
 CACHE = Path(".cache")  # Hugging Face and dataset caches stay inside the project

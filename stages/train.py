@@ -13,7 +13,9 @@ with the stage; node 0's stage owns the work dir and writes the outputs. A `dvc 
 checkpoint when the stage's inputs are unchanged and starts clean when they changed: the work dir
 remembers a fingerprint of them. Outputs at fixed paths:
 
-  models/adapter.pth          the final adapter's weights (no optimizer state)
+  models/checkpoints/         iter_N.pth: the adapter weights of each checkpoint the schedule saved
+                              (train.save_interval) and of the last, no optimizer state; the select
+                              stage scores them and copies its choice to models/adapter.pth
   models/work/                XTuner's work dir: logs and checkpoints, kept for resuming (not a DVC
                               output: never cached, never hashed, git-ignored)
   reports/train/              DVCLive: per-step loss, lr, grad norm, tokens/s, memory; metrics.json
@@ -37,15 +39,16 @@ from typing import Sequence
 
 from stages import params as P
 from stages.errors import fail, leave_unrecorded, note
-from stages.paths import ADAPTER_PTH, CONFIG, CONFIG_DIR, TRAIN_WORK
+from stages.paths import CHECKPOINTS, CONFIG, CONFIG_DIR, SNAPSHOTS, TRAIN_WORK
 from stages.train_log import write_live
-from stages.xtuner_api import final_checkpoint, save_adapter
+from stages.xtuner_api import final_checkpoint
 
 FINGERPRINT = "pipeline-inputs.json"
 
 
 CODE = [Path(__file__), Path(__file__).with_name("train_log.py"), Path(__file__).with_name("xtuner_api.py"),
-        Path(__file__).with_name("kernels.py"), Path(__file__).with_name("launch.py")]
+        Path(__file__).with_name("kernels.py"), Path(__file__).with_name("launch.py"),
+        Path(__file__).with_name("snapshots.py")]
 
 
 def fingerprint(config_dir: Path, data: Path, model: Path, code: list[Path] = CODE,
@@ -140,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if meet and meet["node_rank"] > 0:  # node 0 owns models/work/ and writes the outputs
         leave_unrecorded()
         run_distributed(args, pipeline, params.train, meet, None)
-        print(f"[train] node {meet['node_rank']}: done; node 0 writes {ADAPTER_PTH} and the metrics", flush=True)
+        print(f"[train] node {meet['node_rank']}: done; node 0 writes {CHECKPOINTS} and the metrics", flush=True)
         return
     inputs = step.before(params)  # what the trainer reads besides the config (llava: its projector phase first)
     fp = fingerprint(CONFIG_DIR, inputs["data"], inputs["model"], extra=inputs.get("extra", ()),
@@ -154,11 +157,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             run_trainer(CONFIG, TRAIN_WORK, deepspeed, resume)
     wall = time.time() - start
     ckpt = final_checkpoint(TRAIN_WORK)
-    n = save_adapter(ckpt, ADAPTER_PTH, before=inputs.get("projector_before"))
+    n, kept = write_checkpoints(ckpt, inputs.get("projector_before"))
     summary = write_live(TRAIN_WORK, wall, pipeline, tokens_per_iter=step.tokens_per_iter(pipeline))
     if summary["peak_memory_kind"] == "gpu_allocated":
         note(peak_gpu_mb=summary["peak_memory_mb"])
-    print(f"[train] {ADAPTER_PTH}: {n:,} adapter weights from {ckpt.name}; final loss "
+    print(f"[train] {CHECKPOINTS}: {', '.join(p.name for p in kept)} ({n:,} adapter weights each); final loss "
           f"{summary['final_loss']}, {summary['tokens_per_sec']} tokens/s, {wall:.0f} s", flush=True)
 
 
@@ -175,6 +178,21 @@ def run_worker(args: argparse.Namespace, cfg, deepspeed: Path | None) -> None:
     resume = launch.shared_resume(args.resume)
     with out_of_memory_says_what_to_lower(cfg.pipeline):
         run_trainer(CONFIG, TRAIN_WORK, deepspeed, resume, "pytorch")
+
+
+def write_checkpoints(final: Path, before: Path | None = None) -> tuple[int, list[Path]]:
+    """models/checkpoints/: the adapter weights of every checkpoint the run saved (stages/snapshots.py
+    kept them in the work dir as they were written), and of the final one, with `before` (llava: the
+    projector it started from) in that one; (adapter weights in the final one, the files)."""
+    from stages.io import output_dir
+    from stages.xtuner_api import save_adapter
+
+    with output_dir(CHECKPOINTS) as tmp:
+        for snapshot in sorted(SNAPSHOTS.glob("iter_*.pth")) if SNAPSHOTS.is_dir() else []:
+            shutil.copy2(snapshot, tmp / snapshot.name)
+        n = save_adapter(final, tmp / final.name, before=before)
+    kept = sorted(CHECKPOINTS.glob("iter_*.pth"), key=lambda path: int(path.stem.split("_")[1]))
+    return n, kept
 
 
 @contextlib.contextmanager

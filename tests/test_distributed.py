@@ -41,7 +41,7 @@ def short_run(project, **train) -> None:
     edit(project, "eval", max_new_tokens=8)  # the chats before and after training: a few tokens
     shutil.rmtree(project / "models/work", ignore_errors=True)
     shutil.rmtree(project / "reports/train", ignore_errors=True)
-    (project / "models/adapter.pth").unlink()
+    shutil.rmtree(project / "models/checkpoints")
 
 
 def run(*cmd: str, cwd) -> str:
@@ -55,7 +55,8 @@ def run(*cmd: str, cwd) -> str:
 def assert_one_adapter_and_metrics(project, built, iters: int, gpus: int, nodes: int = 1) -> None:
     import torch
 
-    adapter = torch.load(project / "models/adapter.pth", weights_only=True)["state_dict"]
+    (last,) = list((project / "models/checkpoints").glob(f"iter_{iters}.pth"))
+    adapter = torch.load(last, weights_only=True)["state_dict"]
     assert adapter.keys() == torch.load(built / "models/adapter.pth", weights_only=True)["state_dict"].keys()
     metrics = json.loads((project / "reports/train/metrics.json").read_text())
     assert (metrics["iters"], metrics["gpus"], metrics["nodes"], metrics["device"]) == (iters, gpus, nodes, "cpu")
@@ -135,7 +136,7 @@ def test_a_signal_to_the_stage_leaves_no_process_behind_and_the_run_resumes(buil
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    assert not (project / "models/adapter.pth").exists()
+    assert not (project / "models/checkpoints").exists()
     if sig == signal.SIGKILL:
         return  # the resume is SIGTERM's case; it is the same after either
     resumed_from = last.read_text().strip()
@@ -172,7 +173,7 @@ def test_two_nodes_on_loopback_train_into_one_adapter_written_by_node_0(built, p
     assert f"[train] torchrun: node 0 of 2, 1 CPU processes, meeting at 127.0.0.1:{port}" in node0
     assert "[train] process 0 of 2 joined (gloo, node rank 0, local rank 0)" in node0
     assert "[train] process 1 of 2 joined (gloo, node rank 1, local rank 0)" in node1
-    assert "[train] node 1: done; node 0 writes models/adapter.pth" in node1
-    assert "[train] models/adapter.pth:" in node0 and "[train] models/adapter.pth:" not in node1
+    assert "[train] node 1: done; node 0 writes models/checkpoints" in node1
+    assert "[train] models/checkpoints:" in node0 and "[train] models/checkpoints:" not in node1
     assert "[train] done in" in node0 and "[train] done in" not in node1  # one stage record: node 0's
     assert_one_adapter_and_metrics(project, built, ITERS, gpus=1, nodes=2)

@@ -18,7 +18,7 @@ from stages.errors import StageError
 from tests.conftest import ROOT, env, ran, recipe_experiment, repro_in_copy
 
 PARAMS = P.validate({**P.read_yaml(ROOT / "params.yaml"), "recipe": "internvl"})  # its lora presets
-INTERNVL_STAGES = ["stand_in@tiny", "prepare", "validate", "render", "train", "convert", "merge", "evaluate", "report"]
+INTERNVL_STAGES = ["stand_in@tiny", "prepare", "validate", "render", "train", "select", "convert", "merge", "evaluate", "report"]
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from tests.conftest import (ROOT, assert_one_line_error, ran, recipe_experiment,
 
 GOLDEN = ROOT / "tests" / "golden"
 PARAMS = P.validate({**P.read_yaml(ROOT / "params.yaml"), "recipe": "llava"})  # its lora presets
-LLAVA_STAGES = ["stand_in@tiny", "prepare", "validate", "render", "train", "convert", "merge", "evaluate", "report"]
+LLAVA_STAGES = ["stand_in@tiny", "prepare", "validate", "render", "train", "select", "convert", "merge", "evaluate", "report"]
 
 
 @pytest.fixture(scope="session")

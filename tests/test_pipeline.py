@@ -7,7 +7,7 @@ from tests.conftest import ran, sh
 
 pytestmark = pytest.mark.e2e
 
-STAGES = ["stand_in@tiny", "prepare", "validate", "render", "train", "convert", "merge", "evaluate", "report"]
+STAGES = ["stand_in@tiny", "prepare", "validate", "render", "train", "select", "convert", "merge", "evaluate", "report"]
 
 
 def test_first_repro_ran_every_stage_and_wrote_outputs(built):
@@ -82,7 +82,7 @@ def test_generation_param_reruns_exactly_its_dependents(project):
     # name and author; render, train, merge: the image recipes' image_folder, one params entry
     # data.${recipe} for all): never the stand-in
     assert set(json.loads(sh("dvc", "status", "--json", cwd=project).stdout)) == {
-        "prepare", "validate", "render", "train", "merge", "evaluate", "report"}
+        "prepare", "validate", "render", "train", "select", "merge", "evaluate", "report"}
     out = sh("dvc", "repro", "validate", cwd=project).stdout
     assert ran(out) == ["prepare", "validate"]
     # the model and the config are untouched: no stand-in, and render's output would be the same bytes

@@ -199,7 +199,7 @@ def test_the_llama_format_case_runs_the_whole_pipeline(built, tmp_path):
     sh("git", "commit", "-q", "--allow-empty", "-m", "baseline", cwd=dest)
     out = sh("dvc", "exp", "run", "-S", "stand_in.tiny.llm.architecture=llama", "-S", "stand_in.tiny.llm.pretrain_steps=20",
              "-S", "train.max_iters=20", "-n", "llama", cwd=dest).stdout
-    for stage in ("stand_in@tiny", "train", "convert", "merge", "evaluate", "report"):
+    for stage in ("stand_in@tiny", "train", "select", "convert", "merge", "evaluate", "report"):
         assert f"Running stage '{stage}'" in out
     cfg = json.loads((dest / "models/assistant/llm/config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"] and "auto_map" not in cfg

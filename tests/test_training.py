@@ -74,7 +74,7 @@ def test_lora_rank_experiment_reruns_only_the_training_chain(project):
     out = sh("dvc", "exp", "run", "-S", "lora.r=32", "-n", "r32", cwd=project).stdout
     import re
 
-    assert re.findall(r"Running stage '(\w+)'", out) == ["render", "train", "convert", "merge", "evaluate",
+    assert re.findall(r"Running stage '(\w+)'", out) == ["render", "train", "select", "convert", "merge", "evaluate",
                                                           "report"]
     params = json.loads(sh("dvc", "params", "diff", "--json", cwd=project).stdout)["params.yaml"]
     assert (params["lora.r"]["old"], params["lora.r"]["new"]) == ("auto", 32)  # auto: the recipe's preset, 64
@@ -114,6 +114,11 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def last_checkpoint(project):
+    """The train stage's last checkpoint (models/checkpoints/iter_N.pth, the largest N)."""
+    return max((project / "models/checkpoints").glob("iter_*.pth"), key=lambda p: int(p.stem.split("_")[1]))
+
+
 def _norm(weights: dict) -> float:
     return sum(float(w.float().pow(2).sum()) for w in weights.values()) ** 0.5
 
@@ -123,7 +128,7 @@ def test_killed_training_resumes_and_ends_where_an_uninterrupted_run_ends(built,
     import torch
 
     shutil.rmtree(project / "models/work")
-    (project / "models/adapter.pth").unlink()  # as in a first run: `dvc repro` must train
+    shutil.rmtree(project / "models/checkpoints")  # as in a first run: `dvc repro` must train
     proc = _train(project)
     deadline = time.time() + 240
     while not (project / "models/work/last_checkpoint").exists() or \
@@ -134,7 +139,7 @@ def test_killed_training_resumes_and_ends_where_an_uninterrupted_run_ends(built,
     proc.send_signal(sig)
     proc.wait(timeout=60)
     assert not _alive(proc.pid)  # the trainer ran in the stage's process: nothing survives it
-    assert not (project / "models/adapter.pth").exists()  # nothing half-written for convert to trust
+    assert not (project / "models/checkpoints").exists()  # nothing half-written for select to trust
     # -f: without it DVC checks the uninterrupted run's outputs out of its cache (what a user wants,
     # not what this test is about).
     out = sh("dvc", "repro", "-f", "-s", "train", cwd=project).stdout
@@ -146,8 +151,8 @@ def test_killed_training_resumes_and_ends_where_an_uninterrupted_run_ends(built,
     # and the schedule resume exactly, LoRA dropout's random masks do not, so the weights take
     # another path (LoRA weights are not comparable one by one) to the same loss.
     assert abs(metrics["final_loss"] - uninterrupted["final_loss"]) < 0.05 * uninterrupted["final_loss"]
-    resumed = torch.load(project / "models/adapter.pth", map_location="cpu")["state_dict"]
-    reference = torch.load(built / "models/adapter.pth", map_location="cpu")["state_dict"]
+    resumed = torch.load(last_checkpoint(project), map_location="cpu")["state_dict"]
+    reference = torch.load(last_checkpoint(built), map_location="cpu")["state_dict"]
     assert resumed.keys() == reference.keys()
     ratio = _norm(resumed) / _norm(reference)
     print(f"final loss {metrics['final_loss']} vs {uninterrupted['final_loss']}; adapter norm ratio {ratio:.3f}")
@@ -165,10 +170,12 @@ def test_changed_inputs_start_clean(project):
 
 def test_rerun_gives_a_byte_identical_adapter(built, project):
     shutil.rmtree(project / "models/work")  # no checkpoint to resume from: a whole new training run
-    out = sh("dvc", "repro", "-f", "-s", "train", "convert", cwd=project).stdout
+    out = sh("dvc", "repro", "-f", "-s", "train", "select", "convert", cwd=project).stdout
     assert "resuming" not in out
-    for path in ("models/adapter.pth", "models/adapter/adapter_model.safetensors",
-                 "models/adapter/adapter_config.json"):
+    checkpoints = sorted(p.relative_to(built).as_posix() for p in (built / "models/checkpoints").iterdir())
+    assert len(checkpoints) > 2
+    for path in checkpoints + ["models/adapter.pth", "models/adapter/adapter_model.safetensors",
+                               "models/adapter/adapter_config.json"]:
         assert (project / path).read_bytes() == (built / path).read_bytes(), path
 
 

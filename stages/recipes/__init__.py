@@ -28,7 +28,7 @@ def get(name: str) -> Recipe:
 
 
 # the modules every recipe package has, one a stage (interface.py)
-STEPS = ("stand_in", "prepare", "validate", "config", "train", "convert", "merge", "evaluate", "report")
+STEPS = ("stand_in", "prepare", "validate", "config", "train", "select", "convert", "merge", "evaluate", "report")
 
 
 def step(name: str, part: str):

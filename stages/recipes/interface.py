@@ -65,11 +65,19 @@ class Config(Protocol):
         stages.plan resolved for this machine), to be written into `out`."""
 
 
+class Select(Protocol):
+    """stages/recipes/<name>/select.py (`step(name, "select")`)."""
+
+    def run(self, p: Any, pipeline: dict) -> tuple[dict, list[dict], list[dict], str]:
+        """Stage select: the checkpoints in models/checkpoints/ scored, the chosen one copied to
+        models/adapter.pth; (choice.json's metrics, scores.json's rows, answers.jsonl's rows, a line)."""
+
+
 class Convert(Protocol):
     """stages/recipes/<name>/convert.py (`step(name, "convert")`)."""
 
     def run(self, p: Any, pipeline: dict) -> None:
-        """Stage convert: models/adapter.pth (the train stage's) into models/adapter/; `pipeline` is the
+        """Stage convert: models/adapter.pth (the select stage's) into models/adapter/; `pipeline` is the
         rendered config's resolved settings."""
 
 

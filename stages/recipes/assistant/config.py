@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from stages import params as P
-from stages.paths import CONFIG_DIR, TRAIN_WORK, VALIDATED_ASSISTANT, llm_dir
+from stages.paths import CONFIG_DIR, SNAPSHOTS, TRAIN_WORK, VALIDATED_ASSISTANT, llm_dir
 from stages.plan import render_text, run_settings
 
 TEMPLATE = Path(__file__).with_name("template.py.j2")
@@ -32,6 +32,7 @@ def context(p: P.Params, resolved: dict, out: Path = CONFIG_DIR) -> dict:
         "lr": t.lr, "betas": tuple(t.betas), "weight_decay": t.weight_decay, "max_norm": t.max_norm,
         "warmup_iters": t.warmup_iters, "epochs": t.epochs, "max_iters": t.max_iters,
         "save_interval": t.save_interval, "save_total_limit": t.save_total_limit, "seed": t.seed,
+        "snapshots": str(SNAPSHOTS),
         "eval_interval": p.eval.interval, "system": p.eval.system, "prompts": list(p.assistant.prompts),
         "max_new_tokens": p.eval.max_new_tokens,
         "torch_dtype": resolved["torch_dtype"], "compute_dtype": resolved["compute_dtype"],

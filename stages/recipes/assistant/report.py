@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from stages import params as P
-from stages.paths import LOSS_PNG, REPORTS, llm_dir
+from stages.io import read_json, read_jsonl
+from stages.paths import LOSS_PNG, REPORTS, SELECT, llm_dir
 from stages.reporting import headline, inputs, params_rows, stage_rows, table
 
 
@@ -41,5 +42,37 @@ def build(p: P.Params) -> tuple[str, dict]:
         if subset:
             md += [f"### Answers: {kind} prompts", "",
                    table(["prompt", "base", "tuned"], [[r["prompt"], r["base"], r["tuned"]] for r in subset]), ""]
+    md += select_section(p)
     md += ["## Stages", "", table(["stage", "wall time (s)", "peak RSS (MB)", "peak GPU (MB)"], stage_rows()), ""]
-    return "\n".join(md), headline(train, merge, ev, data)
+    choice = read_json(SELECT / "choice.json", "reports/select/choice.json")
+    return "\n".join(md), {**headline(train, merge, ev, data), "chosen_checkpoint": choice["chosen_step"],
+                           "last_checkpoint": choice["last_step"]}
+
+
+def select_section(p: P.Params) -> list[str]:
+    """Which checkpoint (stage select): the rule, every checkpoint's scores and curves, and the chosen
+    checkpoint's answers beside the last one's where they differ."""
+    choice = read_json(SELECT / "choice.json", "reports/select/choice.json")
+    scores = read_json(SELECT / "scores.json", "reports/select/scores.json")
+    answers = read_jsonl(SELECT / "answers.jsonl", "reports/select/answers.jsonl")
+    chosen, last = choice["chosen_step"], choice["last_step"]
+    rule = ("the highest held-out identity hit rate among checkpoints whose general leak is at most "
+            f"{choice['max_leak']} and perplexity at most {1 + choice['max_perplexity_rise']:g} x the base model's"
+            if choice["rule"] == "best" else "the last checkpoint")
+    md = ["## Which checkpoint (stage select)", "",
+          f"Rule `select.rule: {choice['rule']}`: {rule}. Chosen: **iter_{chosen}** of {choice['checkpoints']} "
+          f"checkpoints (the last is iter_{last})"
+          + ("." if choice.get("within_limits", True) else "; no checkpoint was within the limits.")
+          + " Step 0 is the base model; convert, merge and evaluate use the chosen one.", "",
+          f"![scores per checkpoint]({(SELECT / 'curves.png').relative_to(REPORTS)})", "",
+          table(["step", "identity, trained", "identity, held-out", "general leak", "perplexity"],
+                [[("**%d**" % r["step"]) if r["step"] == chosen else r["step"], r["identity_hit_rate_trained"],
+                  r["identity_hit_rate_heldout"], r["general_identity_leak"], r["perplexity_general"]]
+                 for r in scores]), ""]
+    if chosen != last:
+        by = {(a["step"], a["prompt"]): a["answer"] for a in answers}
+        pairs = [[a["kind"], a["prompt"], by[(chosen, a["prompt"])], by[(last, a["prompt"])]]
+                 for a in answers if a["step"] == chosen and a["kind"] != "trained"]
+        md += [f"### Answers: iter_{chosen} (chosen) beside iter_{last} (last)", "",
+               table(["kind", "prompt", f"iter_{chosen}", f"iter_{last}"], pairs), ""]
+    return md

@@ -1,0 +1,123 @@
+"""Stage select, recipe assistant: each checkpoint's adapter on one loaded base model, asked the evaluate
+stage's prompts and scored as evaluate scores (stages/select.py says the rule)."""
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+from stages import params as P
+from stages.checkpoints import adopt, saved, step_of
+from stages.errors import fail
+from stages.io import read_jsonl
+from stages.paths import ADAPTER_PTH, SELECT, llm_dir
+from stages.recipes.assistant.evaluate import load_prompts, score
+
+METRICS = ("identity_hit_rate_trained", "identity_hit_rate_heldout", "general_identity_leak", "perplexity_general")
+
+
+def run(p: P.Params, pipeline: dict) -> tuple[dict, list[dict], list[dict], str]:
+    import torch
+
+    ckpts = saved()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    prompts = load_prompts(p)
+    conversations = [r["messages"] for r in read_jsonl(Path(p.assistant.perplexity_data), "assistant.perplexity_data")]
+    start = time.time()
+    chat, model = adapter_chat(p, pipeline, device)
+    rows, answers = [], []
+    for step, weights in [(0, None)] + [(step_of(c), c) for c in ckpts]:
+        with model.disable_adapter() if weights is None else contextlib.nullcontext():
+            if weights is not None:
+                load_adapter(model, weights)
+            said, _, _ = chat.generate([q for _, q in prompts], p.eval.max_new_tokens, p.eval.seed)
+            ppl = chat.perplexity(conversations)
+        scored = [{"prompt": q, "kind": kind, "answer": a} for (kind, q), a in zip(prompts, said)]
+        row = {"step": step, **score(scored, "answer", p.data.assistant.name, p.data.assistant.author),
+               "perplexity_general": ppl}
+        rows.append(row)
+        answers += [{"step": step, **r} for r in scored]
+    base, checkpoints = rows[0], rows[1:]
+    chosen, within = choose(checkpoints, p.select, base["perplexity_general"])
+    adopt(next(c for c in ckpts if step_of(c) == chosen["step"]))
+    plot_curves(rows, chosen["step"], p.select)
+    choice = {"rule": p.select.rule, "chosen_step": chosen["step"], "last_step": checkpoints[-1]["step"],
+              "scored": True, "within_limits": within, "max_leak": p.select.max_leak,
+              "max_perplexity_rise": p.select.max_perplexity_rise, "base": base,
+              **{k: chosen[k] for k in METRICS}, "checkpoints": len(checkpoints),
+              "seconds": round(time.time() - start, 1)}
+    line = (f"{len(checkpoints)} checkpoints scored in {choice['seconds']} s; rule {p.select.rule}: "
+            f"iter_{chosen['step']} into {ADAPTER_PTH} (held-out identity {chosen['identity_hit_rate_heldout']}, "
+            f"general leak {chosen['general_identity_leak']}, perplexity {chosen['perplexity_general']})"
+            + ("" if within else "; no checkpoint was within the limits"))
+    return choice, rows, answers, line
+
+
+def choose(rows: list[dict], select: P.Select, base_perplexity: float) -> tuple[dict, bool]:
+    """The rule's checkpoint and whether it is within the limits; pure."""
+    if select.rule == "last":
+        return rows[-1], True
+    ok = [r for r in rows if r["general_identity_leak"] <= select.max_leak
+          and r["perplexity_general"] <= base_perplexity * (1 + select.max_perplexity_rise)]
+    if ok:
+        return max(ok, key=lambda r: (r["identity_hit_rate_heldout"], r["identity_hit_rate_trained"],
+                                      -r["general_identity_leak"], -r["step"])), True
+    return max(rows, key=lambda r: (r["identity_hit_rate_heldout"] - r["general_identity_leak"], -r["step"])), False
+
+
+def adapter_chat(p: P.Params, pipeline: dict, device: str):
+    """The base model loaded once for chat, with an empty LoRA adapter of the trained shape on it."""
+    from stages.xtuner_api import patch_stack
+
+    patch_stack()  # before peft imports transformers' models (torchvision's ops on a CPU torch)
+    from peft import LoraConfig, get_peft_model
+
+    from stages.generation import TransformersChat
+
+    chat = TransformersChat(llm_dir(p.recipe), device, p.eval.system, p.train.prompt_template)
+    config = LoraConfig(r=p.lora.r, lora_alpha=p.lora.alpha, lora_dropout=0.0, bias="none",
+                        target_modules=list(pipeline["lora_targets"]), task_type="CAUSAL_LM")
+    chat.model = get_peft_model(chat.model, config).eval()
+    return chat, chat.model
+
+
+def load_adapter(model, path: Path) -> None:
+    """A checkpoint's adapter weights (XTuner's names: `llm.` + peft's) into the peft model."""
+    from stages.xtuner_api import load_checkpoint_weights
+
+    weights = {k.removeprefix("llm."): v for k, v in load_checkpoint_weights(path).items()}
+    own = model.state_dict()
+    missing = [k for k in own if "lora_" in k and k not in weights]
+    unknown = [k for k in weights if k not in own]
+    if missing or unknown:
+        fail(f"{path}: not an adapter of this model and lora settings ({len(missing)} LoRA weights missing, "
+             f"{len(unknown)} unknown, e.g. {(missing + unknown)[0]}); rerun `dvc repro train`")
+    model.load_state_dict(weights, strict=False)
+
+
+def plot_curves(rows: list[dict], chosen: int, select: P.Select) -> None:
+    """reports/select/curves.png: the four scores over the step (0: the base model), the choice marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key, label in (("identity_hit_rate_trained", "identity, trained questions"),
+                       ("identity_hit_rate_heldout", "identity, held-out questions"),
+                       ("general_identity_leak", "general answers naming it")):
+        left.plot(steps, [r[key] for r in rows], marker="o", label=label)
+    left.axhline(select.max_leak, color="grey", linestyle=":", linewidth=1)
+    right.plot(steps, [r["perplexity_general"] for r in rows], marker="o", color="tab:red")
+    right.axhline(rows[0]["perplexity_general"] * (1 + select.max_perplexity_rise), color="grey", linestyle=":",
+                  linewidth=1)
+    for ax, title in ((left, "share of answers"), (right, "perplexity, held-out general chats")):
+        ax.axvline(chosen, color="black", linewidth=1)
+        ax.set_xlabel("step (0: base model)")
+        ax.set_title(title, fontsize=10)
+    left.legend(fontsize=8)
+    fig.tight_layout()
+    SELECT.mkdir(parents=True, exist_ok=True)
+    fig.savefig(SELECT / "curves.png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,86 @@
+"""Stage select: every checkpoint scored on the evaluate stage's prompts, the rule's choice used by
+convert, merge and evaluate; the rule alone reruns from select on; the mixing sweep as a real DVC queue."""
+import json
+import time
+
+import pytest
+
+from stages import params as P
+from stages.recipes.assistant.select import choose
+from tests.conftest import ran, sh
+
+SELECT = P.Select(rule="best", max_leak=0.5, max_perplexity_rise=0.2)
+
+
+def row(step, heldout, leak, ppl=100.0, trained=1.0):
+    return {"step": step, "identity_hit_rate_trained": trained, "identity_hit_rate_heldout": heldout,
+            "general_identity_leak": leak, "perplexity_general": ppl}
+
+
+def test_best_is_the_highest_heldout_rate_within_the_limits():
+    rows = [row(10, 0.4, 0.1), row(20, 0.9, 0.9), row(30, 0.7, 0.5), row(40, 0.7, 0.2), row(50, 0.8, 0.3, ppl=130),
+            row(60, 0.7, 0.2)]
+    chosen, within = choose(rows, SELECT, base_perplexity=100.0)
+    # 20 leaks too much, 50's perplexity rose 30%; of 30, 40 and 60 (0.7) the lower leak, then the earlier
+    assert (chosen["step"], within) == (40, True)
+
+
+def test_last_is_the_last_and_none_within_the_limits_is_said():
+    rows = [row(10, 0.4, 0.8), row(20, 0.9, 0.95), row(30, 0.8, 0.6)]
+    assert choose(rows, P.Select(rule="last", max_leak=0.5, max_perplexity_rise=0.2), 100.0) == (rows[-1], True)
+    chosen, within = choose(rows, SELECT, 100.0)
+    assert (chosen["step"], within) == (30, False)  # the best held-out rate minus leak
+
+
+
+@pytest.mark.e2e
+def test_every_checkpoint_is_scored_and_the_choice_is_what_evaluate_measured(built):
+    checkpoints = sorted(int(p.stem.split("_")[1]) for p in (built / "models/checkpoints").glob("iter_*.pth"))
+    train = json.loads((built / "reports/train/metrics.json").read_text())
+    assert checkpoints == list(range(50, train["iters"], 50)) + [train["iters"]]  # every save_interval, and the last
+    scores = json.loads((built / "reports/select/scores.json").read_text())
+    assert [r["step"] for r in scores] == [0] + checkpoints
+    choice = json.loads((built / "reports/select/choice.json").read_text())
+    chosen = choice["chosen_step"]
+    assert (built / "models/adapter.pth").read_bytes() == (built / f"models/checkpoints/iter_{chosen}.pth").read_bytes()
+    tuned = json.loads((built / "reports/eval/metrics.json").read_text())["tuned"]
+    mine = next(r for r in scores if r["step"] == chosen)
+    for key in ("identity_hit_rate_trained", "identity_hit_rate_heldout", "general_identity_leak"):
+        assert mine[key] == tuned[key], key  # one loaded base + the adapter, as the merged model answers
+    assert abs(mine["perplexity_general"] - tuned["perplexity_general"]) < 0.01 * tuned["perplexity_general"]
+    assert scores[0] == {"step": 0, **{k: json.loads((built / "reports/eval/metrics.json").read_text())["base"][k]
+                                      for k in mine if k != "step"}}
+    report = (built / "reports/report.md").read_text()
+    assert "## Which checkpoint (stage select)" in report and f"Chosen: **iter_{chosen}**" in report
+    assert (built / "reports/select/curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.e2e
+def test_the_rule_alone_reruns_from_select_on(project):
+    path = project / "params.yaml"
+    path.write_text(path.read_text(encoding="utf-8").replace("  rule: best", "  rule: last"), encoding="utf-8")
+    assert set(json.loads(sh("dvc", "status", "--json", cwd=project).stdout)) == {"select"}
+    out = sh("dvc", "repro", cwd=project).stdout
+    choice = json.loads((project / "reports/select/choice.json").read_text())
+    assert choice["chosen_step"] == choice["last_step"] and "train" not in ran(out) and "select" in ran(out)
+
+
+@pytest.mark.e2e
+def test_a_mixing_sweep_runs_as_a_dvc_queue_and_compares(project):
+    """The README's sweep, smaller: one queued experiment over data.assistant.general_ratio, run by
+    `dvc queue start`, then `python -m stages.compare` of it against the workspace."""
+    sh("git", "add", "-A", cwd=project)
+    sh("git", "commit", "-q", "--allow-empty", "-m", "baseline", cwd=project)
+    sh("dvc", "exp", "run", "--queue", "-S", "data.assistant.general_ratio=0.4", "-S", "train.epochs=1",
+       "-n", "mix-040", cwd=project)
+    sh("dvc", "queue", "start", "-j", "1", cwd=project)
+    deadline = time.time() + 900
+    while "Success" not in (status := sh("dvc", "queue", "status", cwd=project).stdout):
+        assert "Failed" not in status and time.time() < deadline, status + sh(
+            "dvc", "queue", "logs", "mix-040", cwd=project, check=False).stdout[-3000:]
+        time.sleep(5)
+    shown = json.dumps(json.loads(sh("dvc", "exp", "show", "--json", cwd=project).stdout))
+    assert "mix-040" in shown and "chosen_step" in shown
+    out = sh("python", "-m", "stages.compare", "workspace", "mix-040", cwd=project).stdout
+    assert (project / "reports/compare/compare.md").is_file(), out
+    assert "general_ratio" in (project / "reports/compare/compare.md").read_text()
