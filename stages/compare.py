@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from stages.errors import fail
 from stages.io import write_text
-from stages.paths import GENERATIONS, PARAMS, REPORTS
+from stages.paths import GENERATIONS, PARAMS, REPORTS, SELECT
 from stages.reporting import LOSS_TSV, plot_losses, read_tsv, table
 
 METRICS = REPORTS / "metrics.json"
@@ -63,13 +63,15 @@ def snapshot(rev: str) -> dict:
     params_text = read_at(sha, PARAMS)
     if params_text is None:
         fail(f"{rev}: has no {PARAMS}")
-    metrics, loss, answers = (read_at(sha, p) for p in (METRICS, LOSS_TSV, GENERATIONS))
+    metrics, loss, answers, scores, choice = (read_at(sha, p) for p in (
+        METRICS, LOSS_TSV, GENERATIONS, SELECT / "scores.json", SELECT / "choice.json"))
     return {
         "label": rev, "sha": sha[:7] if sha else "workspace",
         "params": flatten(YAML(typ="safe", pure=True).load(params_text)),
         "metrics": json.loads(metrics) if metrics else {},
         "loss": read_tsv(loss) if loss else None,
         "answers": [json.loads(line) for line in answers.splitlines() if line.strip()] if answers else [],
+        "scores": json.loads(scores) if scores else [], "choice": json.loads(choice) if choice else {},
     }
 
 
@@ -100,6 +102,9 @@ def compare(runs: list[dict], out: Path) -> str:
     curves = {lab: r["loss"] for lab, r in zip(labels, runs) if r["loss"]}
     if curves:
         plot_losses(curves, out / "loss.png", "Training loss")
+    frontier = {lab: r for lab, r in zip(labels, runs) if any("general_identity_leak" in s for s in r["scores"])}
+    if frontier:
+        plot_frontier(frontier, out / "frontier.png")
     prompts = [(a["kind"], _asked(a)) for a in runs[0]["answers"]]
     by_run = [{(a["kind"], _asked(a)): a.get("tuned") for a in r["answers"]} for r in runs]
     md = [f"# Comparison: {' vs '.join(labels)}", "",
@@ -108,10 +113,39 @@ def compare(runs: list[dict], out: Path) -> str:
           table(["param"] + labels, differ) if differ else "No params differ.", "",
           "## Metrics", "", table(["metric"] + labels, metric_rows) if metric_rows else "No metrics.", "",
           "## Training loss", "", "![training loss](loss.png)" if curves else "No loss curves.", "",
+          "## Checkpoints: identity against general leak", "",
+          "Every scored checkpoint of each run (stage select), the chosen one ringed: up and to the left is "
+          "better.\n\n![frontier](frontier.png)" if frontier else "No scored checkpoints.", "",
           "## Answers of the tuned models", "",
           table(["kind", "prompt"] + labels, [[k, p] + [b.get((k, p)) for b in by_run] for k, p in prompts])
           if prompts else "No answers.", ""]
     return "\n".join(md)
+
+
+def plot_frontier(runs: dict[str, dict], path: Path) -> None:
+    """Held-out identity hit rate against general leak, one point a checkpoint, a colour a run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for label, run in runs.items():
+        pts = [s for s in run["scores"] if s.get("step") and "general_identity_leak" in s]
+        line, = ax.plot([s["general_identity_leak"] for s in pts], [s["identity_hit_rate_heldout"] for s in pts],
+                        "o", alpha=0.6, label=label)
+        chosen = next((s for s in pts if s["step"] == run["choice"].get("chosen_step")), None)
+        if chosen:
+            ax.plot(chosen["general_identity_leak"], chosen["identity_hit_rate_heldout"], "o", markersize=14,
+                    markerfacecolor="none", color=line.get_color())
+    ax.set_xlabel("general answers naming the identity (leak)")
+    ax.set_ylabel("identity hit rate, held-out questions")
+    ax.set_xlim(-0.05, 1.05), ax.set_ylim(-0.05, 1.05)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -145,7 +145,7 @@ def test_schema_is_derived_from_the_dataclasses():
     assert schema["properties"]["lora"]["properties"]["r"] == {
         "anyOf": [{"enum": ["auto"]}, {"type": "integer", "minimum": 1}],
         "description": "LoRA rank; auto: the recipe's preset (assistant and llava 64; internvl 128, the tutorial's)"}
-    assert set(schema["required"]) == {"recipe", "stand_in", "data", "lora", "quant", "train", "eval", "assistant",
+    assert set(schema["required"]) == {"recipe", "stand_in", "data", "lora", "quant", "train", "eval", "select", "assistant",
                                        "llava", "internvl"}
 
 

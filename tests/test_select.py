@@ -84,3 +84,4 @@ def test_a_mixing_sweep_runs_as_a_dvc_queue_and_compares(project):
     out = sh("python", "-m", "stages.compare", "workspace", "mix-040", cwd=project).stdout
     assert (project / "reports/compare/compare.md").is_file(), out
     assert "general_ratio" in (project / "reports/compare/compare.md").read_text()
+    assert (project / "reports/compare/frontier.png").read_bytes()[:4] == b"\x89PNG"  # both runs' checkpoints

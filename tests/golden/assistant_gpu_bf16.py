@@ -22,6 +22,7 @@ from xtuner.dataset import process_hf_dataset
 from xtuner.dataset.collate_fns import default_collate_fn
 from xtuner.dataset.map_fns import openai_map_fn, template_map_fn_factory
 from xtuner.engine.hooks import DatasetInfoHook, EvaluateChatHook, ThroughputHook
+from stages.snapshots import AdapterSnapshots
 from xtuner.engine.runner import TrainLoop
 from xtuner.model import SupervisedFinetune
 from xtuner.utils import PROMPT_TEMPLATE
@@ -138,6 +139,8 @@ custom_hooks = [
          evaluation_inputs=evaluation_inputs, system=SYSTEM, prompt_template=prompt_template,
          max_new_tokens=48),
     dict(type=ThroughputHook),
+    # every checkpoint's adapter weights alone, for the select stage (stages/snapshots.py)
+    dict(type=AdapterSnapshots, folder='models/work/snapshots'),
 ]
 
 default_hooks = dict(
