@@ -19,7 +19,8 @@ Outputs: models/adapter.pth (the chosen checkpoint's adapter weights, read by co
 evaluate), reports/select/scores.json (a DVC plot over the step: `dvc plots diff` overlays two
 experiments' curves), reports/select/choice.json (a DVC metric), reports/select/answers.jsonl (every
 checkpoint's answers: the report shows the chosen one's beside the last one's) and
-reports/select/curves.png. The image recipes keep their last checkpoint (not scored).
+reports/select/curves.png (kept in git; not a DVC output, as the image recipes, which keep their last
+checkpoint unscored, draw none).
 
     python -m stages.select
 """
