@@ -161,7 +161,8 @@ def profile(step, table_path: Path) -> dict:
         wall = time.perf_counter() - start
     kinds: dict[str, float] = {}
     gpu_total = 0.0
-    for event in prof.key_averages():
+    events = prof.key_averages()
+    for event in events:
         us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
         if not us or event.device_type != torch.autograd.DeviceType.CUDA:
             continue
@@ -170,8 +171,8 @@ def profile(step, table_path: Path) -> dict:
         kind = next((k for k, pats in KINDS if any(p in name for p in pats)), "other")
         kinds[kind] = kinds.get(kind, 0.0) + us
     table_path.parent.mkdir(parents=True, exist_ok=True)
-    sort = "self_device_time_total" if hasattr(prof.key_averages()[0], "self_device_time_total") else "self_cuda_time_total"
-    table_path.write_text(prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=90))
+    sort = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    table_path.write_text(events.table(sort_by=sort, row_limit=60, max_name_column_width=90))
     step_ms = wall / 2 * 1e3
     return {"step_ms": round(step_ms, 1), "gpu_busy_ms": round(gpu_total / 2e3, 1),
             "gpu_idle_share": round(max(0.0, 1 - gpu_total / 2e3 / step_ms), 3),
