@@ -25,13 +25,20 @@ def run(p: P.Params, pipeline: dict) -> tuple[dict, list[dict], list[dict], str]
     conversations = [r["messages"] for r in read_jsonl(Path(p.assistant.perplexity_data), "assistant.perplexity_data")]
     start = time.time()
     chat, model = adapter_chat(p, pipeline, device)
+    timing = {"load_base_s": time.time() - start, "swap_adapter_s": 0.0, "generate_s": 0.0, "perplexity_s": 0.0}
     rows, answers = [], []
     for step, weights in [(0, None)] + [(step_of(c), c) for c in ckpts]:
         with model.disable_adapter() if weights is None else contextlib.nullcontext():
+            t0 = time.time()
             if weights is not None:
                 load_adapter(model, weights)
-            said, _, _ = chat.generate([q for _, q in prompts], p.eval.max_new_tokens, p.eval.seed)
+            t1 = time.time()
+            said, _, _ = chat.generate([q for _, q in prompts], p.eval.max_new_tokens, p.eval.seed, warm_up=False)
+            t2 = time.time()
             ppl = chat.perplexity(conversations)
+            timing["swap_adapter_s"] += t1 - t0
+            timing["generate_s"] += t2 - t1
+            timing["perplexity_s"] += time.time() - t2
         scored = [{"prompt": q, "kind": kind, "answer": a} for (kind, q), a in zip(prompts, said)]
         row = {"step": step, **score(scored, "answer", p.data.assistant.name, p.data.assistant.author),
                "perplexity_general": ppl}
@@ -45,7 +52,7 @@ def run(p: P.Params, pipeline: dict) -> tuple[dict, list[dict], list[dict], str]
               "scored": True, "within_limits": within, "max_leak": p.select.max_leak,
               "max_perplexity_rise": p.select.max_perplexity_rise, "base": base,
               **{k: chosen[k] for k in METRICS}, "checkpoints": len(checkpoints),
-              "seconds": round(time.time() - start, 1)}
+              "seconds": round(time.time() - start, 1), "timing": {k: round(v, 2) for k, v in timing.items()}}
     line = (f"{len(checkpoints)} checkpoints scored in {choice['seconds']} s; rule {p.select.rule}: "
             f"iter_{chosen['step']} into {ADAPTER_PTH} (held-out identity {chosen['identity_hit_rate_heldout']}, "
             f"general leak {chosen['general_identity_leak']}, perplexity {chosen['perplexity_general']})"
