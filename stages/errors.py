@@ -4,6 +4,7 @@ Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -23,6 +24,7 @@ def run(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None
     """Entry point of every `python -m stages.<name>`: runs `main`, turns a StageError into one line.
     A pipeline stage (`stage` named) also records its wall time and peak memory."""
     _isolate_caches()
+    silence_deepspeed()
     start = time.time()
     try:
         main(argv)
@@ -34,6 +36,39 @@ def run(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+# Where DeepSpeed's notices below WARNING go while a trainer's log file is open (stages/quiet.py sets it)
+DEEPSPEED_LOG: list[logging.Handler] = []
+
+
+def verbose() -> bool:
+    """`PIPELINE_VERBOSE=1`: the libraries' output on the terminal, as they print it (stages/quiet.py)."""
+    return os.environ.get("PIPELINE_VERBOSE", "") not in ("", "0")
+
+
+class _DeepSpeedFilter(logging.Filter):
+    """Every process that imports DeepSpeed prints which accelerator it found, twice: dropped. Its other
+    notices below WARNING go to the open trainer log, else are dropped. `PIPELINE_VERBOSE=1`: all kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if verbose():
+            return True
+        if record.filename == "real_accelerator.py":
+            return False
+        if record.levelno >= logging.WARNING:
+            return True
+        if DEEPSPEED_LOG:
+            DEEPSPEED_LOG[0].handle(record)
+        return False
+
+
+def silence_deepspeed() -> None:
+    """The filter on DeepSpeed's logger, set before DeepSpeed is imported: it creates the logger with
+    `logging.getLogger`, sets its level and adds a handler, and keeps filters set before."""
+    log = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _DeepSpeedFilter) for f in log.filters):
+        log.addFilter(_DeepSpeedFilter())
 
 
 def _isolate_caches() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from stages import params as P
-from stages.errors import fail
+from stages.errors import fail, verbose
 
 
 class TransformersChat:
@@ -20,6 +20,10 @@ class TransformersChat:
         from stages.modeldir import load_model, load_tokenizer
 
         import torch
+        import transformers
+
+        if not verbose():  # the remote code's deprecation notices on every generate: not the user's to act on
+            transformers.logging.set_verbosity_error()
 
         key = str(path)
         self.tok = load_tokenizer(path, key)

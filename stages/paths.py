@@ -54,6 +54,7 @@ PRETRAIN_WORK = Path("models/work-pretrain")  # stage train (llava): XTuner's wo
 CONFIG_DIR = Path("models/config")  # stage render: xtuner_config.py [+ deepspeed.json]
 CONFIG = CONFIG_DIR / "xtuner_config.py"
 TRAIN_WORK = Path("models/work")  # stage train: XTuner's work dir (checkpoints for resume; not cached)
+TENSORBOARD_RUNS = Path("models/tensorboard")  # stage train: every run's TensorBoard events (not cached)
 SNAPSHOTS = TRAIN_WORK / "snapshots"  # stage train: each checkpoint's adapter weights as it is saved (stages/snapshots.py)
 CHECKPOINTS = Path("models/checkpoints")  # stage train: iter_N.pth, each checkpoint's adapter weights, no optimizer state
 ADAPTER_PTH = Path("models/adapter.pth")  # stage select: the chosen checkpoint's adapter weights

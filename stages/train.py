@@ -40,6 +40,7 @@ from typing import Sequence
 from stages import params as P
 from stages.errors import fail, leave_unrecorded, note
 from stages.paths import CHECKPOINTS, CONFIG, CONFIG_DIR, SNAPSHOTS, TRAIN_WORK
+from stages.quiet import quiet_trainer
 from stages.train_log import write_live
 from stages.xtuner_api import final_checkpoint
 
@@ -121,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ensure_hash_seed(argv)
     params = P.load(args.params)
     from stages import kernels, launch
-    from stages.xtuner_api import load_config, run_trainer
+    from stages.xtuner_api import load_config
 
     cfg = load_config(CONFIG)
     pipeline = cfg.pipeline
@@ -145,6 +146,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         run_distributed(args, pipeline, params.train, meet, None)
         print(f"[train] node {meet['node_rank']}: done; node 0 writes {CHECKPOINTS} and the metrics", flush=True)
         return
+    with quiet_trainer():  # a progress bar; XTuner's log to its file (stages/quiet.py)
+        train_node0(params, args, pipeline, step, meet, deepspeed)
+
+
+def train_node0(params: P.Params, args: argparse.Namespace, pipeline: dict, step, meet: dict | None,
+                deepspeed: Path | None) -> None:
+    """Node 0 (or the only one): the recipe's preparation, the trainer, then the outputs."""
+    from stages.xtuner_api import run_trainer
+
     inputs = step.before(params)  # what the trainer reads besides the config (llava: its projector phase first)
     fp = fingerprint(CONFIG_DIR, inputs["data"], inputs["model"], extra=inputs.get("extra", ()),
                      extra_models=inputs.get("extra_models", ()))
@@ -176,7 +186,7 @@ def run_worker(args: argparse.Namespace, cfg, deepspeed: Path | None) -> None:
     launch.die_with_parent()
     launch.join_process_group(cfg.env_cfg.dist_cfg.backend)
     resume = launch.shared_resume(args.resume)
-    with out_of_memory_says_what_to_lower(cfg.pipeline):
+    with out_of_memory_says_what_to_lower(cfg.pipeline), quiet_trainer():
         run_trainer(CONFIG, TRAIN_WORK, deepspeed, resume, "pytorch")
 
 

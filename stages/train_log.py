@@ -2,17 +2,27 @@
 
 mmengine writes one JSON line per logging interval to `<work>/<timestamp>/vis_data/scalars.json`,
 a new timestamped folder per run (a resumed run adds one). They are merged by step, later runs
-winning, and written with DVCLive to reports/train/ (plots/metrics/*.tsv, metrics.json).
+winning, and written with DVCLive to reports/train/ (plots/metrics/*.tsv, metrics.json), and as
+TensorBoard event files, the tutorial's way of laying two runs' loss curves over each other:
+
+  reports/train/tensorboard/     this run's (a DVC output: an experiment's comes back with it)
+  models/tensorboard/<run>/      every run trained in this workspace, one folder each, named after the
+                                 DVC experiment (`dvc exp run -n NAME`) or the time; never cached, so
+                                 `tensorboard --logdir models/tensorboard` overlays them all
+
+and the trainers' log files (environment, config, every logged step) into reports/train/xtuner.log.
 """
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import sys
+import time
 from pathlib import Path
 
-from stages.paths import TRAIN_LIVE
+from stages.paths import TENSORBOARD_RUNS, TRAIN_LIVE
 
 # mmengine/XTuner scalar -> DVCLive metric name
 LOGGED = {"loss": "loss", "lr": "lr", "grad_norm": "grad_norm", "tokens_per_sec": "tokens_per_sec",
@@ -75,5 +85,29 @@ def write_live(work: Path, wall: float, pipeline: dict, out: Path = TRAIN_LIVE,
         for key, value in summary.items():
             live.summary[key] = value
     (out / "plots" / "metrics").mkdir(parents=True, exist_ok=True)  # DVC's plots output, even with no step logged
-    print(f"[train] {out}: {len(steps)} logged steps", file=sys.stderr if not steps else sys.stdout)
+    run = os.environ.get("DVC_EXP_NAME") or time.strftime("%Y%m%d-%H%M%S")
+    for folder in (out / "tensorboard", TENSORBOARD_RUNS / run):
+        write_tensorboard(steps, folder)
+    logs = sorted(work.glob("*/*.log"))
+    if logs:
+        with open(out / "xtuner.log", "w", encoding="utf-8") as log:
+            for path in logs:
+                log.write(path.read_text(encoding="utf-8", errors="replace"))
+    print(f"[train] {out}: {len(steps)} logged steps; TensorBoard: tensorboard --logdir {TENSORBOARD_RUNS}"
+          + (f"; XTuner's log and config: {out / 'xtuner.log'}" if logs else ""),
+          file=sys.stderr if not steps else sys.stdout)
     return summary
+
+
+def write_tensorboard(steps: dict[int, dict], folder: Path) -> None:
+    """The scalars as TensorBoard event files in `folder` (emptied first), under DVCLive's names."""
+    import shutil
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    with SummaryWriter(log_dir=str(folder)) as writer:
+        for step, values in steps.items():
+            for name, value in values.items():
+                writer.add_scalar(f"train/{name}", value, step)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from stages.errors import fail
+from stages.errors import fail, verbose
 
 
 @functools.cache
@@ -274,16 +274,45 @@ def run_trainer(config: Path, work_dir: Path, deepspeed: Path | None, resume: Pa
     # pipeline's trainer); a fresh run loads its pretrained_pth (models/pretrain/projector.pth) with
     # weights only, though XTuner asks torch for full unpickling.
     with full_unpickling() if resume is not None else weights_only_loads():
-        run_tool(train, "xtuner-train", argv)
+        run_tool(train, "xtuner-train", argv, quiet=False)  # the train stage's quiet_trainer (stages/quiet.py)
 
 
-def run_tool(module: Any, prog: str, argv: list[str]) -> None:
-    """`module.main()` of an XTuner tool, in this process, as if run as `prog ARGV...`."""
+def run_tool(module: Any, prog: str, argv: list[str], quiet: bool = True) -> None:
+    """`module.main()` of an XTuner tool, in this process, as if run as `prog ARGV...`; with `quiet`,
+    mmengine's notices (INFO, WARNING) kept off the terminal (`PIPELINE_VERBOSE=1`: shown)."""
     saved, sys.argv = sys.argv, [prog, *argv]
     try:
-        module.main()
+        with _mmengine_errors_only() if quiet and not verbose() else contextlib.nullcontext():
+            module.main()
     finally:
         sys.argv = saved
+
+
+@contextlib.contextmanager
+def _mmengine_errors_only():
+    """mmengine's console handlers, of its loggers made before and during the block, at ERROR."""
+    from mmengine.logging import MMLogger
+
+    def consoles(logger):
+        return [h for h in logger.handlers if type(h) is logging.StreamHandler]
+
+    init = MMLogger.__init__
+
+    def quiet_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        for handler in consoles(self):
+            handler.setLevel(logging.ERROR)
+
+    before = [(h, h.level) for logger in MMLogger._instance_dict.values() for h in consoles(logger)]
+    for handler, _ in before:
+        handler.setLevel(logging.ERROR)
+    MMLogger.__init__ = quiet_init
+    try:
+        yield
+    finally:
+        MMLogger.__init__ = init
+        for handler, level in before:
+            handler.setLevel(level)
 
 
 def _chat_hook_under_amp() -> None:
@@ -439,11 +468,12 @@ def pth_to_hf(config: Path, pth: Path, out: Path, fp32: bool) -> None:
 
     argv = [str(config), str(pth), str(out), "--safe-serialization"] + (["--fp32"] if fp32 else [])
     saved_config, tool.Config = tool.Config, _ConfigWithoutQuantization
+    saved_bar, tool.tqdm = tool.tqdm, (tool.tqdm if verbose() else lambda items, **_: items)  # "Load State Dict"
     try:
         with weights_only_loads():
             run_tool(tool, "xtuner-pth_to_hf", argv)
     finally:
-        tool.Config = saved_config
+        tool.Config, tool.tqdm = saved_config, saved_bar
 
 
 class _ConfigWithoutQuantization:

@@ -59,8 +59,14 @@ def pytest_collection_modifyitems(config, items):
 def built(tmp_path_factory) -> Path:
     """A clean clone on which the real `dvc repro` has run once."""
     project = clone_worktree(tmp_path_factory.mktemp("built"))
-    sh("dvc", "repro", cwd=project)
+    proc = sh("dvc", "repro", cwd=project)
+    repro_output(project).write_text(proc.stdout + proc.stderr, encoding="utf-8")
     return project
+
+
+def repro_output(project: Path) -> Path:
+    """Where the `built` fixture keeps what its `dvc repro` printed (beside the project, not in it)."""
+    return project.with_name(project.name + "-repro-output.txt")
 
 
 def ran(output: str) -> list[str]:

@@ -199,7 +199,7 @@ def test_run_trainer_unpickles_fully_only_to_resume(tmp_path, monkeypatch, resum
     pth = crafted_pth(tmp_path / "projector.pth", marker)
     seen = {}
 
-    def trainer(module, prog, argv):
+    def trainer(module, prog, argv, quiet=True):
         seen["argv"] = argv
         seen["env"] = {k: os.environ.get(k) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
         if not resume:  # as XTuner's guess_load_checkpoint loads the config's pretrained_pth
@@ -227,7 +227,7 @@ def test_deepspeed_in_one_process_gets_its_rank_from_the_environment(tmp_path, m
     from stages import xtuner_api
 
     seen = {}
-    monkeypatch.setattr(xtuner_api, "run_tool", lambda module, prog, argv: seen.update(
+    monkeypatch.setattr(xtuner_api, "run_tool", lambda module, prog, argv, quiet=True: seen.update(
         argv=argv, env={k: os.environ.get(k) for k in DIST}))
     for key in DIST:
         monkeypatch.setenv(key, "x")  # recorded, so that the test leaves the environment as it found it

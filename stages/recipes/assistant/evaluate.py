@@ -12,6 +12,7 @@ from stages.errors import fail
 from stages.generation import TransformersChat, lmdeploy_answers, lmdeploy_configured, pick_backend
 from stages.io import read_json, read_jsonl
 from stages.paths import MERGED, llm_dir
+from stages.quiet import progress_bar
 
 
 def run(p: P.Params) -> tuple[list[dict], dict, str]:
@@ -74,7 +75,9 @@ def evaluate(p: P.Params, backend: str, device: str) -> tuple[list[dict], dict]:
     sides = (("base", llm_dir(p.recipe)), ("tuned", MERGED))
     served = dict(zip(("base", "tuned"), lmdeploy_answers([path for _, path in sides], questions, p))) \
         if backend == "lmdeploy" else {}  # first, alone on the GPU; perplexity below is transformers'
+    bar = progress_bar(len(sides) * len(questions), "[evaluate]", unit="prompt")
     for side, path in sides:
+        bar.set_postfix_str(side, refresh=False)
         start = time.time()
         chat = TransformersChat(path, device, p.eval.system, p.train.prompt_template)
         if side in served:
@@ -83,6 +86,7 @@ def evaluate(p: P.Params, backend: str, device: str) -> tuple[list[dict], dict]:
         else:
             answers, n_tokens, seconds = chat.generate(questions, p.eval.max_new_tokens, p.eval.seed)
             ready = time.time() - start - seconds
+        bar.update(len(questions))
         for row, answer in zip(rows, answers):
             row[side] = answer
         metrics[side] = {
@@ -93,4 +97,5 @@ def evaluate(p: P.Params, backend: str, device: str) -> tuple[list[dict], dict]:
             "start_s": round(ready, 2),
         }
         del chat
+    bar.close()
     return rows, metrics

@@ -11,6 +11,7 @@ from stages.checkpoints import adopt, saved, step_of
 from stages.errors import fail
 from stages.io import read_jsonl
 from stages.paths import ADAPTER_PTH, SELECT, llm_dir
+from stages.quiet import progress_bar
 from stages.recipes.assistant.evaluate import load_prompts, score
 
 METRICS = ("identity_hit_rate_trained", "identity_hit_rate_heldout", "general_identity_leak", "perplexity_general")
@@ -27,7 +28,10 @@ def run(p: P.Params, pipeline: dict) -> tuple[dict, list[dict], list[dict], str]
     chat, model = adapter_chat(p, pipeline, device)
     timing = {"load_base_s": time.time() - start, "swap_adapter_s": 0.0, "generate_s": 0.0, "perplexity_s": 0.0}
     rows, answers = [], []
-    for step, weights in [(0, None)] + [(step_of(c), c) for c in ckpts]:
+    states = [(0, None)] + [(step_of(c), c) for c in ckpts]
+    bar = progress_bar(len(states), "[select]", unit="checkpoint")
+    for step, weights in states:
+        bar.set_postfix_str("base model" if weights is None else f"iter_{step}", refresh=False)
         with model.disable_adapter() if weights is None else contextlib.nullcontext():
             t0 = time.time()
             if weights is not None:
@@ -44,6 +48,8 @@ def run(p: P.Params, pipeline: dict) -> tuple[dict, list[dict], list[dict], str]
                "perplexity_general": ppl}
         rows.append(row)
         answers += [{"step": step, **r} for r in scored]
+        bar.update(1)
+    bar.close()
     base, checkpoints = rows[0], rows[1:]
     chosen, within = choose(checkpoints, p.select, base["perplexity_general"])
     adopt(next(c for c in ckpts if step_of(c) == chosen["step"]))
