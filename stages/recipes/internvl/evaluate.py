@@ -11,7 +11,10 @@ def run(p) -> tuple[list[dict], dict, str]:
     from stages.recipes.internvl import steps
 
     backend = pick_backend(p.eval.backend, torch.cuda.is_available(), lmdeploy_configured())
-    rows, metrics = steps.evaluate(p, backend)
+    from stages.quiet import progress_bar
+
+    with progress_bar(2 * len(p.internvl.eval_images), "[evaluate]", unit="image") as bar:
+        rows, metrics = steps.evaluate(p, backend, bar.update)
     b, t = metrics["base"], metrics["tuned"]
     return rows, metrics, (f"{backend}, {len(rows)} images asked {p.internvl.eval_prompt!r}: captions matched "
                            f"{b['answer_match_rate']} -> {t['answer_match_rate']}, similarity "

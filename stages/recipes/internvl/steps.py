@@ -294,9 +294,10 @@ def reference_answers(source: Path) -> dict[str, str]:
     return out
 
 
-def evaluate(p: Any, backend: str) -> tuple[list[dict], dict]:
+def evaluate(p: Any, backend: str, tick=lambda answers: None) -> tuple[list[dict], dict]:
     """The image prompt about each of `internvl.eval_images`, asked of `internvl.path` (before fine-tuning)
-    and of models/merged (after): answers, and their match and similarity to the data's caption."""
+    and of models/merged (after): answers, and their match and similarity to the data's caption.
+    `tick(n)` after every n answers (a progress bar's update)."""
     import torch
 
     from stages.generation import score_image_answers
@@ -317,6 +318,7 @@ def evaluate(p: Any, backend: str) -> tuple[list[dict], dict]:
             out = lmdeploy_answers(path, [Path(r["image"]) for r in rows], p.internvl.eval_prompt,
                                    p.eval.max_new_tokens, p.eval.seed)
             answers, n_tokens, seconds = out["answers"], sum(out["tokens"]), out["seconds"]
+            tick(len(answers))
         else:
             chat = Chat(path, key)
             chat.answer(Path(rows[0]["image"]), rows[0]["prompt"], 2)  # warm-up, untimed (as the text recipe's)
@@ -327,6 +329,7 @@ def evaluate(p: Any, backend: str) -> tuple[list[dict], dict]:
                 text, n = chat.answer(Path(row["image"]), row["prompt"], p.eval.max_new_tokens)
                 answers.append(text)
                 n_tokens += n
+                tick(1)
             seconds = time.time() - start
             del chat
         for row, answer in zip(rows, answers):

@@ -13,6 +13,7 @@ from stages.errors import fail
 from stages.generation import score_image_answers
 from stages.io import read_json
 from stages.paths import LLAVA_VISION, MERGED, llm_dir
+from stages.quiet import progress_bar
 
 
 def run(p: P.Params) -> tuple[list[dict], dict, str]:
@@ -47,6 +48,7 @@ def evaluate_llava(p: P.Params) -> tuple[list[dict], dict]:
               "tuned": lambda: llava.Chat.load(MERGED / "llm", MERGED / "visual_encoder", MERGED / "projector",
                                                template=p.train.prompt_template)}
     metrics: dict[str, Any] = {"backend": "transformers", "prompts": len(rows)}
+    bar = progress_bar(len(models) * len(rows), "[evaluate]", unit="image")
     for side, load in models.items():
         chat = load()
         chat.answer(Path(rows[0]["image"]), rows[0]["prompt"], 2, p.eval.system)  # warm-up, untimed
@@ -55,7 +57,9 @@ def evaluate_llava(p: P.Params) -> tuple[list[dict], dict]:
         for row in rows:
             row[side], n = chat.answer(Path(row["image"]), row["prompt"], p.eval.max_new_tokens, p.eval.system)
             n_tokens += n
+            bar.update(1)
         seconds = time.time() - start
         metrics[side] = score_image_answers(rows, side, n_tokens, seconds)
         del chat
+    bar.close()
     return rows, metrics
