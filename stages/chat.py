@@ -171,7 +171,6 @@ class LMDeployModel:
     conversation: InternLM2's chat template for text, internvl2-internlm2 for InternVL2."""
 
     def __init__(self, path: Path, recipe: str, system: str, max_new_tokens: int) -> None:
-        import json
         import subprocess
 
         from stages.generation import lmdeploy_template
@@ -268,12 +267,6 @@ def load(args: argparse.Namespace, p: P.Params) -> Any:
         fail("--base: the base model is the recipe's own; leave out --model and --adapter")
     model = Path(args.model) if args.model else None
     adapter = Path(args.adapter) if args.adapter else None
-    if adapter is not None and model is None:
-        model = llm_dir(recipe)  # the adapter goes on the base model it was trained on
-    model = model or default_model(recipe, args.base)
-    if not model.is_dir():
-        how = "`dvc repro` builds it" if model in (MERGED, llm_dir(recipe)) else "give a model directory"
-        fail(f"--model: {model} is not a directory; {how}")
     import torch
 
     from stages.generation import lmdeploy_configured, pick_backend
@@ -287,6 +280,13 @@ def load(args: argparse.Namespace, p: P.Params) -> Any:
             fail("--backend lmdeploy: LMDeploy does not read XTuner's LLaVA layout; use --backend transformers")
         if adapter is not None:
             fail("--backend lmdeploy serves whole models: give the merged model (no --adapter)")
+    if adapter is not None and model is None:
+        model = llm_dir(recipe)  # the adapter goes on the base model it was trained on
+    model = model or default_model(recipe, args.base)
+    if not model.is_dir():
+        how = "`dvc repro` builds it" if model in (MERGED, llm_dir(recipe)) else "give a model directory"
+        fail(f"--model: {model} is not a directory; {how}")
+    if backend == "lmdeploy":
         return LMDeployModel(model, recipe, args.system, args.max_new_tokens)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if recipe == "assistant":
@@ -387,7 +387,10 @@ def message_text(content: Any) -> str:
 def web(model: Any, args: argparse.Namespace, title: str) -> None:
     """A Gradio ChatInterface on `args.host`:`args.port` (127.0.0.1 unless --host says otherwise), no
     analytics (nothing leaves the machine); an image input for the image recipes."""
+    import warnings
+
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # the web stack's own, once a request
     try:
         import gradio as gr
     except ImportError:
