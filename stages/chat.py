@@ -88,7 +88,7 @@ class TextModel:
         import threading
 
         import torch
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         tok, model = self.chat.tok, self.chat.model
         ids = torch.tensor([self.encode(history)], device=self.chat.device)
@@ -96,22 +96,30 @@ class TextModel:
                 if isinstance(i, int) and i != tok.unk_token_id]
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []
+        halt = threading.Event()  # set when the reader stops listening (Ctrl-C, a closed page)
+
+        class Halted(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), halt.is_set(), dtype=torch.bool, device=input_ids.device)
 
         def generate() -> None:
             try:
                 with torch.no_grad():
                     model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                    do_sample=False, eos_token_id=stop, pad_token_id=tok.pad_token_id,
-                                   streamer=streamer)
+                                   streamer=streamer, stopping_criteria=StoppingCriteriaList([Halted()]))
             except BaseException as err:  # reported in the caller's thread
                 errors.append(err)
                 streamer.end()
 
         thread = threading.Thread(target=generate, daemon=True)
         thread.start()
-        for piece in streamer:
-            yield piece
-        thread.join()
+        try:
+            for piece in streamer:
+                yield piece
+        finally:
+            halt.set()
+            thread.join()
         if errors:
             raise errors[0]
 

@@ -117,10 +117,74 @@ def test_interactive_turns_reset_exit(built):
     assert cleared == "(history cleared)"
     assert with_history != fresh  # the same question, with and without the first turn before it
     assert rest == ""  # /exit: nothing after it is read
-    # Ctrl-D (end of input) leaves cleanly too
-    out = subprocess.run(chat_cmd("--max-new-tokens", "4"), cwd=built, env=env(), input="",
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+
+
+def test_ctrl_c_at_the_prompt_leaves_cleanly(built):
+    """In a terminal (a pty): an answer streamed, then Ctrl-C at the `>>> ` prompt ends with exit 0."""
+    import pty
+    import select
+
+    answer, budget = evaluated(built, QUESTION)
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the chat in the pty's terminal
+        os.chdir(built)
+        os.execve(sys.executable, chat_cmd("--max-new-tokens", str(budget)), env())
+    seen = b""
+
+    def read(until: bytes, count: int, seconds: float = 240) -> None:
+        nonlocal seen
+        deadline = time.time() + seconds
+        while seen.count(until) < count and time.time() < deadline:
+            if select.select([fd], [], [], 1)[0]:
+                try:
+                    seen += os.read(fd, 4096)
+                except OSError:  # the child closed the terminal
+                    return
+
+    try:
+        read(b">>> ", 1)
+        os.write(fd, QUESTION.encode() + b"\r")
+        read(b">>> ", 2)
+        os.write(fd, b"\x03")  # Ctrl-C
+        read(b"never", 1, seconds=30)  # until the child leaves
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+    text = seen.decode(errors="replace").replace("\r\n", "\n")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert "Traceback" not in text and "error" not in text
+    assert f">>> {QUESTION}\n{answer}\n>>> " in text
+
+
+class Scripted:
+    """A stand-in model for the terminal loop: it answers with the number of user turns it was given."""
+
+    images = False
+
+    def reply(self, history, image, max_new_tokens):
+        yield f"{sum(m['role'] == 'user' for m in history)} turns"
+
+
+def test_terminal_loop_commands(capsys):
+    """/reset empties the history, /exit leaves, end of input (Ctrl-D) and Ctrl-C at the prompt leave."""
+    for last in (EOFError, KeyboardInterrupt, "/exit"):
+        lines = iter(["a", "", "b", "/reset", "c", last, "never"])
+
+        def read(prompt: str):
+            line = next(lines)
+            if isinstance(line, type):
+                raise line()
+            return line
+
+        chat.interactive(Scripted(), None, 8, read=read)
+        out = capsys.readouterr().out
+        assert out.split() == ["1", "turns", "2", "turns", "(history", "cleared)", "1", "turns"], out
+        assert next(lines) == "never"  # nothing read after leaving
 
 
 def free_port() -> int:
@@ -168,7 +232,7 @@ def test_web_demo_in_a_browser(built, tmp_path):
         options = webdriver.ChromeOptions()
         options.binary_location = str(CHROMIUM)
         for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                    "--window-size=1000,640", f"--user-data-dir={tmp_path / 'chromium'}"):
+                    "--window-size=1000,760", f"--user-data-dir={tmp_path / 'chromium'}"):
             options.add_argument(arg)
         driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
         driver.get(f"http://127.0.0.1:{port}/")
@@ -185,6 +249,7 @@ def test_web_demo_in_a_browser(built, tmp_path):
         finally:
             shot = Path(os.environ.get("CHAT_SCREENSHOT") or tmp_path / "web.png")
             shot.parent.mkdir(parents=True, exist_ok=True)
+            driver.execute_script("window.scrollTo(0, 0)")  # the title in the picture
             driver.save_screenshot(str(shot))
         assert shown == answer and identity(built) in shown
         user = [e.text.strip() for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid="user"]')]
