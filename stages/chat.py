@@ -416,7 +416,7 @@ def web(model: Any, args: argparse.Namespace, title: str) -> None:
         except Exception as err:  # StageError: a missing image, ...: shown in the page, not fatal
             raise gr.Error(str(err)) from None
 
-    extra = [gr.Image(type="filepath", label="image")] if model.images else None
+    extra = [gr.Image(value=args.image, type="filepath", label="image")] if model.images else None
     demo = gr.ChatInterface(respond, additional_inputs=extra, title=title, analytics_enabled=False,
                             description="Greedy answers through the chat template the recipe trained with "
                                         "(python -m stages.chat).",
@@ -482,9 +482,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.recipe = args.recipe or p.recipe
     args.system = p.eval.system if args.system is None else args.system
     image = Path(args.image) if args.image else None
+    if args.image is None and args.recipe in IMAGE_RECIPES and not args.web:
+        fail(f"recipe {args.recipe} answers about an image: give --image PATH (or use --web, which has an image input)")
     model = load(args, p)
-    if args.image is None and model.images and not args.web:
-        fail(f"recipe {args.recipe} answers about an image: give --image PATH")
     try:
         if args.web:
             web(model, args, f"{describe(args)} (recipe {args.recipe})")

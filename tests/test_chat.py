@@ -76,6 +76,8 @@ def test_wrong_options_are_one_line(tmp_path, monkeypatch, capsys):
     assert_one_line_error(code, err, "--backend lmdeploy", "LMDEPLOY_PYTHON")
     code, err = run_stage(chat, capsys, *params, "--base", "--adapter", "models/adapter")
     assert_one_line_error(code, err, "--base")
+    code, err = run_stage(chat, capsys, "--params", str(ROOT / "params.yaml"), "--recipe", "llava", "--prompt", "hi")
+    assert_one_line_error(code, err, "recipe llava", "--image")
     code, err = run_stage(chat, capsys, *params, "--max-new-tokens", "0")
     assert_one_line_error(code, err, "--max-new-tokens")
 
@@ -128,35 +130,40 @@ def test_ctrl_c_at_the_prompt_leaves_cleanly(built):
     pid, fd = pty.fork()
     if pid == 0:  # the child: the chat in the pty's terminal
         os.chdir(built)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # as a terminal's shell starts it (a background job ignores it)
         os.execve(sys.executable, chat_cmd("--max-new-tokens", str(budget)), env())
     seen = b""
 
-    def read(until: bytes, count: int, seconds: float = 240) -> None:
+    def read(until: bytes, seconds: float = 240) -> bool:
+        """Read the terminal until `until` shows (True) or the child leaves or time runs out (False)."""
         nonlocal seen
         deadline = time.time() + seconds
-        while seen.count(until) < count and time.time() < deadline:
+        while until not in seen and time.time() < deadline:
             if select.select([fd], [], [], 1)[0]:
                 try:
                     seen += os.read(fd, 4096)
                 except OSError:  # the child closed the terminal
-                    return
+                    return False
+        return until in seen
 
+    status = None
     try:
-        read(b">>> ", 1)
+        assert read(b">>> "), seen
         os.write(fd, QUESTION.encode() + b"\r")
-        read(b">>> ", 2)
+        assert read(answer.encode() + b"\r\n>>> "), seen  # the whole answer, then the next prompt
         os.write(fd, b"\x03")  # Ctrl-C
-        read(b"never", 1, seconds=30)  # until the child leaves
-        _, status = os.waitpid(pid, 0)
+        read(b"never", seconds=30)  # until the child leaves
+        deadline = time.time() + 10
+        while status is None and time.time() < deadline:
+            done, code = os.waitpid(pid, os.WNOHANG)
+            status = code if done else time.sleep(0.2)
     finally:
         os.close(fd)
-        try:
+        if status is None:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
     text = seen.decode(errors="replace").replace("\r\n", "\n")
-    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert status is not None and os.waitstatus_to_exitcode(status) == 0, (status, text)
     assert "Traceback" not in text and "error" not in text
     assert f">>> {QUESTION}\n{answer}\n>>> " in text
 
