@@ -151,6 +151,7 @@ def test_ctrl_c_at_the_prompt_leaves_cleanly(built):
         assert read(b">>> "), seen
         os.write(fd, QUESTION.encode() + b"\r")
         assert read(answer.encode() + b"\r\n>>> "), seen  # the whole answer, then the next prompt
+        time.sleep(1)  # as a person would: Python's readline loses a Ctrl-C that lands before it waits
         os.write(fd, b"\x03")  # Ctrl-C
         read(b"never", seconds=30)  # until the child leaves
         deadline = time.time() + 10
