@@ -24,7 +24,7 @@ examples (after `dvc repro`):
   python -m stages.chat --base                           # the base model, before fine-tuning
   python -m stages.chat --adapter models/adapter         # the adapter on the base model (not merged)
   python -m stages.chat --model /path/to/internlm2-chat-1_8b --system "You are helpful."
-  python -m stages.chat --image data/raw/llava/red_square.png     # recipe llava or internvl: ask about an image
+  python -m stages.chat --image data/raw/llava/images/red_circle_on_white.png   # recipe llava or internvl: ask about an image
   python -m stages.chat --web --port 7860                # a chat page on http://127.0.0.1:7860 (pip install gradio)
   LMDEPLOY_PYTHON=/opt/lmdeploy/bin/python python -m stages.chat --backend lmdeploy   # a GPU host
 
@@ -149,6 +149,9 @@ class InternVLModel:
         from stages.recipes.internvl.steps import Chat
 
         self.chat = Chat(path, str(path))
+        if not hasattr(self.chat.model.config, "force_image_size"):
+            fail(f"--model: {path} is not an InternVL model (no vision part in its config.json); recipe internvl "
+                 "talks to its merged model after `dvc repro`, or --base")
 
     def reply(self, history: list[dict], image: Path | None, max_new_tokens: int) -> Iterator[str]:
         if image is None:
@@ -234,6 +237,18 @@ class LMDeployModel:
         self.proc.wait()
 
 
+def check_image(image: Path) -> None:
+    if not image.is_file():
+        fail(f"--image: {image} is not a file")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(image) as img:
+            img.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        fail(f"--image: {image} is not an image Pillow can read ({type(err).__name__})")
+
+
 def first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [""])[0]
 
@@ -269,8 +284,8 @@ def load(args: argparse.Namespace, p: P.Params) -> Any:
     if args.image is not None and recipe not in IMAGE_RECIPES:
         fail(f"--image: recipe {recipe} is a text model; images are for the recipes {' and '.join(IMAGE_RECIPES)} "
              f"(params.yaml recipe, or --recipe)")
-    if args.image is not None and not Path(args.image).is_file():
-        fail(f"--image: {args.image} is not a file")
+    if args.image is not None:
+        check_image(Path(args.image))
     if args.base and (args.model or args.adapter):
         fail("--base: the base model is the recipe's own; leave out --model and --adapter")
     model = Path(args.model) if args.model else None
@@ -307,9 +322,10 @@ def load(args: argparse.Namespace, p: P.Params) -> Any:
     from stages.recipes.llava import model as llava  # recipe llava: its parts, as the evaluate stage loads them
 
     template = p.train.prompt_template
-    if (model / "llm").is_dir():  # a merged folder: llm/, visual_encoder/, projector/
-        if adapter is not None:
-            fail(f"--adapter: {model} is a merged LLaVA already; give the base LLM with --model, or leave out --model")
+    if adapter is None and not args.base:  # a merged folder: llm/, visual_encoder/, projector/
+        if not all((model / part).is_dir() for part in ("llm", "visual_encoder", "projector")):
+            fail(f"--model: {model} is not a merged LLaVA (llm/, visual_encoder/, projector/); recipe llava talks "
+                 "to its merged model after `dvc repro`, --base, or --adapter models/adapter")
         return LlavaModel(llava.Chat.load(model / "llm", model / "visual_encoder", model / "projector",
                                           template=template), args.system)
     if adapter is not None:  # pth_to_hf's folder: llm_adapter/, visual_encoder_adapter/, projector/
@@ -484,7 +500,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     image = Path(args.image) if args.image else None
     if args.image is None and args.recipe in IMAGE_RECIPES and not args.web:
         fail(f"recipe {args.recipe} answers about an image: give --image PATH (or use --web, which has an image input)")
-    model = load(args, p)
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr):  # what model code prints as it loads: stdout is the answer's
+        model = load(args, p)
     try:
         if args.web:
             web(model, args, f"{describe(args)} (recipe {args.recipe})")
