@@ -29,8 +29,12 @@ torch_version=$(.venv/bin/python -c 'import torch; print(torch.__version__.split
 .venv/bin/python -c 'import deepspeed' 2>/dev/null \
   || DS_BUILD_OPS=0 pip install --no-build-isolation -c .venv/constraints.txt deepspeed==0.16.2
 
-# 3. the project, XTuner and the rest.
-pip install -c .venv/constraints.txt -e '.[dev]'
+# 3. the project, XTuner and the rest; with --test also the web demo's Gradio and the tests' Selenium.
+if [ "${1:-}" = --test ]; then
+  pip install -c .venv/constraints.txt -e '.[dev,web]'
+else
+  pip install -c .venv/constraints.txt -e '.[dev]'
+fi
 
 # 4. Override: bitsandbytes 0.50.2 over xtuner 0.2.0's bitsandbytes==0.45.0 pin. 0.45.0 has no CPU
 #    4-bit kernels and no CUDA 13 library; 0.50.2 has both. pip's check reports the pin conflict;
@@ -53,6 +57,26 @@ if [ "${1:-}" = --test ] && [ ! -x /usr/sbin/sshd ] && command -v apt-get >/dev/
   fi
   rm -f "$log"
   echo "setup: installed openssh-server (for tests/test_remote_ssh.py)"
+fi
+
+# 6. `make test` only (--test): tests/test_chat.py drives the web demo in a headless Chromium through
+#    Debian's chromedriver (Selenium Manager then downloads nothing), with a CJK font for its screenshot.
+if [ "${1:-}" = --test ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  missing=()
+  [ -x /usr/bin/chromium ] || missing+=(chromium)
+  [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
+  fc-list 2>/dev/null | grep -qi 'wqy\|noto sans cjk' || missing+=(fonts-wqy-zenhei)
+  if [ ${#missing[@]} -gt 0 ]; then
+    log=$(mktemp)
+    if ! { apt-get -qq update && DEBIAN_FRONTEND=noninteractive apt-get -qq install -y --no-install-recommends \
+             "${missing[@]}"; } >"$log" 2>&1; then
+      tail -n 20 "$log" >&2
+      echo "setup: installing ${missing[*]} failed (log: $log)" >&2
+      exit 1
+    fi
+    rm -f "$log"
+    echo "setup: installed ${missing[*]} (for tests/test_chat.py)"
+  fi
 fi
 
 echo "setup: .venv ready in $(( $(date +%s) - start ))s (torch $torch_version)"
