@@ -163,17 +163,22 @@ class InternVLModel:
 # started once, then one JSON request a line on stdin ({"messages": [...]}, OpenAI format, images as
 # image_url parts), the answer streamed back as JSON lines {"text": piece}, then {"done": true}
 LMDEPLOY_CHAT_SCRIPT = """
-import json, sys
-from lmdeploy import ChatTemplateConfig, GenerationConfig, pipeline
+import json, os, sys
+reply = os.fdopen(os.dup(1), "w", buffering=1)  # the answers' channel; whatever else prints goes to stderr
+os.dup2(2, 1)
+from lmdeploy import ChatTemplateConfig, GenerationConfig, PytorchEngineConfig, pipeline
 req = json.loads(sys.stdin.readline())
-pipe = pipeline(req["model"], chat_template_config=ChatTemplateConfig(**req["template"]))
+# one conversation at a time: a batch of 1 and a fifth of the free memory for its cache (a tiny model's
+# small blocks otherwise make the engine's block tables alone larger than the GPU)
+engine = PytorchEngineConfig(max_batch_size=1, cache_max_entry_count=0.2)
+pipe = pipeline(req["model"], backend_config=engine, chat_template_config=ChatTemplateConfig(**req["template"]))
 gen = GenerationConfig(max_new_tokens=req["max_new_tokens"], do_sample=False)
-print(json.dumps({"ready": True}), flush=True)
+print(json.dumps({"ready": True}), file=reply)
 for line in sys.stdin:
     messages = json.loads(line)["messages"]
     for out in pipe.stream_infer([messages], gen_config=gen):
-        print(json.dumps({"text": out.text}), flush=True)
-    print(json.dumps({"done": True}), flush=True)
+        print(json.dumps({"text": out.text}), file=reply)
+    print(json.dumps({"done": True}), file=reply)
 """
 
 
