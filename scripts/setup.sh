@@ -23,13 +23,13 @@ pip() {
 # The installer: uv where it can be had (SETUP_INSTALLER=pip: pip alone). uv resolves and installs the same
 # pins several times faster; it lives in .venv/uv, beside the environment, not in it (no stage imports it).
 # uv reads no pip.conf, so pip's configured sources (find-links, extra indexes, constraints: a machine's
-# local wheels) are handed to it, and it picks the best match over all indexes as pip does.
+# local wheels) are handed to it; it picks the best match over all indexes and compiles bytecode, as pip does.
 installer=pip
 if [ "${SETUP_INSTALLER:-uv}" = uv ]; then
   [ -x .venv/uv/bin/uv ] || pip install --target .venv/uv uv >/dev/null 2>&1 || rm -rf .venv/uv
   if [ -x .venv/uv/bin/uv ]; then
     installer=uv
-    uv_args=(--python .venv/bin/python --index-strategy unsafe-best-match)
+    uv_args=(--python .venv/bin/python --index-strategy unsafe-best-match --compile-bytecode)
     while IFS= read -r line; do  # pip config list: scope.key='value', the environment's last
       key=${line%%=*}; key=${key##*.}; value=${line#*=}; value=${value#\'}; value=${value%\'}
       for v in $value; do
