@@ -130,8 +130,8 @@ def test_a_signal_to_the_stage_leaves_no_process_behind_and_the_run_resumes(buil
             time.sleep(0.1)
         seen.update(_descendants(proc.pid))
         launcher = [pid for pid, cmd in seen.items() if "torch.distributed.run" in cmd]
-        # torchrun's own children: a worker's child caught between fork and exec (mmengine's environment report
-        # runs `gcc --version` at start-up) shows the worker's command line too
+        # torchrun's own children: a worker's short-lived child (forked, seen before it execs or exits; `seen`
+        # keeps every process ever polled) carries the worker's command line too, and ended the old count at 3
         workers = [pid for pid, cmd in seen.items() if "--worker" in cmd and pid not in launcher
                    and _parent(pid) in launcher]
         assert len(workers) == 2 and launcher, seen
