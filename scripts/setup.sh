@@ -6,7 +6,7 @@
 #   TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130" bash scripts/setup.sh
 #   bash scripts/setup.sh --test          # also what the tests need outside Python (`make test`)
 #
-# Re-running is cheap: pip skips what is already satisfied.
+# Re-running is cheap: the installer (uv, else pip) skips what is already satisfied.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -20,27 +20,59 @@ pip() {
     | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 }
 
+# The installer: uv where it can be had (SETUP_INSTALLER=pip: pip alone). uv resolves and installs the same
+# pins several times faster; it lives in .venv/uv, beside the environment, not in it (no stage imports it).
+# uv reads no pip.conf, so pip's configured sources (find-links, extra indexes, constraints: a machine's
+# local wheels) are handed to it; it picks the best match over all indexes and compiles bytecode, as pip does.
+installer=pip
+if [ "${SETUP_INSTALLER:-uv}" = uv ]; then
+  [ -x .venv/uv/bin/uv ] || pip install --target .venv/uv uv >/dev/null 2>&1 || rm -rf .venv/uv
+  if [ -x .venv/uv/bin/uv ]; then
+    installer=uv
+    uv_args=(--python .venv/bin/python --index-strategy unsafe-best-match --compile-bytecode)
+    while IFS= read -r line; do  # pip config list: scope.key='value', the environment's last
+      key=${line%%=*}; key=${key##*.}; value=${line#*=}; value=${value#\'}; value=${value%\'}
+      for v in $value; do
+        case $key in
+          find-links) uv_args+=(--find-links "$v") ;;
+          extra-index-url) uv_args+=(--extra-index-url "$v") ;;
+          index-url) uv_args+=(--index-url "$v") ;;
+          constraint) uv_args+=(--constraint "$v") ;;
+        esac
+      done
+    done < <(.venv/bin/python -m pip config list 2>/dev/null || true)
+  fi
+fi
+install() {
+  if [ $installer = uv ]; then .venv/uv/bin/uv pip install -q "${uv_args[@]}" "$@"; else pip install "$@"; fi
+}
+
+# What is installed, by the packages' metadata (importing torch and deepspeed to ask costs 25 s).
+version() { .venv/bin/python -c 'import importlib.metadata as m, sys; print(m.version(sys.argv[1]))' "$1" 2>/dev/null || true; }
+
 # 1. torch, then hold it: without this pin, resolving torchvision pulls a newer torch with CUDA (GBs).
-.venv/bin/python -c 'import torch' 2>/dev/null || pip install $TORCH_SPEC
-torch_version=$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')
+[ -n "$(version torch)" ] || install $TORCH_SPEC
+torch_version=$(version torch); torch_version=${torch_version%%+*}
 { cat constraints.txt; echo "torch==$torch_version"; } > .venv/constraints.txt
 
 # 2. deepspeed is source-only on the index; build it without ops (they are built just in time on GPU).
-.venv/bin/python -c 'import deepspeed' 2>/dev/null \
-  || DS_BUILD_OPS=0 pip install --no-build-isolation -c .venv/constraints.txt deepspeed==0.16.2
+[ -n "$(version deepspeed)" ] || DS_BUILD_OPS=0 install --no-build-isolation -c .venv/constraints.txt deepspeed==0.16.2
 
-# 3. the project, XTuner and the rest; with --test also the web demo's Gradio and the tests' Selenium.
-if [ "${1:-}" = --test ]; then
-  pip install -c .venv/constraints.txt -e '.[dev,web]'
-else
-  pip install -c .venv/constraints.txt -e '.[dev]'
+# 3. the project, XTuner and the rest (with --test also the web demo's Gradio and the tests' Selenium);
+#    skipped when pyproject.toml, the constraints and the extras are those of the last complete run
+#    (.venv/setup.stamp), as re-resolving would swap bitsandbytes back and forth (step 4).
+extras=dev; [ "${1:-}" != --test ] || extras=dev,web
+stamp=$( { cat pyproject.toml .venv/constraints.txt; echo "$extras"; } | sha256sum | cut -d' ' -f1)
+if [ "$(cat .venv/setup.stamp 2>/dev/null)" != "$stamp" ] || [ -z "$(version xtuner-dvc-pipeline)" ]; then
+  rm -f .venv/setup.stamp
+  install -c .venv/constraints.txt -e ".[$extras]"
 fi
 
 # 4. Override: bitsandbytes 0.50.2 over xtuner 0.2.0's bitsandbytes==0.45.0 pin. 0.45.0 has no CPU
 #    4-bit kernels and no CUDA 13 library; 0.50.2 has both. pip's check reports the pin conflict;
 #    nothing else depends on it.
-.venv/bin/python -c 'import importlib.metadata as m; assert m.version("bitsandbytes") == "0.50.2"' 2>/dev/null \
-  || pip install --no-deps bitsandbytes==0.50.2
+[ "$(version bitsandbytes)" = 0.50.2 ] || install --no-deps bitsandbytes==0.50.2
+echo "$stamp" > .venv/setup.stamp
 
 # 5. `make test` only (--test): tests/test_remote_ssh.py runs its own OpenSSH server on loopback. Where
 #    /usr/sbin/sshd is missing and apt-get can install it (CI: a clean Debian machine, as root), install
@@ -79,4 +111,4 @@ if [ "${1:-}" = --test ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ];
   fi
 fi
 
-echo "setup: .venv ready in $(( $(date +%s) - start ))s (torch $torch_version)"
+echo "setup: .venv ready in $(( $(date +%s) - start ))s (torch $torch_version, $installer)"
