@@ -83,9 +83,12 @@ def load_tokenizer(path: str | Path, key: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True, local_files_only=True)
     except Exception as err:  # the tokenizers library raises a bare Exception
         fail(f"{key or 'model'}: the tokenizer in {folder} does not load ({_reason(err)})")
+    if not callable(tokenizer):  # transformers 4.48 returns False where SentencePiece refuses the file (with protobuf)
+        fail(f"{key or 'model'}: the tokenizer in {folder} does not load (SentencePiece cannot read its tokenizer.model)")
+    return tokenizer
 
 
 def load_model(path: str | Path, key: str | None = None, **kwargs: Any) -> Any:
