@@ -13,7 +13,8 @@ What the libraries print goes to files instead, and the stage prints where:
 
 `PIPELINE_VERBOSE=1` in the environment keeps everything on the terminal, as the libraries print it.
 The progress bar (`ProgressHook`, registered on every mmengine runner the stage builds) shows the
-step, loss, tokens/s and the time left, on standard error, on process 0 only.
+step, loss, tokens/s and the time left, on standard error, on process 0 only, on a terminal; into a
+file or pipe the train stage prints a plain progress line a minute instead, and the other bars nothing.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from typing import Iterator
 
 from stages.errors import DEEPSPEED_LOG as _log_file  # the open trainer log's handler, while one is open
@@ -28,28 +30,32 @@ from stages.errors import verbose
 
 
 def progress_bar(total: int, desc: str, unit: str = "it", initial: int = 0, disable: bool = False):
-    """tqdm on standard error: redrawn twice a second on a terminal, once a minute into a file or pipe
-    (a log then gets a line now and then, not thousands)."""
+    """tqdm on standard error, on a terminal only: into a file or a pipe (a log, a test) it draws
+    nothing, so an error after it is still the only line there (the train stage's hook prints
+    plain progress lines instead)."""
     from tqdm import tqdm
 
-    tty = sys.stderr.isatty()
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=tty,
-                mininterval=0.5 if tty else 60, leave=True, disable=disable, smoothing=0.1)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                mininterval=0.5, leave=True, disable=disable or not sys.stderr.isatty(), smoothing=0.1)
 
 
 def _progress_hook_class():
     from mmengine.hooks import Hook
 
     class ProgressHook(Hook):
-        """step / total, loss, tokens/s and the time left, after every training iteration."""
+        """step / total, loss, tokens/s and the time left, after every training iteration: a bar on a
+        terminal; elsewhere a plain line a minute and one at the end, on process 0."""
 
         priority = "LOWEST"
+        EVERY_S = 60
 
         def __init__(self, desc: str = "[train]") -> None:
             self.desc, self.bar = desc, None
 
         def before_train(self, runner) -> None:
             self.bar = progress_bar(runner.max_iters, self.desc, initial=runner.iter, disable=runner.rank != 0)
+            self.lines = runner.rank == 0 and self.bar.disable and not sys.stderr.isatty()
+            self.start = self.last = time.time()
 
         def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
             if self.bar is None:
@@ -63,6 +69,11 @@ def _progress_hook_class():
                 shown["tokens/s"] = f"{hub.get_scalar('train/tokens_per_sec').current():,.0f}"
             self.bar.set_postfix(shown, refresh=False)
             self.bar.update(1)
+            step, now = runner.iter + 1, time.time()
+            if self.lines and (now - self.last >= self.EVERY_S or step == runner.max_iters):
+                self.last = now
+                said = "".join(f", {k} {v}" for k, v in shown.items())
+                print(f"{self.desc} step {step}/{runner.max_iters}{said}, {now - self.start:.0f} s", flush=True)
 
         def after_train(self, runner) -> None:
             if self.bar is not None:
