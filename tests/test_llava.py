@@ -4,16 +4,19 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 
 from stages import params as P, plan, render
 from stages.recipes.llava import config as llava_config
 from stages.recipes.llava import model as llava, vision
 from stages.errors import StageError
-from tests.conftest import (ROOT, assert_one_line_error, ran, recipe_experiment, repro_in_copy, run_stage, sh,
+from tests.conftest import (ROOT, assert_one_line_error, env, ran, recipe_experiment, repro_in_copy, run_stage, sh,
                             tree_digest)
 
 GOLDEN = ROOT / "tests" / "golden"
@@ -289,3 +292,17 @@ def test_other_recipes_inputs_rerun_nothing_in_a_llava_workspace(llava_built, tm
     project = tmp_path / "llava"
     shutil.copytree(llava_built[0], project, symlinks=True)
     assert_other_recipes_isolated(project, "llava", allowed={"stand_in@tiny"})
+
+
+def test_chat_about_an_image_answers_as_evaluate_did(llava_built):
+    """`python -m stages.chat --image`: the merged LLaVA model (and the adapter on the base) answers each
+    evaluated image as the evaluate stage's greedy decoding did, the answer alone on stdout."""
+    project = llava_built[0]
+    budget = str(yaml.safe_load((project / "params.yaml").read_text())["eval"]["max_new_tokens"])
+    rows = [json.loads(line) for line in (project / "reports/eval/generations.jsonl").read_text().splitlines()]
+    for row, extra in ((rows[0], ()), (rows[-1], ("--adapter", "models/adapter"))):
+        out = subprocess.run([sys.executable, "-m", "stages.chat", "--image", row["image"], "--prompt", row["prompt"],
+                              "--max-new-tokens", budget, *extra], cwd=project, env=env(), capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert out.stdout == row["tuned"] + "\n", (extra, out.stdout, row["tuned"])
