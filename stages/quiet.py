@@ -90,20 +90,16 @@ def quiet_trainer(desc: str = "[train]") -> Iterator[None]:
     if verbose():
         yield
         return
-    from mmengine.logging import MMLogger
     from mmengine.runner import Runner
 
-    init, train = MMLogger.__init__, Runner.train
+    from stages.xtuner_api import mmengine_errors_only
+
+    train = Runner.train
     hook = _progress_hook_class()
 
-    def quiet_init(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        for handler in self.handlers:
-            if isinstance(handler, logging.FileHandler):
-                _log_file[:] = [handler]
-                print(f"{desc} XTuner's log: {os.path.relpath(handler.baseFilename)}", flush=True)
-            elif isinstance(handler, logging.StreamHandler):
-                handler.setLevel(logging.ERROR)
+    def opened(handler: logging.FileHandler) -> None:
+        _log_file[:] = [handler]
+        print(f"{desc} XTuner's log: {os.path.relpath(handler.baseFilename)}", flush=True)
 
     def train_with_progress(self, *args, **kwargs):
         self.register_hook(hook(desc))
@@ -117,14 +113,15 @@ def quiet_trainer(desc: str = "[train]") -> Iterator[None]:
     transformers.logging.set_verbosity_error()
     warnings_log = logging.getLogger("py.warnings")
     forward = _ForwardToLog()
-    MMLogger.__init__, Runner.train = quiet_init, train_with_progress
+    Runner.train = train_with_progress
     logging.captureWarnings(True)
     warnings_log.addHandler(forward)
     warnings_log.propagate = False
     try:
-        yield
+        with mmengine_errors_only(opened):
+            yield
     finally:
-        MMLogger.__init__, Runner.train = init, train
+        Runner.train = train
         logging.captureWarnings(False)
         warnings_log.removeHandler(forward)
         warnings_log.propagate = True

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from stages.errors import fail, verbose
 
@@ -282,15 +282,16 @@ def run_tool(module: Any, prog: str, argv: list[str], quiet: bool = True) -> Non
     mmengine's notices (INFO, WARNING) kept off the terminal (`PIPELINE_VERBOSE=1`: shown)."""
     saved, sys.argv = sys.argv, [prog, *argv]
     try:
-        with _mmengine_errors_only() if quiet and not verbose() else contextlib.nullcontext():
+        with mmengine_errors_only() if quiet and not verbose() else contextlib.nullcontext():
             module.main()
     finally:
         sys.argv = saved
 
 
 @contextlib.contextmanager
-def _mmengine_errors_only():
-    """mmengine's console handlers, of its loggers made before and during the block, at ERROR."""
+def mmengine_errors_only(on_log_file: Callable[[logging.FileHandler], None] | None = None):
+    """mmengine's console handlers, of its loggers made before and during the block, at ERROR (their
+    log files keep everything); `on_log_file` is called with each log file handler a logger opens."""
     from mmengine.logging import MMLogger
 
     def consoles(logger):
@@ -302,6 +303,9 @@ def _mmengine_errors_only():
         init(self, *args, **kwargs)
         for handler in consoles(self):
             handler.setLevel(logging.ERROR)
+        for handler in self.handlers:
+            if on_log_file is not None and isinstance(handler, logging.FileHandler):
+                on_log_file(handler)
 
     before = [(h, h.level) for logger in MMLogger._instance_dict.values() for h in consoles(logger)]
     for handler, _ in before:
