@@ -11,7 +11,8 @@
 #
 # Suites: peers (the three libraries at micro-batch 8 and 16, plain also 4), stage (the train stage
 # at the project's defaults at `train.memory_gb: 24`, LoRA as the peers': r 64, alpha 16, dropout 0),
-# levers (benchmarks/levers.py's `stage` plan on the built model, the last setting profiled),
+# levers (benchmarks/levers.py's `stage` plan on the built model, the last setting profiled), overhead
+# (the optimizer wrapper's per-step levers in the train stage, each undone on its own),
 # all (peers, then the stage at 24 GB with the peers' LoRA and with dropout 0.1), lean7b (7B: the peers at micro-batch 1 and 2, the stage at memory_gb 8).
 set -uo pipefail
 SUITE=${1:-all}; ITERS=${2:-40}; OUT=${OUT:-bench}
@@ -64,6 +65,16 @@ case $SUITE in
     peer unsloth internlm2-1_8b 8,16; peer liger internlm2-1_8b 8,16; peer hf internlm2-1_8b 4,8
     stage "train stage, defaults at 24 GB, peer LoRA" internlm2-1_8b "{$PEERLORA}"
     stage "train stage, defaults at 24 GB, LoRA dropout 0.1" internlm2-1_8b "{'lora': {'r': 64, 'alpha': 16, 'dropout': 0.1}}" ;;
+  overhead)  # the per-step levers of the optimizer wrapper, each undone on its own in the rendered config:
+    # mmengine's dynamic loss scaling under bf16 (a scale, an unscale, an overflow check and a sync a step)
+    # and torch's fused AdamW; then data loading in two worker processes
+    NOSCALE="/^    loss_scale={'enabled': False},\$/d"; NOFUSE="s/, fused=True)/)/"
+    CONFIG_EDIT="$NOSCALE;$NOFUSE" stage "train stage, peer LoRA, dynamic loss scale, foreach AdamW (before)" internlm2-1_8b "{$PEERLORA}"
+    stage "train stage, peer LoRA, no loss scale, fused AdamW (defaults)" internlm2-1_8b "{$PEERLORA}"
+    CONFIG_EDIT="$NOSCALE" stage "train stage, peer LoRA, dynamic loss scale, fused AdamW" internlm2-1_8b "{$PEERLORA}"
+    CONFIG_EDIT="$NOFUSE" stage "train stage, peer LoRA, no loss scale, foreach AdamW" internlm2-1_8b "{$PEERLORA}"
+    CONFIG_EDIT="s/^dataloader_num_workers = 0\$/dataloader_num_workers = 2/" \
+      stage "train stage, peer LoRA, defaults, 2 data-loading workers" internlm2-1_8b "{$PEERLORA}" ;;
   lean7b)
     peer unsloth 7b 1,2; peer liger 7b 1,2; peer hf 7b 1
     stage "train stage, lean (8 GB), peer LoRA" 7b "{$PEERLORA, 'train': {'memory_gb': 8, 'optimizer': 'paged_adamw8bit'}}" ;;

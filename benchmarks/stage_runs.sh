@@ -19,6 +19,7 @@
 #   OUT=bench bash benchmarks/stage_runs.sh speed-structures [ITERS]   # 1.8B default: Llama, InternLM2, twice, alternating
 #   OUT=bench bash benchmarks/stage_runs.sh select-cost 160       # 1.8B: 8 checkpoints scored by select, beside none
 #   STAGE_MODEL=DIR OUT=bench bash benchmarks/stage_runs.sh speed-stage ITERS NAME UPDATES  # benchmarks/speed.sh's stage runs
+#     (CONFIG_EDIT=SED_SCRIPT: applied to the rendered config before training, to measure a lever undone)
 set -euo pipefail
 SUITE=${1:-compare}; ITERS=${2:-30}; OUT=${OUT:-bench}
 mkdir -p "$OUT" /tmp/bin /tmp/models
@@ -77,7 +78,9 @@ run() {  # name, params updates
   set_params "$2"
   local t0=$(date +%s) log=$OUT/$(echo "$1" | tr -c 'a-zA-Z0-9\n' '_').log
   # FORCE: train again even when DVC's cache holds this run (its upstream stages as usual)
+  # CONFIG_EDIT: a sed script applied to the rendered config before training (a lever undone, on its own)
   if { [ -z "${FORCE:-}" ] || python -m dvc repro render >"$log" 2>&1; } &&
+     { [ -z "${CONFIG_EDIT:-}" ] || sed -i -e "$CONFIG_EDIT" models/config/xtuner_config.py; } &&
      python -m dvc repro ${FORCE:+-f -s} train >>"$log" 2>&1; then record "$1" $(( $(date +%s) - t0 ))
   else grep -E "^error:|^ERROR" "$log" | tail -n 3; record "$1" $(( $(date +%s) - t0 )) failed; fi
 }

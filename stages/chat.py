@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from stages import params as P
-from stages.errors import fail
+from stages.errors import fail, verbose
 
 EXAMPLES = """\
 examples (after `dvc repro`):
@@ -166,12 +167,20 @@ LMDEPLOY_CHAT_SCRIPT = """
 import json, os, sys
 reply = os.fdopen(os.dup(1), "w", buffering=1)  # the answers' channel; whatever else prints goes to stderr
 os.dup2(2, 1)
-from lmdeploy import ChatTemplateConfig, GenerationConfig, PytorchEngineConfig, pipeline
 req = json.loads(sys.stdin.readline())
+if req.get("quiet"):  # the engine's and transformers' notices and load/warm-up bars: errors only
+    import logging, warnings
+    os.environ["TQDM_DISABLE"] = "1"
+    warnings.filterwarnings("ignore")
+    import transformers
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("lmdeploy").setLevel(logging.ERROR)
+from lmdeploy import ChatTemplateConfig, GenerationConfig, PytorchEngineConfig, pipeline
 # one conversation at a time: a batch of 1 and a fifth of the free memory for its cache (a tiny model's
 # small blocks otherwise make the engine's block tables alone larger than the GPU)
 engine = PytorchEngineConfig(max_batch_size=1, cache_max_entry_count=0.2)
-pipe = pipeline(req["model"], backend_config=engine, chat_template_config=ChatTemplateConfig(**req["template"]))
+pipe = pipeline(req["model"], backend_config=engine, chat_template_config=ChatTemplateConfig(**req["template"]),
+                log_level="ERROR" if req.get("quiet") else "WARNING")
 gen = GenerationConfig(max_new_tokens=req["max_new_tokens"], do_sample=False)
 print(json.dumps({"ready": True}), file=reply)
 for line in sys.stdin:
@@ -200,27 +209,45 @@ class LMDeployModel:
             template = lmdeploy_template(system)
         self.system = system
         python = os.environ["LMDEPLOY_PYTHON"]
+        # the engine's notices, its transformers' warnings and its load bars go to a log file (all of
+        # it on the terminal with PIPELINE_VERBOSE=1); a failure names the file and its last line
+        self.log = None if verbose() else tempfile.NamedTemporaryFile("w+", prefix="lmdeploy-chat-", suffix=".log",
+                                                                       delete=False)
         try:
             self.proc = subprocess.Popen([python, "-c", LMDEPLOY_CHAT_SCRIPT], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, text=True, bufsize=1)
+                                         stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1)
         except OSError as err:
             fail(f"--backend lmdeploy: LMDEPLOY_PYTHON={python} cannot run ({err.strerror})")
-        self.send({"model": str(path), "template": template, "max_new_tokens": max_new_tokens})
-        if "ready" not in self.receive():
-            fail(f"--backend lmdeploy: the pipeline did not start on {path} in {python} (its error is above)")
+        self.send({"model": str(path), "template": template, "max_new_tokens": max_new_tokens,
+                   "quiet": not verbose()})
+        if "ready" not in self.receive(f"the pipeline did not start on {path} in {python}"):
+            fail(f"--backend lmdeploy: the pipeline did not start on {path} in {python}{self.why()}")
+
+    def why(self) -> str:
+        """` (LAST LINE OF ITS LOG; log: PATH)`, or ` (its error is above)` when it printed to the terminal."""
+        if self.log is None:
+            return " (its error is above)"
+        self.log.flush()
+        lines = [ln.strip() for ln in Path(self.log.name).read_text(errors="replace").splitlines() if ln.strip()]
+        return f" ({lines[-1] if lines else 'no error printed'}; log: {self.log.name})"
 
     def send(self, request: dict) -> None:
         import json
 
-        self.proc.stdin.write(json.dumps(request, ensure_ascii=False) + "\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(json.dumps(request, ensure_ascii=False) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            self.proc.wait()
+            fail(f"--backend lmdeploy: the LMDeploy process ended{self.why()}")
 
-    def receive(self) -> dict:
+    def receive(self, doing: str = "the LMDeploy process ended") -> dict:
         import json
 
         line = self.proc.stdout.readline()
         if not line:
-            fail("--backend lmdeploy: the LMDeploy process ended (its error is above)")
+            self.proc.wait()
+            fail(f"--backend lmdeploy: {doing}{self.why()}")
         return json.loads(line)
 
     def reply(self, history: list[dict], image: Path | None, max_new_tokens: int) -> Iterator[str]:
@@ -239,7 +266,9 @@ class LMDeployModel:
 
     def close(self) -> None:
         self.proc.stdin.close()
-        self.proc.wait()
+        if self.proc.wait() == 0 and self.log is not None:  # a clean end: its notices are not needed
+            self.log.close()
+            Path(self.log.name).unlink(missing_ok=True)
 
 
 def check_image(image: Path) -> None:

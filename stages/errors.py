@@ -117,4 +117,6 @@ def record_stage(name: str, wall: float) -> None:
 
     STAGE_TIMES.mkdir(parents=True, exist_ok=True)
     (STAGE_TIMES / f"{name}.json").write_text(json.dumps(stats, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"[{name}] done in {wall:.1f} s, peak memory {stats['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+    gpu = f", GPU {stats['peak_gpu_mb']:,.0f} MB" if stats.get("peak_gpu_mb") else ""
+    print(f"[{name}] done in {wall:.1f} s, peak memory {stats['peak_rss_mb']:,.0f} MB{gpu}", file=sys.stderr,
+          flush=True)

@@ -91,7 +91,10 @@ def resolve_here(p: P.Params, machine_facts: dict | None = None) -> dict:
 
 def run_settings(resolved: dict, max_iters: int | None) -> dict:
     """What every recipe's template takes alike from the resolved settings: the optimizer wrapper
-    (mmengine's AMP one unless fp32; loss scaling for fp16 only), the log interval (every step on a
+    (mmengine's AMP one unless fp32; loss scaling for fp16 only: mmengine's wrapper scales dynamically
+    unless told otherwise, and for bf16, whose range is fp32's, that buys a scale, an unscale, an
+    overflow check and a host-device sync a step for nothing; fused AdamW on one CUDA GPU without
+    DeepSpeed: one kernel for the whole update), the log interval (every step on a
     CPU, else 10, or fewer when the run is shorter), the distributed backend, and on several CPU
     processes mmengine's DDP wrapper without a device (its default pins the model to GPU LOCAL_RANK:
     `ValueError: DistributedDataParallel device_ids and output_device arguments only work with
@@ -99,7 +102,8 @@ def run_settings(resolved: dict, max_iters: int | None) -> dict:
     amp = resolved["precision"] != "fp32"
     return {"optim_wrapper": "AmpOptimWrapper" if amp else "OptimWrapper",
             "amp_dtype": DTYPES[resolved["precision"]] if amp else None,
-            "loss_scale": "dynamic" if resolved["precision"] == "fp16" else None,
+            "loss_scale": "dynamic" if resolved["precision"] == "fp16" else {"enabled": False} if amp else None,
+            "fused_optimizer": resolved["device"] == "cuda" and resolved["deepspeed"] == "none",
             "log_interval": 1 if resolved["device"] == "cpu" else min(10, max_iters or 10),
             "dist_backend": "nccl" if resolved["device"] == "cuda" else "gloo",
             "cpu_ddp": resolved["device"] == "cpu" and resolved["gpus"] * resolved.get("nodes", 1) > 1}

@@ -275,3 +275,18 @@ def test_web_demo_in_a_browser(built, tmp_path):
                 proc.wait()
     with socket.socket() as s:  # nothing left serving
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_lmdeploy_process_that_fails_is_one_line_naming_its_log(tmp_path, monkeypatch, capsys):
+    """LMDEPLOY_PYTHON set to an interpreter without lmdeploy (this one): the engine's process dies at import;
+    the chat says so in one line with the process's last line and the log file that holds the rest."""
+    monkeypatch.setenv("LMDEPLOY_PYTHON", sys.executable)
+    monkeypatch.delenv("PIPELINE_VERBOSE", raising=False)
+    model = tmp_path / "model"
+    model.mkdir()
+    code, err = run_stage(chat, capsys, "--params", str(ROOT / "params.yaml"), "--recipe", "assistant",
+                          "--model", str(model), "--backend", "lmdeploy", "--prompt", "hi")
+    assert_one_line_error(code, err, "--backend lmdeploy", "did not start", "No module named 'lmdeploy'", "log: ")
+    log = err.strip().rsplit("log: ", 1)[1].rstrip(")")
+    assert "Traceback" in Path(log).read_text()  # the whole error kept in the file, not on the terminal
+    Path(log).unlink()

@@ -162,3 +162,43 @@ def test_fixed_checkpointing_is_all_layers_or_none():
     assert (r["micro_batch"], r["checkpointing"], r["checkpoint_layers"]) == (16, True, None)
     off = plan.resolve(replace(p, train=replace(p.train, activation_checkpointing=False)), **H100)
     assert (off["checkpointing"], off["checkpoint_layers"]) == (False, None) and off["micro_batch"] == 2
+
+
+@pytest.mark.parametrize("precision, deepspeed, scale, fused", [
+    ("bf16", "none", {"enabled": False}, True),  # bf16 has fp32's range: no scaling, no per-step sync
+    ("fp16", "none", "dynamic", True),
+    ("bf16", "zero2", {"enabled": False}, False),  # DeepSpeed builds its own optimizer wrapper
+])
+def test_gpu_optimizer_wrapper_scales_fp16_only_and_fuses_adamw(precision, deepspeed, scale, fused):
+    p = replace(PARAMS, train=replace(PARAMS.train, precision=precision, deepspeed=deepspeed, global_batch=16))
+    resolved = plan.resolve(p, **H100)
+    settings = plan.run_settings(resolved, p.train.max_iters)
+    assert settings["loss_scale"] == scale and settings["fused_optimizer"] == fused
+    text = assistant_config.text(p, resolved)
+    assert (f"loss_scale={scale!r}," in text) and (", fused=True)" in text) == fused
+    cpu = assistant_config.text(PARAMS, plan.resolve(PARAMS, cuda=False, bf16=False))
+    assert "loss_scale" not in cpu and "fused=True" not in cpu  # OptimWrapper on the CPU, as before
+    eight_bit = replace(p, train=replace(p.train, optimizer="adamw8bit"))
+    assert "fused=True" not in assistant_config.text(eight_bit, plan.resolve(eight_bit, **H100))
+
+
+def test_disabled_loss_scale_is_a_plain_optimizer_step():
+    """What `loss_scale={'enabled': False}` builds: torch's GradScaler switched off, which passes the loss
+    through unscaled and steps the optimizer directly (the same update as without a scaler)."""
+    import torch
+
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    w, plain = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt, plain_opt = torch.optim.AdamW([w], lr=0.1), torch.optim.AdamW([plain], lr=0.1)
+    for _ in range(3):
+        loss = (w * w * 2).sum()
+        assert scaler.scale(loss) is loss
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        (plain * plain * 2).sum().backward()
+        plain_opt.step()
+        plain_opt.zero_grad()
+    assert scaler.state_dict() == {} and torch.equal(w.detach(), plain.detach()) and not torch.equal(w, torch.ones(3))

@@ -141,8 +141,9 @@ train_dataloader = dict(
 #######################################################################
 optim_wrapper = dict(
     type=AmpOptimWrapper,
-    optimizer=dict(type=AdamW, lr=lr, betas=betas, weight_decay=weight_decay),
+    optimizer=dict(type=AdamW, lr=lr, betas=betas, weight_decay=weight_decay, fused=True),
     clip_grad=dict(max_norm=max_norm, error_if_nonfinite=False),
+    loss_scale={'enabled': False},
     dtype='bfloat16',
     accumulative_counts=accumulative_counts)
 
