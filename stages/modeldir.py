@@ -91,6 +91,27 @@ def load_tokenizer(path: str | Path, key: str | None = None) -> Any:
     return tokenizer
 
 
+TINY_HIDDEN = 256  # the stand-ins' width (64-128) and up to here: "tiny" for the CPU's threads
+
+
+def cpu_threads(device: str, hidden: int | None) -> int | None:
+    """1 for a model of width at most TINY_HIDDEN trained or run on the CPU, else None (torch's default,
+    a thread a core). A 64-wide model's products are too small to share between threads: on 2 cores the
+    tiny default's training took the same or less time on one thread, and on a machine shared with other
+    work OpenMP's spinning second thread made each step 6-10x slower (37-69 ms against 405-507 ms)."""
+    return 1 if device == "cpu" and hidden and hidden <= TINY_HIDDEN else None
+
+
+def use_threads(threads: int | None) -> None:
+    """torch.set_num_threads(threads) when given and the user set no OMP_NUM_THREADS (theirs wins)."""
+    import os
+
+    if threads and not os.environ.get("OMP_NUM_THREADS"):
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def load_model(path: str | Path, key: str | None = None, **kwargs: Any) -> Any:
     """AutoModelForCausalLM from a checked local directory; damaged weights are one line."""
     folder = check(path, key)
@@ -100,10 +121,16 @@ def load_model(path: str | Path, key: str | None = None, **kwargs: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, local_files_only=True,
-                                                    **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, local_files_only=True,
+                                                     **kwargs)
     except Exception as err:  # safetensors, torch and transformers each raise their own kinds
         fail(f"{key or 'model'}: the model in {folder} does not load ({_reason(err)})")
+    import torch
+
+    if not torch.cuda.is_available():  # a tiny model on the CPU: one thread (cpu_threads)
+        config = getattr(model.config, "llm_config", None) or model.config
+        use_threads(cpu_threads("cpu", getattr(config, "hidden_size", None)))
+    return model
 
 
 def copy_remote_code(model_dir: Path, out: Path) -> list[str]:

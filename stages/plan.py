@@ -14,7 +14,7 @@ from stages import memory
 from stages import params as P
 from stages.errors import fail
 from stages.io import output_dir, write_json
-from stages.modeldir import read_config
+from stages.modeldir import cpu_threads, read_config
 from stages.paths import INTERNVL_MODEL, llm_dir
 from stages.structures import lora_targets
 
@@ -67,7 +67,8 @@ def resolve(p: P.Params, cuda: bool, bf16: bool, card_gb: float | None = None,
             "compile_layers": t.compile_layers if t.compile_layers != "auto" else (
                 device == "cuda" and deepspeed == "none" and world == 1),
             "upcast_frozen": p.quant.upcast_frozen or p.quant.mode == "none",
-            "lora_targets": targets, "max_length": p.data.max_length}
+            "lora_targets": targets, "max_length": p.data.max_length,
+            "cpu_threads": cpu_threads(device, (shape or {}).get("hidden"))}
 
 
 def checkpointing_words(resolved: dict) -> str:

@@ -4,8 +4,8 @@ The self-cognition tutorial trains an assistant that learns its name, then answe
 ("很明显，出现了过拟合"); its remedy is to save checkpoints often, chat with each, and keep the one that
 learned the identity without losing its general knowledge. This stage does that by rule. Every
 checkpoint the train stage kept (models/checkpoints/iter_N.pth, each train.save_interval
-iterations, and the last) is asked the evaluate stage's prompts with one loaded base model, the
-adapters swapped in turn (recipe assistant), and scored as evaluate scores the merged model:
+iterations, and the last) is asked the evaluate stage's prompts with one loaded base model, each
+adapter merged into its weights in turn (recipe assistant), and scored as evaluate scores the merged model:
 identity hit rate on trained and held-out questions, the share of general answers naming the
 identity, perplexity of held-out general conversations. `select.rule` picks one:
 

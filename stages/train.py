@@ -127,6 +127,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = load_config(CONFIG)
     pipeline = cfg.pipeline
     kernels.apply(pipeline)
+    from stages.modeldir import use_threads
+
+    use_threads(pipeline.get("cpu_threads"))  # a tiny model on the CPU: one thread (stages/modeldir.py)
     deepspeed = CONFIG_DIR / pipeline["deepspeed_config"] if pipeline["deepspeed_config"] else None
     from stages import recipes
 

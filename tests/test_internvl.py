@@ -261,16 +261,20 @@ def test_other_recipes_inputs_rerun_nothing_in_an_internvl_workspace(internvl_bu
 
 @pytest.mark.e2e
 def test_chat_about_an_image_answers_as_evaluate_did(internvl_built):
-    """`python -m stages.chat --image` on the internvl recipe: the merged InternVL model (and the adapter on
-    the base) answers each evaluated image as the evaluate stage's greedy decoding did, the answer alone on
-    stdout; `--base` answers as the untuned model did."""
+    """`python -m stages.chat --image` on the internvl recipe: the merged InternVL model answers each
+    evaluated image as the evaluate stage's greedy decoding did, the answer alone on stdout, and `--base`
+    as the untuned model did; `--adapter` is one line (XTuner's InternVL adapter is merged by its convert)."""
     project = internvl_built[0]
     budget = str(PARAMS.eval.max_new_tokens)
     rows = [json.loads(line) for line in (project / "reports/eval/generations.jsonl").read_text().splitlines()]
-    for row, extra, key in ((rows[0], (), "tuned"), (rows[-1], ("--adapter", "models/adapter"), "tuned"),
-                            (rows[0], ("--base",), "base")):
+    for row, extra, key in ((rows[0], (), "tuned"), (rows[-1], (), "tuned"), (rows[-1], ("--base",), "base")):
         out = subprocess.run([sys.executable, "-m", "stages.chat", "--image", row["image"], "--prompt", row["prompt"],
                               "--max-new-tokens", budget, *extra], cwd=project, env=env(), capture_output=True,
                              text=True, timeout=300)
         assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
         assert out.stdout == row[key] + "\n", (extra, out.stdout, row[key])
+    out = subprocess.run([sys.executable, "-m", "stages.chat", "--image", rows[0]["image"], "--prompt", "hi",
+                          "--adapter", "models/adapter"], cwd=project, env=env(), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 1 and out.stdout == "" and out.stderr.count("\n") == 1, out.stderr[-2000:]
+    assert out.stderr.startswith("error: --adapter: recipe internvl") and "--base" in out.stderr

@@ -202,3 +202,21 @@ def test_disabled_loss_scale_is_a_plain_optimizer_step():
         plain_opt.step()
         plain_opt.zero_grad()
     assert scaler.state_dict() == {} and torch.equal(w.detach(), plain.detach()) and not torch.equal(w, torch.ones(3))
+
+
+def test_tiny_models_train_on_one_cpu_thread():
+    """The stand-ins (hidden 64-128) on the CPU: one thread; a real width on the CPU, or any GPU run: torch's
+    default. OMP_NUM_THREADS, when the user sets it, wins."""
+    tiny = {"hidden": 64, "layers": 2, "intermediate": 192, "vocab": 2000, "kv": 64, "arch": "InternLM2ForCausalLM"}
+    assert plan.resolve(PARAMS, cuda=False, bf16=False, shape=tiny)["cpu_threads"] == 1
+    assert plan.resolve(PARAMS, cuda=False, bf16=False, shape=SHAPE_1_8B)["cpu_threads"] is None
+    assert plan.resolve(PARAMS, cuda=True, bf16=True, card_gb=85.0, shape=tiny)["cpu_threads"] is None
+    code = ("import os, torch; from stages.modeldir import use_threads; torch.set_num_threads(2); use_threads(1); "
+            "print(torch.get_num_threads())")
+    import subprocess
+    import sys
+
+    for omp, expect in ((None, "1"), ("2", "2")):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | ({"OMP_NUM_THREADS": omp} if omp else {})
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert out.stdout.strip() == expect, out.stderr[-500:]

@@ -167,4 +167,4 @@ randomness = dict(seed=0, deterministic=False)
 log_processor = dict(by_epoch=False)
 
 # Read by the pipeline's train stage, ignored by XTuner.
-pipeline = {'device': 'cpu', 'precision': 'fp32', 'deepspeed': 'none', 'gpus': 1, 'nodes': 1, 'torch_dtype': 'float32', 'compute_dtype': 'float32', 'memory_gb': None, 'micro_batch': 1, 'grad_accum': 1, 'checkpointing': False, 'checkpoint_layers': None, 'estimate_gb': None, 'fused_loss': True, 'loss_chunk_mb': 1024, 'compile_layers': False, 'upcast_frozen': False, 'lora_targets': ['w1', 'w2', 'w3', 'wo', 'wqkv'], 'max_length': 256, 'deepspeed_config': None}
+pipeline = {'device': 'cpu', 'precision': 'fp32', 'deepspeed': 'none', 'gpus': 1, 'nodes': 1, 'torch_dtype': 'float32', 'compute_dtype': 'float32', 'memory_gb': None, 'micro_batch': 1, 'grad_accum': 1, 'checkpointing': False, 'checkpoint_layers': None, 'estimate_gb': None, 'fused_loss': True, 'loss_chunk_mb': 1024, 'compile_layers': False, 'upcast_frozen': False, 'lora_targets': ['w1', 'w2', 'w3', 'wo', 'wqkv'], 'max_length': 256, 'cpu_threads': None, 'deepspeed_config': None}

@@ -169,4 +169,4 @@ randomness = dict(seed=0, deterministic=False)
 log_processor = dict(by_epoch=False)
 
 # Read by the pipeline's train stage, ignored by XTuner.
-pipeline = {'device': 'cuda', 'precision': 'bf16', 'deepspeed': 'none', 'gpus': 1, 'nodes': 1, 'torch_dtype': 'bfloat16', 'compute_dtype': 'bfloat16', 'memory_gb': 76.5, 'micro_batch': 1, 'grad_accum': 1, 'checkpointing': False, 'checkpoint_layers': None, 'estimate_gb': 4.9, 'fused_loss': True, 'loss_chunk_mb': 1024, 'compile_layers': True, 'upcast_frozen': False, 'lora_targets': ['w1', 'w2', 'w3', 'wo', 'wqkv'], 'max_length': 256, 'deepspeed_config': None}
+pipeline = {'device': 'cuda', 'precision': 'bf16', 'deepspeed': 'none', 'gpus': 1, 'nodes': 1, 'torch_dtype': 'bfloat16', 'compute_dtype': 'bfloat16', 'memory_gb': 76.5, 'micro_batch': 1, 'grad_accum': 1, 'checkpointing': False, 'checkpoint_layers': None, 'estimate_gb': 4.9, 'fused_loss': True, 'loss_chunk_mb': 1024, 'compile_layers': True, 'upcast_frozen': False, 'lora_targets': ['w1', 'w2', 'w3', 'wo', 'wqkv'], 'max_length': 256, 'cpu_threads': None, 'deepspeed_config': None}

@@ -2,7 +2,6 @@
 stage's prompts and scored as evaluate scores (stages/select.py says the rule)."""
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 
@@ -26,16 +25,18 @@ def run(p: P.Params, pipeline: dict) -> tuple[dict, list[dict], list[dict], str]
     conversations = [r["messages"] for r in read_jsonl(Path(p.assistant.perplexity_data), "assistant.perplexity_data")]
     start = time.time()
     chat, model = adapter_chat(p, pipeline, device)
+    merged = MergedWeights(model)
     timing = {"load_base_s": time.time() - start, "swap_adapter_s": 0.0, "generate_s": 0.0, "perplexity_s": 0.0}
     rows, answers = [], []
     states = [(0, None)] + [(step_of(c), c) for c in ckpts]
     bar = progress_bar(len(states), "[select]", unit="checkpoint")
     for step, weights in states:
         bar.set_postfix_str("base model" if weights is None else f"iter_{step}", refresh=False)
-        with model.disable_adapter() if weights is None else contextlib.nullcontext():
+        with model.disable_adapter():  # the adapter merged into the weights: a plain model's decoding steps
             t0 = time.time()
             if weights is not None:
                 load_adapter(model, weights)
+            merged.set(weights is not None)
             t1 = time.time()
             said, _, _ = chat.generate([q for _, q in prompts], p.eval.max_new_tokens, p.eval.seed, warm_up=False)
             t2 = time.time()
@@ -92,6 +93,37 @@ def adapter_chat(p: P.Params, pipeline: dict, device: str):
                         target_modules=list(pipeline["lora_targets"]), task_type="CAUSAL_LM")
     chat.model = get_peft_model(chat.model, config).eval()
     return chat, chat.model
+
+
+class MergedWeights:
+    """Each checkpoint scored as the merged model it would become: its adapter added into the base weights of
+    the layers it adapts (as peft's merge, which the merge stage runs), the LoRA branch bypassed, so that
+    every decoding step runs the plain model's kernels, not LoRA's extra products besides (on one H200, 1.8B:
+    40 -> 26 ms a decoding step for 31 prompts, benchmarks/select_decode.py); the base weights kept apart
+    and put back before the next checkpoint, so nothing accumulates."""
+
+    def __init__(self, model) -> None:
+        import torch
+        from peft.tuners.lora import LoraLayer
+
+        self.layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        weights = [m.get_base_layer().weight for m in self.layers]
+        size = sum(w.numel() * w.element_size() for w in weights)
+        # on the GPU when twice their size is free there (copying back from the host took 0.36 s a
+        # checkpoint for 1.8B), else in host memory
+        here = weights and weights[0].is_cuda and torch.cuda.mem_get_info(weights[0].device)[0] > 2 * size
+        self.base = [w.detach().clone() if here else w.detach().to("cpu", copy=True) for w in weights]
+
+    def set(self, adapted: bool) -> None:
+        """The base weights, plus the loaded adapter's when `adapted`."""
+        import torch
+
+        with torch.no_grad():
+            for layer, base in zip(self.layers, self.base):
+                weight = layer.get_base_layer().weight
+                weight.copy_(base)
+                if adapted:
+                    weight += layer.get_delta_weight("default")
 
 
 def load_adapter(model, path: Path) -> None:
