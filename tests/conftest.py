@@ -55,21 +55,27 @@ def clone_worktree(dest: Path) -> Path:
     return dest
 
 
-# The session's workspaces built from `built` by an experiment (tests/test_llava.py, tests/test_internvl.py): in
-# a run over several processes (pytest-xdist, `-n 2 --dist loadgroup` in pyproject.toml), the tests of each run
-# in one process, which builds that workspace once.
+# Over several processes (pytest-xdist, `-n auto --dist loadgroup --no-loadscope-reorder` in pyproject.toml), the
+# processes take the tests in the order pytest_collection_modifyitems sets, the tests of an xdist group all on
+# the process that takes the group's first:
+#   1. the llava workspace's (group llava_built): the first builds `built`, then the workspace, the longest chain
+#   2. the tests that need no built project (the other process runs them meanwhile)
+#   3. the internvl workspace's (group internvl_built)
+#   4. the other e2e tests, LONGEST first (as `pytest --durations` measured them): what is left at the end is short
+#   5. the tests marked two_processes (group two_processes): they train in two processes, which take both cores,
+#      and next to another test each took three times as long; last, one at a time, the other process done
 WORKSPACES = ("llava_built", "internvl_built")
+LONGEST = ("test_a_mixing_sweep_runs_as_a_dvc_queue_and_compares", "test_lora_rank_experiment_reruns_only_the_training_chain",
+           "test_the_llama_format_case_runs_the_whole_pipeline", "test_rerun_gives_a_byte_identical_adapter",
+           "test_killed_training_resumes_and_ends_where_an_uninterrupted_run_ends",
+           "test_the_rule_alone_reruns_from_select_on", "test_changed_inputs_start_clean")
 
 
 @pytest.hookimpl(wrapper=True)  # around pytest-xdist's, which reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     """Every test that needs a built project (the `built` fixture, directly or through another) is an
-    e2e test: `pytest -m "not e2e"` then runs no `dvc repro` at all.
-
-    Over several processes, each workspace's tests form one xdist group, and the order the processes take
-    work in (`--no-loadscope-reorder`: this order) starts the longest chain first: the llava workspace's
-    tests (its first one builds `built`, then the workspace), then the tests that need no built project
-    (the other process runs them meanwhile), then the internvl workspace's, then the other e2e tests."""
+    e2e test: `pytest -m "not e2e"` then runs no `dvc repro` at all. Over several processes: the groups and
+    the order above."""
     for item in items:
         names = getattr(item, "fixturenames", ())
         if "built" in names:
@@ -77,15 +83,22 @@ def pytest_collection_modifyitems(config, items):
         for workspace in WORKSPACES:
             if workspace in names:
                 item.add_marker(pytest.mark.xdist_group(workspace))
+        if item.get_closest_marker("two_processes"):
+            item.add_marker(pytest.mark.xdist_group("two_processes"))
     if worker():
 
-        def rank(item) -> int:
+        def rank(item) -> tuple[int, int]:
             names = getattr(item, "fixturenames", ())
+            if item.get_closest_marker("two_processes"):
+                return 5, 0
             if WORKSPACES[0] in names:
-                return 0
+                return 1, 0
             if "built" not in names:
-                return 1
-            return 2 if any(w in names for w in WORKSPACES[1:]) else 3
+                return 2, 0
+            if any(w in names for w in WORKSPACES[1:]):
+                return 3, 0
+            name = getattr(item, "originalname", item.name)
+            return 4, LONGEST.index(name) if name in LONGEST else len(LONGEST)
 
         items.sort(key=rank)
     yield
