@@ -2,11 +2,13 @@
 temporary git clone of the working tree; tests that change things work on copies of it."""
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -53,21 +55,121 @@ def clone_worktree(dest: Path) -> Path:
     return dest
 
 
+# Over several processes (pytest-xdist, `-n auto --dist loadgroup --no-loadscope-reorder` in pyproject.toml), the
+# processes take the tests in the order pytest_collection_modifyitems sets, the tests of an xdist group all on
+# the process that takes the group's first:
+#   1. the llava workspace's (group llava_built): the first builds `built`, then the workspace, the longest chain
+#   2. the tests that need no built project (the other process runs them meanwhile)
+#   3. the internvl workspace's (group internvl_built)
+#   4. the other e2e tests, LONGEST first (as `pytest --durations` measured them): what is left at the end is short
+#   5. the tests marked two_processes (group two_processes): they train in two processes, which take both cores,
+#      and next to another test each took three times as long; last, one at a time, the other process done
+WORKSPACES = ("llava_built", "internvl_built")
+LONGEST = ("test_a_mixing_sweep_runs_as_a_dvc_queue_and_compares", "test_lora_rank_experiment_reruns_only_the_training_chain",
+           "test_the_llama_format_case_runs_the_whole_pipeline", "test_rerun_gives_a_byte_identical_adapter",
+           "test_killed_training_resumes_and_ends_where_an_uninterrupted_run_ends",
+           "test_the_rule_alone_reruns_from_select_on", "test_changed_inputs_start_clean")
+
+
+@pytest.hookimpl(wrapper=True)  # around pytest-xdist's, which reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     """Every test that needs a built project (the `built` fixture, directly or through another) is an
-    e2e test: `pytest -m "not e2e"` then runs no `dvc repro` at all."""
+    e2e test: `pytest -m "not e2e"` then runs no `dvc repro` at all. Over several processes: the groups and
+    the order above."""
     for item in items:
-        if "built" in getattr(item, "fixturenames", ()):
+        names = getattr(item, "fixturenames", ())
+        if "built" in names:
             item.add_marker(pytest.mark.e2e)
+        for workspace in WORKSPACES:
+            if workspace in names:
+                item.add_marker(pytest.mark.xdist_group(workspace))
+        if item.get_closest_marker("two_processes"):
+            item.add_marker(pytest.mark.xdist_group("two_processes"))
+    if worker():
+
+        def rank(item) -> tuple[int, int]:
+            names = getattr(item, "fixturenames", ())
+            if item.get_closest_marker("two_processes"):
+                return 5, 0
+            if WORKSPACES[0] in names:
+                return 1, 0
+            if "built" not in names:
+                return 2, 0
+            if any(w in names for w in WORKSPACES[1:]):
+                return 3, 0
+            name = getattr(item, "originalname", item.name)
+            return 4, LONGEST.index(name) if name in LONGEST else len(LONGEST)
+
+        items.sort(key=rank)
+    yield
+    # pytest-xdist groups a test by adding "@group" to its node ID, which pytest 9.2 ignores (constraints.txt):
+    # each process would build the workspaces again. Such a run fails the grouped tests, saying why.
+    if getattr(config.option, "loadgroup", False):
+        for item in items:
+            if item.get_closest_marker("xdist_group") and "@" not in item.nodeid:
+                item.stash[UNGROUPED] = (f"pytest-xdist's --dist loadgroup does not group tests under pytest "
+                                         f"{pytest.__version__} (pytest-xdist issue 1386): install pytest==9.1.1 "
+                                         "(constraints.txt), or run in one process (-n 0)")
+
+
+UNGROUPED = pytest.StashKey[str]()
+
+
+def pytest_runtest_setup(item):
+    if UNGROUPED in item.stash:
+        pytest.fail(item.stash[UNGROUPED], pytrace=False)
+
+
+def worker() -> str | None:
+    """This process's pytest-xdist worker name (gw0, gw1, ...); None in a run in one process."""
+    return os.environ.get("PYTEST_XDIST_WORKER")
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one process per core this process may run on, at most 2 (what the suite is balanced for:
+    `built` first, then the two image workspaces side by side). PYTEST_XDIST_AUTO_NUM_WORKERS=N overrides."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    return max(1, min(2, len(os.sched_getaffinity(0))))
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(folder)`, for a session fixture, once per run: in one process, into a new temporary folder; over
+    several (pytest-xdist), into the folder `name` of the run's temporary folder, which its workers share:
+    the first worker to ask builds it while the others wait on a lock, then they all use it. A build that
+    failed fails every worker's tests with its error, and is not tried again."""
+    if not worker():
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    root = tmp_path_factory.getbasetemp().parent  # <run>/popen-gw0 -> <run>
+    folder, failed, done = root / name, root / f"{name}.failed", root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed, or the process ends
+        if failed.exists():
+            raise AssertionError(f"{name}: the build failed in another worker:\n{failed.read_text()}")
+        if not done.exists():
+            folder.mkdir()
+            try:
+                build(folder)
+            except BaseException:
+                failed.write_text(traceback.format_exc(), encoding="utf-8")
+                raise
+            done.write_text(worker(), encoding="utf-8")
+    return folder
 
 
 @pytest.fixture(scope="session")
 def built(tmp_path_factory) -> Path:
-    """A clean clone on which the real `dvc repro` has run once."""
-    project = clone_worktree(tmp_path_factory.mktemp("built"))
-    proc = sh("dvc", "repro", cwd=project)
-    repro_output(project).write_text(proc.stdout + proc.stderr, encoding="utf-8")
-    return project
+    """A clean clone on which the real `dvc repro` has run once (once per run, whichever the processes)."""
+
+    def build(folder: Path) -> None:
+        project = clone_worktree(folder)
+        proc = sh("dvc", "repro", cwd=project)
+        repro_output(project).write_text(proc.stdout + proc.stderr, encoding="utf-8")
+
+    return built_once(tmp_path_factory, "built", build)
 
 
 def repro_output(project: Path) -> Path:

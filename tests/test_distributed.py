@@ -16,7 +16,7 @@ import pytest
 from stages.xtuner_api import free_port
 from tests.conftest import env, ran
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.two_processes]
 
 ITERS = 10
 LONG = 300  # about 20 s of training after the first checkpoint: processes left running would still be there

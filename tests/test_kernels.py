@@ -97,12 +97,15 @@ def test_compiled_layers_are_used_only_in_training_mode(monkeypatch):
 
 @pytest.fixture
 def xtuner_builds_with_apply(monkeypatch):
-    """XTuner's sft module as kernels.apply leaves it, restored afterwards (the patch is for the process)."""
+    """XTuner's sft module as it comes, as kernels.apply leaves it, restored afterwards (the patch is for the
+    process: a stage run in this process before, such as the train stage's, has made it already)."""
     patch_stack()
+    from peft import prepare_model_for_kbit_training
     from xtuner.model import sft
+    from xtuner.model.modules import dispatch_modules
 
-    monkeypatch.setattr(sft, "dispatch_modules", sft.dispatch_modules)
-    monkeypatch.setattr(sft, "prepare_model_for_kbit_training", sft.prepare_model_for_kbit_training)
+    monkeypatch.setattr(sft, "dispatch_modules", dispatch_modules)  # sft's own imports of them
+    monkeypatch.setattr(sft, "prepare_model_for_kbit_training", prepare_model_for_kbit_training)
     monkeypatch.setattr(kernels, "_SETTINGS", {})
     return sft
 

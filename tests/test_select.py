@@ -1,13 +1,14 @@
 """Stage select: every checkpoint scored on the evaluate stage's prompts, the rule's choice used by
 convert, merge and evaluate; the rule alone reruns from select on; the mixing sweep as a real DVC queue."""
 import json
+import subprocess
 import time
 
 import pytest
 
 from stages import params as P
 from stages.recipes.assistant.select import choose
-from tests.conftest import ran, sh
+from tests.conftest import env, ran, sh
 
 SELECT = P.Select(rule="best", max_leak=0.5, max_perplexity_rise=0.2)
 
@@ -75,10 +76,15 @@ def test_a_mixing_sweep_runs_as_a_dvc_queue_and_compares(project):
        "-n", "mix-040", cwd=project)
     sh("dvc", "queue", "start", "-j", "1", cwd=project)
     deadline = time.time() + 900
-    while "Success" not in (status := sh("dvc", "queue", "status", cwd=project).stdout):
-        assert "Failed" not in status and time.time() < deadline, status + sh(
-            "dvc", "queue", "logs", "mix-040", cwd=project, check=False).stdout[-3000:]
-        time.sleep(5)
+    while "Queued" in (status := sh("dvc", "queue", "status", cwd=project).stdout):  # until its worker takes it
+        assert time.time() < deadline, status
+        time.sleep(1)
+    # `logs -f` waits for the run, reading its log once a second (a `dvc queue status` every few seconds instead
+    # took a core's worth of CPU beside it)
+    logs = subprocess.run(["dvc", "queue", "logs", "-f", "mix-040"], cwd=project, env=env(), capture_output=True,
+                          text=True, timeout=max(1, deadline - time.time()))
+    status = sh("dvc", "queue", "status", cwd=project).stdout
+    assert "Success" in status, status + logs.stdout[-3000:] + logs.stderr[-3000:]
     shown = json.dumps(json.loads(sh("dvc", "exp", "show", "--json", cwd=project).stdout))
     assert "mix-040" in shown and "chosen_step" in shown
     out = sh("python", "-m", "stages.compare", "workspace", "mix-040", cwd=project).stdout
