@@ -1,6 +1,6 @@
 # The two commands of README.md. Both set up .venv first (scripts/setup.sh; quick when done).
 #   make repro   - set up, then run the pipeline on the embedded default (tiny model, CPU)
-#   make test    - set up, then run the test suite
+#   make test    - set up, then run the test suite (in two processes: addopts in pyproject.toml)
 VENV := .venv/bin
 export PATH := $(CURDIR)/$(VENV):$(PATH)
 
