@@ -167,20 +167,12 @@ LMDEPLOY_CHAT_SCRIPT = """
 import json, os, sys
 reply = os.fdopen(os.dup(1), "w", buffering=1)  # the answers' channel; whatever else prints goes to stderr
 os.dup2(2, 1)
-req = json.loads(sys.stdin.readline())
-if req.get("quiet"):  # the engine's and transformers' notices and load/warm-up bars: errors only
-    import logging, warnings
-    os.environ["TQDM_DISABLE"] = "1"
-    warnings.filterwarnings("ignore")
-    import transformers
-    transformers.logging.set_verbosity_error()
-    logging.getLogger("lmdeploy").setLevel(logging.ERROR)
 from lmdeploy import ChatTemplateConfig, GenerationConfig, PytorchEngineConfig, pipeline
+req = json.loads(sys.stdin.readline())
 # one conversation at a time: a batch of 1 and a fifth of the free memory for its cache (a tiny model's
 # small blocks otherwise make the engine's block tables alone larger than the GPU)
 engine = PytorchEngineConfig(max_batch_size=1, cache_max_entry_count=0.2)
-pipe = pipeline(req["model"], backend_config=engine, chat_template_config=ChatTemplateConfig(**req["template"]),
-                log_level="ERROR" if req.get("quiet") else "WARNING")
+pipe = pipeline(req["model"], backend_config=engine, chat_template_config=ChatTemplateConfig(**req["template"]))
 gen = GenerationConfig(max_new_tokens=req["max_new_tokens"], do_sample=False)
 print(json.dumps({"ready": True}), file=reply)
 for line in sys.stdin:
@@ -218,10 +210,10 @@ class LMDeployModel:
                                          stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1)
         except OSError as err:
             fail(f"--backend lmdeploy: LMDEPLOY_PYTHON={python} cannot run ({err.strerror})")
-        self.send({"model": str(path), "template": template, "max_new_tokens": max_new_tokens,
-                   "quiet": not verbose()})
-        if "ready" not in self.receive(f"the pipeline did not start on {path} in {python}"):
-            fail(f"--backend lmdeploy: the pipeline did not start on {path} in {python}{self.why()}")
+        self.send({"model": str(path), "template": template, "max_new_tokens": max_new_tokens})
+        starting = f"the pipeline did not start on {path} in {python}"
+        if "ready" not in self.receive(starting):
+            fail(f"--backend lmdeploy: {starting}{self.why()}")
 
     def why(self) -> str:
         """` (LAST LINE OF ITS LOG; log: PATH)`, or ` (its error is above)` when it printed to the terminal."""
