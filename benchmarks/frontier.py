@@ -57,6 +57,8 @@ def run_one(setting: dict, root: Path, work: Path, out: Path, timeout: int) -> d
     shutil.rmtree(clone, ignore_errors=True)
     subprocess.run(["git", "clone", "-q", str(root), str(clone)], check=True)
     set_params(clone / "params.yaml", setting.get("set", {}))
+    for stale in ("select", "stages", "train"):  # the committed reports: a failed run must not show them
+        shutil.rmtree(clone / "reports" / stale, ignore_errors=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
                PYTHONUNBUFFERED="1")
     log = out / "logs" / f"{name}.log"
