@@ -320,10 +320,18 @@ def mmengine_errors_only(on_log_file: Callable[[logging.FileHandler], None] | No
 
 
 def _chat_hook_under_amp() -> None:
-    """Prevents `RuntimeError: expected scalar type Float but found BFloat16` when XTuner's
-    EvaluateChatHook chats with a LLaVA model on a GPU trained by mmengine's AMP wrapper (one GPU, no
-    DeepSpeed, which would have cast the whole model). The LLM is bf16, the CLIP and projector float32,
-    and the hook generates outside the autocast that training runs in: it now generates inside it."""
+    """XTuner's EvaluateChatHook, patched twice.
+
+    Under AMP: prevents `RuntimeError: expected scalar type Float but found BFloat16` when it chats with a
+    LLaVA model on a GPU trained by mmengine's AMP wrapper (one GPU, no DeepSpeed, which would have cast the
+    whole model). The LLM is bf16, the CLIP and projector float32, and the hook generates outside the
+    autocast that training runs in: it now generates inside it.
+
+    Out of the training's randomness: the hook samples (`do_sample=True`) from torch's global random
+    generator, which LoRA dropout draws from too, before training, every `eval.interval` iterations and at
+    every checkpoint; so the trained weights depended on `train.save_interval` and `eval.interval` (on the
+    CPU, the adapter at iteration 50 differed between checkpoints every 25 and every 50 iterations). The
+    generators' states (the CPU's, this process's GPU's) are put back after each chat."""
     from xtuner.engine.hooks import EvaluateChatHook
 
     generate = EvaluateChatHook._generate_samples
@@ -331,13 +339,17 @@ def _chat_hook_under_amp() -> None:
         return
 
     def _generate_samples(self, runner, *args, **kwargs):
-        dtype = getattr(runner.optim_wrapper, "cast_dtype", None)  # set by AmpOptimWrapper only
-        if dtype is None:
-            return generate(self, runner, *args, **kwargs)
-        from mmengine.runner.amp import autocast
+        import torch
 
-        with autocast(dtype=dtype):
-            return generate(self, runner, *args, **kwargs)
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            dtype = getattr(runner.optim_wrapper, "cast_dtype", None)  # set by AmpOptimWrapper only
+            if dtype is None:
+                return generate(self, runner, *args, **kwargs)
+            from mmengine.runner.amp import autocast
+
+            with autocast(dtype=dtype):
+                return generate(self, runner, *args, **kwargs)
 
     _generate_samples._pipeline = True
     EvaluateChatHook._generate_samples = _generate_samples

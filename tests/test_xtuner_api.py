@@ -291,6 +291,30 @@ def test_chat_hook_generates_inside_the_trainers_autocast(monkeypatch, amp):
     assert not torch.is_autocast_enabled("cpu")
 
 
+def test_chat_hook_leaves_the_training_randomness_alone(monkeypatch):
+    """XTuner's EvaluateChatHook samples from torch's global random generator at every checkpoint and chat
+    interval; LoRA dropout draws from it too. Without the state put back, the trained weights depended on
+    train.save_interval and eval.interval."""
+    import types
+
+    import torch
+
+    from stages import xtuner_api
+
+    patch_stack()
+    from xtuner.engine.hooks import EvaluateChatHook
+
+    def generate(self, runner, *args, **kwargs):  # sampling, as XTuner's chat does
+        return torch.rand(3)
+
+    monkeypatch.setattr(EvaluateChatHook, "_generate_samples", generate)
+    xtuner_api._chat_hook_under_amp()
+    runner = types.SimpleNamespace(optim_wrapper=types.SimpleNamespace())
+    before = torch.get_rng_state()
+    EvaluateChatHook._generate_samples(object.__new__(EvaluateChatHook), runner)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def _input_grad_after_eval_pass() -> float:
     """|d out / d x| of a 4-bit layer that first ran once in eval mode without grad, as XTuner's
     chat hook does before training."""
