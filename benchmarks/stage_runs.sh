@@ -17,7 +17,7 @@
 #   OUT=bench bash benchmarks/stage_runs.sh lean7b-structures [ITERS]  # 7B within 8 GB: Llama beside InternLM2
 #   OUT=bench bash benchmarks/stage_runs.sh internvl2b-merge [ITERS]    # InternVL2-2B's shapes: train, convert, merge only
 #   OUT=bench bash benchmarks/stage_runs.sh speed-structures [ITERS]   # 1.8B default: Llama, InternLM2, twice, alternating
-#   OUT=bench bash benchmarks/stage_runs.sh select-cost 160       # 1.8B: 8 checkpoints scored by select, beside none
+#   OUT=bench bash benchmarks/stage_runs.sh select-cost 160       # 1.8B: 8 checkpoints scored by select, then beside the trainer
 #   STAGE_MODEL=DIR OUT=bench bash benchmarks/stage_runs.sh speed-stage ITERS NAME UPDATES  # benchmarks/speed.sh's stage runs
 #     (CONFIG_EDIT=SED_SCRIPT: applied to the rendered config before training, to measure a lever undone)
 set -euo pipefail
@@ -244,25 +244,28 @@ vision.build(P.TinyVision(image_size=336, patch_size=14, hidden_size=1024, num_l
     python -m dvc repro merge 2>&1 | grep -E "^\[(train|convert|merge)\]|rror" | grep -v params | tail -n 12
     cp reports/merge.json "$OUT/merge.json" 2>/dev/null || true ;;
   select-cost)  # issue: scoring every checkpoint costs <= 10% of the run. 1.8B default, ITERS iterations,
-    # a checkpoint every ITERS/8 with the evaluate prompts' defaults; train, then select; then the same
-    # training without checkpoints (what saving them costs), both after a warm-up run
+    # a checkpoint every ITERS/8 with the evaluate prompts' defaults; train, then select: once scored by the select
+    # stage after training, once by the scorer beside the trainer (select.during_training), both after a warm-up
+    # run; with BASELINE=1 first the same training without checkpoints (what saving them costs); BESIDE_ONLY=1: the
+    # second alone
     use_model internlm2-1_8b
     set_params "$DEFAULT"
     set_params "{'eval': {'interval': 50, 'max_new_tokens': 48}}"
-    select_cost() {  # name, save_interval
-      set_params "{'train': {'save_interval': $2}}"
+    select_cost() {  # name, save_interval, during_training (True | False)
+      set_params "{'train': {'save_interval': $2}, 'select': {'during_training': $3}}"
       python -m dvc repro render >/dev/null 2>&1
+      rm -rf models/work  # a whole training run each time (the same config would resume), no scores kept
       local t0=$(date +%s) t1 t2 status=ok
-      python -m dvc repro -f -s train >"$OUT/select-cost-train-$2.log" 2>&1 || status=failed
+      python -m dvc repro -f -s train >"$OUT/select-cost-train-$2-$3.log" 2>&1 || status=failed
       t1=$(date +%s)
-      [ "$2" -gt "$ITERS" ] || python -m dvc repro -s select >"$OUT/select-cost-select.log" 2>&1 || status=failed
+      [ "$2" -gt "$ITERS" ] || python -m dvc repro -s select >"$OUT/select-cost-select-$3.log" 2>&1 || status=failed
       t2=$(date +%s)
-      python - "$OUT/stage.jsonl" "$1" "$status" $((t1 - t0)) $((t2 - t1)) "$2" <<'PY'
+      python - "$OUT/stage.jsonl" "$1" "$status" $((t1 - t0)) $((t2 - t1)) "$2" "$3" <<'PY'
 import json, sys
 from pathlib import Path
-out, name, status, train_s, select_s, interval = sys.argv[1:]
-rec = {"run": name, "status": status, "save_interval": int(interval), "train_stage_wall_s": int(train_s),
-       "select_stage_wall_s": int(select_s)}
+out, name, status, train_s, select_s, interval, during = sys.argv[1:]
+rec = {"run": name, "status": status, "save_interval": int(interval), "during_training": during == "True",
+       "train_stage_wall_s": int(train_s), "select_stage_wall_s": int(select_s)}
 for key, path in (("train", "reports/stages/train.json"), ("select", "reports/stages/select.json"),
                   ("choice", "reports/select/choice.json"), ("metrics", "reports/train/metrics.json")):
     if Path(path).is_file() and (key != "select" and key != "choice" or int(select_s) > 0):
@@ -271,14 +274,16 @@ if "select" in rec:
     rec["select_share_of_train"] = round(int(select_s) / max(1, int(train_s)), 3)
 open(out, "a").write(json.dumps(rec) + "\n"); print(json.dumps(rec)[:1500], flush=True)
 PY
-      grep -hE "^\[(train|select)\]|^error" "$OUT/select-cost-train-$2.log" "$OUT/select-cost-select.log" 2>/dev/null | tail -n 6 || true
+      grep -hE "^\[(train|select)\]|^error" "$OUT/select-cost-train-$2-$3.log" "$OUT/select-cost-select-$3.log" 2>/dev/null | tail -n 8 || true
+      cp reports/select/scores.json "$OUT/select-cost-scores-$3.json" 2>/dev/null || true
     }
-    [ -n "${ONLY_CHECKPOINTS:-}" ] || set_params "{'train': {'max_iters': 10, 'save_interval': 100000000}}"  # warm torch.compile's cache first,
+    [ -n "${ONLY_CHECKPOINTS:-}" ] || set_params "{'train': {'max_iters': 10, 'save_interval': 100000000}, 'select': {'during_training': False}}"
     [ -n "${ONLY_CHECKPOINTS:-}" ] || { python -m dvc repro render && python -m dvc repro -f -s train; } >"$OUT/select-cost-warm-up.log" 2>&1 \
-      || echo "warm-up failed"  # so that neither run below pays it
+      || echo "warm-up failed"  # warm torch.compile's cache first, so that no run below pays it
     set_params "{'train': {'max_iters': $ITERS}}"
-    [ -n "${ONLY_CHECKPOINTS:-}" ] || select_cost "1.8B default, $ITERS iterations, no checkpoints" 100000000
-    select_cost "1.8B default, $ITERS iterations, 8 checkpoints, then select" $((ITERS / 8)) ;;
+    [ -z "${BASELINE:-}" ] || select_cost "1.8B default, $ITERS iterations, no checkpoints" 100000000 False
+    [ -n "${BESIDE_ONLY:-}" ] || select_cost "1.8B default, $ITERS iterations, 8 checkpoints, then select" $((ITERS / 8)) False
+    select_cost "1.8B default, $ITERS iterations, 8 checkpoints scored beside the trainer, then select" $((ITERS / 8)) True ;;
   internvl)  # the internvl recipe's tiny stand-in on a GPU: bf16, 4-bit on CUDA, every stage
     dag internvl "internvl recipe, the tiny stand-in on the GPU" ;;
 esac

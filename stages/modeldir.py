@@ -91,14 +91,16 @@ def load_tokenizer(path: str | Path, key: str | None = None) -> Any:
     return tokenizer
 
 
-TINY_HIDDEN = 256  # the stand-ins' width (64-128) and up to here: "tiny" for the CPU's threads
+TINY_HIDDEN = 128  # up to this width "tiny" for the CPU's threads: one thread
 
 
 def cpu_threads(device: str, hidden: int | None) -> int | None:
     """1 for a model of width at most TINY_HIDDEN trained or run on the CPU, else None (torch's default,
-    a thread a core). A 64-wide model's products are too small to share between threads: on 2 cores the
-    tiny default's training took the same or less time on one thread, and on a machine shared with other
-    work OpenMP's spinning second thread made each step 6-10x slower (37-69 ms against 405-507 ms)."""
+    a thread a core). A 64-wide model's products are too small to share between threads: on 2 cores its
+    training took the same or less time on one thread, and on a machine shared with other work OpenMP's
+    spinning second thread made each step 6-10x slower (37-69 ms against 405-507 ms). The 192-wide default
+    stand-in's are not: on an idle 2-core AMD EPYC its training loop took 69 s on two threads against 90 s
+    on one, with the same bytes (the test suite runs its two processes on one thread each)."""
     return 1 if device == "cpu" and hidden and hidden <= TINY_HIDDEN else None
 
 

@@ -7,7 +7,10 @@ checkpoint the train stage kept (models/checkpoints/iter_N.pth, each train.save_
 iterations, and the last) is asked the evaluate stage's prompts with one loaded base model, each
 adapter merged into its weights in turn (recipe assistant), and scored as evaluate scores the merged model:
 identity hit rate on trained and held-out questions, the share of general answers naming the
-identity, perplexity of held-out general conversations. `select.rule` picks one:
+identity, perplexity of held-out general conversations. With `select.during_training` (auto: on one
+GPU with room), the train stage runs that scoring beside its trainer as each checkpoint is saved, and
+this stage reads those scores back (models/work/scores/, each under a digest of the checkpoint and of
+everything its score depends on; any other checkpoint is scored here). `select.rule` picks one:
 
   best   the highest held-out identity hit rate among checkpoints whose general leak is at most
          select.max_leak and whose perplexity is at most (1 + select.max_perplexity_rise) x the base
@@ -37,12 +40,20 @@ from stages.paths import SELECT
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m stages.select", description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default=str(P.PARAMS), help="params file (default: params.yaml)")
+    parser.add_argument("--during-training", action="store_true", help=argparse.SUPPRESS)  # the train stage's
     args = parser.parse_args(argv)
     from stages import recipes
     from stages.paths import CONFIG
     from stages.xtuner_api import read_pipeline
 
     params = P.load(args.params)
+    if args.during_training:  # started by the train stage beside its trainer (select.during_training)
+        from stages.errors import leave_unrecorded
+
+        leave_unrecorded()
+        line = recipes.step(params.recipe, "select").follow(params, read_pipeline(CONFIG))
+        print(f"[select] {line}", flush=True)
+        return
     P.log_section("select", params.select)
     step = recipes.step(params.recipe, "select")  # stages/recipes/<recipe>/select.py
     choice, scores, answers, line = step.run(params, read_pipeline(CONFIG))

@@ -20,6 +20,9 @@ remembers a fingerprint of them. Outputs at fixed paths:
                               output: never cached, never hashed, git-ignored)
   reports/train/              DVCLive: per-step loss, lr, grad norm, tokens/s, memory; metrics.json
 
+With `select.during_training` (auto: on one GPU), the select stage's scorer runs beside the trainer
+and scores each checkpoint as it is saved (models/work/scores/, read back by the select stage).
+
     python -m stages.train
 """
 from __future__ import annotations
@@ -39,7 +42,7 @@ from typing import Sequence
 
 from stages import params as P
 from stages.errors import fail, leave_unrecorded, note
-from stages.paths import CHECKPOINTS, CONFIG, CONFIG_DIR, SNAPSHOTS, TRAIN_WORK
+from stages.paths import CHECKPOINTS, CONFIG, CONFIG_DIR, SCORED, SNAPSHOTS, TRAIN_WORK, TRAINED
 from stages.quiet import quiet_trainer
 from stages.train_log import write_live
 from stages.xtuner_api import final_checkpoint
@@ -162,20 +165,72 @@ def train_node0(params: P.Params, args: argparse.Namespace, pipeline: dict, step
     fp = fingerprint(CONFIG_DIR, inputs["data"], inputs["model"], extra=inputs.get("extra", ()),
                      extra_models=inputs.get("extra_models", ()))
     resume = prepare_work_dir(TRAIN_WORK, fp)
+    scorer = start_scorer(params, pipeline, args.params)
     start = time.time()
-    if meet:
-        run_distributed(args, pipeline, params.train, meet, resume)
-    else:
-        with out_of_memory_says_what_to_lower(pipeline):
-            run_trainer(CONFIG, TRAIN_WORK, deepspeed, resume)
+    try:
+        if meet:
+            run_distributed(args, pipeline, params.train, meet, resume)
+        else:
+            with out_of_memory_says_what_to_lower(pipeline):
+                run_trainer(CONFIG, TRAIN_WORK, deepspeed, resume)
+    except BaseException:
+        stop(scorer)
+        raise
     wall = time.time() - start
     ckpt = final_checkpoint(TRAIN_WORK)
+    finish_scorer(scorer)
     n, kept = write_checkpoints(ckpt, inputs.get("projector_before"))
     summary = write_live(TRAIN_WORK, wall, pipeline, tokens_per_iter=step.tokens_per_iter(pipeline))
     if summary["peak_memory_kind"] == "gpu_allocated":
         note(peak_gpu_mb=summary["peak_memory_mb"])
     print(f"[train] {CHECKPOINTS}: {', '.join(p.name for p in kept)} ({n:,} adapter weights each); final loss "
           f"{summary['final_loss']}, {summary['tokens_per_sec']} tokens/s, {wall:.0f} s", flush=True)
+
+
+def start_scorer(params: P.Params, pipeline: dict, params_file: str) -> subprocess.Popen | None:
+    """`select.during_training`: the select stage's scorer started beside the trainer (`python -m stages.select
+    --during-training`, its output in models/work/scores/scorer.log), so that each checkpoint is scored as it
+    is saved and the select stage reads the scores back; auto: on one CUDA GPU (on a CPU the two would share
+    the cores). None when off, or when the recipe scores no checkpoint."""
+    from stages import recipes
+
+    setting = params.select.during_training
+    one_gpu = pipeline["device"] == "cuda" and params.train.gpus * params.train.nodes == 1
+    if not recipes.get(params.recipe).SCORES_CHECKPOINTS or setting is False or (setting == "auto" and not one_gpu):
+        return None
+    SCORED.mkdir(parents=True, exist_ok=True)
+    TRAINED.unlink(missing_ok=True)
+    with open(SCORED / "scorer.log", "w") as log:
+        return subprocess.Popen([sys.executable, "-m", "stages.select", "--during-training", "--params", params_file],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def finish_scorer(scorer: subprocess.Popen | None) -> None:
+    """The trainer is done: the scorer scores what is left (the last checkpoint) and stops; its summary, or
+    why it stopped (the select stage then scores what it has not)."""
+    if scorer is None:
+        return
+    TRAINED.write_text("")
+    try:
+        scorer.wait(timeout=3600)
+    except subprocess.TimeoutExpired:
+        stop(scorer)
+    lines = (SCORED / "scorer.log").read_text(encoding="utf-8", errors="replace").strip().splitlines() or [""]
+    last = lines[-1].removeprefix("[select] ").removeprefix("error: ")
+    if scorer.returncode == 0:
+        print(f"[train] {last}", flush=True)
+    else:
+        print(f"[train] the scorer beside the trainer stopped ({last[:200]}; {SCORED / 'scorer.log'}); the select "
+              "stage scores the checkpoints", flush=True)
+
+
+def stop(process: subprocess.Popen | None) -> None:
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 def run_worker(args: argparse.Namespace, cfg, deepspeed: Path | None) -> None:

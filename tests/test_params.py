@@ -84,7 +84,7 @@ BAD = [
     ("data.llava.repeat", 0, ["data.llava.repeat", "must be >= 1"]),
     ("recipe", "alpaca", ["recipe", "allowed: assistant"]),
     ("assistant.prompts", [], ["assistant.prompts", "at least 1"]),
-    ("stand_in.tiny.llm.num_heads", 3, ["stand_in.tiny.llm.num_heads", "does not divide hidden_size"]),
+    ("stand_in.tiny.llm.num_heads", 10, ["stand_in.tiny.llm.num_heads", "does not divide hidden_size"]),
     ("data.assistant.general_chat", "chat.jsonl", ["data.assistant.general_chat", "outside data/raw/assistant/"]),
     ("assistant.perplexity_data", "data/raw/llava/x.jsonl", ["assistant.perplexity_data", "outside data/raw/assistant/"]),
 ]

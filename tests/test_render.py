@@ -205,8 +205,8 @@ def test_disabled_loss_scale_is_a_plain_optimizer_step():
 
 
 def test_tiny_models_train_on_one_cpu_thread():
-    """The stand-ins (hidden 64-128) on the CPU: one thread; a real width on the CPU, or any GPU run: torch's
-    default. OMP_NUM_THREADS, when the user sets it, wins."""
+    """The smallest stand-ins (hidden 64-128) on the CPU: one thread; the default's 192 or a real width on the
+    CPU, or any GPU run: torch's default. OMP_NUM_THREADS, when the user sets it, wins."""
     tiny = {"hidden": 64, "layers": 2, "intermediate": 192, "vocab": 2000, "kv": 64, "arch": "InternLM2ForCausalLM"}
     assert plan.resolve(PARAMS, cuda=False, bf16=False, shape=tiny)["cpu_threads"] == 1
     assert plan.resolve(PARAMS, cuda=False, bf16=False, shape=SHAPE_1_8B)["cpu_threads"] is None

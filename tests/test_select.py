@@ -1,16 +1,18 @@
 """Stage select: every checkpoint scored on the evaluate stage's prompts, the rule's choice used by
 convert, merge and evaluate; the rule alone reruns from select on; the mixing sweep as a real DVC queue."""
 import json
+import shutil
 import subprocess
 import time
 
 import pytest
+import yaml
 
 from stages import params as P
 from stages.recipes.assistant.select import choose
 from tests.conftest import env, ran, sh
 
-SELECT = P.Select(rule="best", max_leak=0.5, max_perplexity_rise=0.2)
+SELECT = P.Select(rule="best", max_leak=0.5, max_perplexity_rise=0.2, during_training="auto")
 
 
 def row(step, heldout, leak, ppl=100.0, trained=1.0):
@@ -28,7 +30,7 @@ def test_best_is_the_highest_heldout_rate_within_the_limits():
 
 def test_last_is_the_last_and_none_within_the_limits_is_said():
     rows = [row(10, 0.4, 0.8), row(20, 0.9, 0.95), row(30, 0.8, 0.6)]
-    assert choose(rows, P.Select(rule="last", max_leak=0.5, max_perplexity_rise=0.2), 100.0) == (rows[-1], True)
+    assert choose(rows, P.Select(rule="last", max_leak=0.5, max_perplexity_rise=0.2, during_training="auto"), 100.0) == (rows[-1], True)
     chosen, within = choose(rows, SELECT, 100.0)
     assert (chosen["step"], within) == (30, False)  # the best held-out rate minus leak
 
@@ -38,7 +40,8 @@ def test_last_is_the_last_and_none_within_the_limits_is_said():
 def test_every_checkpoint_is_scored_and_the_choice_is_what_evaluate_measured(built):
     checkpoints = sorted(int(p.stem.split("_")[1]) for p in (built / "models/checkpoints").glob("iter_*.pth"))
     train = json.loads((built / "reports/train/metrics.json").read_text())
-    assert checkpoints == list(range(50, train["iters"], 50)) + [train["iters"]]  # every save_interval, and the last
+    every = yaml.safe_load((built / "params.yaml").read_text(encoding="utf-8"))["train"]["save_interval"]
+    assert checkpoints == list(range(every, train["iters"], every)) + [train["iters"]]  # every save_interval, the last
     scores = json.loads((built / "reports/select/scores.json").read_text())
     assert [r["step"] for r in scores] == [0] + checkpoints
     choice = json.loads((built / "reports/select/choice.json").read_text())
@@ -54,6 +57,33 @@ def test_every_checkpoint_is_scored_and_the_choice_is_what_evaluate_measured(bui
     report = (built / "reports/report.md").read_text()
     assert "## Which checkpoint (stage select)" in report and f"Chosen: **iter_{chosen}**" in report
     assert (built / "reports/select/curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.e2e
+def test_scoring_beside_the_trainer_is_read_back_by_select(project):
+    """select.during_training: true (auto is on one GPU only): the train stage starts the scorer beside its
+    trainer; the select stage reads its scores back, scores again an entry whose key does not match its
+    checkpoint, and, with none kept, scores every checkpoint itself: the same scores each time."""
+    path = project / "params.yaml"
+    text = path.read_text(encoding="utf-8")
+    text = text.replace("  during_training: auto", "  during_training: true")
+    text = text.replace("  max_iters: auto", "  max_iters: 50")  # checkpoints 25 and 50
+    path.write_text(text, encoding="utf-8")
+    out = sh("dvc", "repro", "select", cwd=project).stdout
+    assert "2 checkpoints and the base model scored beside the trainer" in out, out
+    assert "(3 of 3 scored during training)" in out, out
+    beside = (project / "reports/select/scores.json").read_text()
+    assert [r["step"] for r in json.loads(beside)] == [0, 25, 50]
+    scored = project / "models/work/scores"
+    entry = json.loads((scored / "iter_25.json").read_text(encoding="utf-8"))
+    (scored / "iter_25.json").write_text(json.dumps({**entry, "key": "0" * 64}), encoding="utf-8")
+    out = sh("dvc", "repro", "-f", "-s", "select", cwd=project).stdout
+    assert "(2 of 3 scored during training)" in out, out
+    assert (project / "reports/select/scores.json").read_text() == beside
+    shutil.rmtree(scored)
+    out = sh("dvc", "repro", "-f", "-s", "select", cwd=project).stdout
+    assert "scored during training" not in out, out
+    assert (project / "reports/select/scores.json").read_text() == beside
 
 
 @pytest.mark.e2e

@@ -17,6 +17,7 @@ class Recipe(Protocol):
 
     NAME: str
     VALIDATED: Path  # the validate stage's data file (under data/validated/<name>/), the only data training reads
+    SCORES_CHECKPOINTS: bool  # its select step scores checkpoints, and can score them beside the trainer (`follow`)
 
 
 class StandIn(Protocol):
@@ -71,6 +72,11 @@ class Select(Protocol):
     def run(self, p: Any, pipeline: dict) -> tuple[dict, list[dict], list[dict], str]:
         """Stage select: the checkpoints in models/checkpoints/ scored, the chosen one copied to
         models/adapter.pth; (choice.json's metrics, scores.json's rows, answers.jsonl's rows, a line)."""
+
+    def follow(self, p: Any, pipeline: dict) -> str:
+        """Only where SCORES_CHECKPOINTS: beside the trainer (`python -m stages.select --during-training`,
+        started by the train stage), each checkpoint scored as it is saved, until the trainer is done; the
+        scores kept where `run` reads them back; a summary line."""
 
 
 class Convert(Protocol):

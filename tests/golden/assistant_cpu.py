@@ -45,7 +45,7 @@ weight_decay = 0.0
 max_norm = 1.0  # grad clip
 warmup_iters = 5  # in iterations: XTuner's 0.03 ratio is 0 on short runs
 
-save_steps = 50
+save_steps = 25
 save_total_limit = 2
 
 evaluation_freq = 50
@@ -124,10 +124,10 @@ optim_wrapper = dict(
 # Linear warm-up over warmup_iters, cosine decay over the whole run (the two factors multiply).
 param_scheduler = [
     dict(type=LinearLR, start_factor=1e-5, by_epoch=False, begin=0, end=warmup_iters),
-    dict(type=CosineAnnealingLR, eta_min=0.0, by_epoch=True, begin=0, end=3,
+    dict(type=CosineAnnealingLR, eta_min=0.0, by_epoch=True, begin=0, end=4,
          convert_to_iter_based=True),
 ]
-train_cfg = dict(type=TrainLoop, max_epochs=3)
+train_cfg = dict(type=TrainLoop, max_epochs=4)
 
 #######################################################################
 #                           PART 5  Runtime                           #

@@ -51,7 +51,7 @@ max_norm = 1.0  # grad clip
 warmup_iters = 5  # in iterations: XTuner's 0.03 ratio is 0 on short runs
 max_iters = 320
 
-save_steps = 50
+save_steps = 25
 save_total_limit = 2
 
 evaluation_freq = 50

@@ -6,3 +6,4 @@ from stages.paths import VALIDATED_ASSISTANT
 
 NAME = "assistant"
 VALIDATED = VALIDATED_ASSISTANT
+SCORES_CHECKPOINTS = True  # stages/recipes/interface.py

@@ -2,6 +2,8 @@
 stage's prompts and scored as evaluate scores (stages/select.py says the rule)."""
 from __future__ import annotations
 
+import json
+import os
 import time
 from pathlib import Path
 
@@ -9,7 +11,7 @@ from stages import params as P
 from stages.checkpoints import adopt, saved, step_of
 from stages.errors import fail
 from stages.io import read_jsonl
-from stages.paths import ADAPTER_PTH, SELECT, llm_dir
+from stages.paths import ADAPTER_PTH, CHECKPOINTS, SCORED, SELECT, SNAPSHOTS, TRAINED, llm_dir
 from stages.quiet import progress_bar
 from stages.recipes.assistant.evaluate import load_prompts, score
 
@@ -17,54 +19,202 @@ METRICS = ("identity_hit_rate_trained", "identity_hit_rate_heldout", "general_id
 
 
 def run(p: P.Params, pipeline: dict) -> tuple[dict, list[dict], list[dict], str]:
-    import torch
-
     ckpts = saved()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    prompts = load_prompts(p)
-    conversations = [r["messages"] for r in read_jsonl(Path(p.assistant.perplexity_data), "assistant.perplexity_data")]
     start = time.time()
-    chat, model = adapter_chat(p, pipeline, device)
-    merged = MergedWeights(model)
-    timing = {"load_base_s": time.time() - start, "swap_adapter_s": 0.0, "generate_s": 0.0, "perplexity_s": 0.0}
-    rows, answers = [], []
+    memo = Memo(p, pipeline)
+    scorer = None  # loaded when a checkpoint was not scored during training (stages/select.py)
+    rows, answers, reused = [], [], 0
     states = [(0, None)] + [(step_of(c), c) for c in ckpts]
     bar = progress_bar(len(states), "[select]", unit="checkpoint")
-    for step, weights in states:
-        bar.set_postfix_str("base model" if weights is None else f"iter_{step}", refresh=False)
-        with model.disable_adapter():  # the adapter merged into the weights: a plain model's decoding steps
-            t0 = time.time()
-            if weights is not None:
-                load_adapter(model, weights)
-            merged.set(weights is not None)
-            t1 = time.time()
-            said, _, _ = chat.generate([q for _, q in prompts], p.eval.max_new_tokens, p.eval.seed, warm_up=False)
-            t2 = time.time()
-            ppl = chat.perplexity(conversations)
-            timing["swap_adapter_s"] += t1 - t0
-            timing["generate_s"] += t2 - t1
-            timing["perplexity_s"] += time.time() - t2
-        scored = [{"prompt": q, "kind": kind, "answer": a} for (kind, q), a in zip(prompts, said)]
-        row = {"step": step, **score(scored, "answer", p.data.assistant.name, p.data.assistant.author),
-               "perplexity_general": ppl}
+    for step, path in states:
+        bar.set_postfix_str("base model" if path is None else f"iter_{step}", refresh=False)
+        key = memo.key(path)
+        found = memo.get(step, key)
+        if found is None:
+            if scorer is None:
+                scorer = Scorer(p, pipeline)
+            found = scorer.score(step, None if path is None else checkpoint_weights(path))
+            memo.put(step, key, *found)
+        else:
+            reused += 1
+        row, said = found
         rows.append(row)
-        answers += [{"step": step, **r} for r in scored]
+        answers += [{"step": step, **r} for r in said]
         bar.update(1)
     bar.close()
     base, checkpoints = rows[0], rows[1:]
     chosen, within = choose(checkpoints, p.select, base["perplexity_general"])
     adopt(next(c for c in ckpts if step_of(c) == chosen["step"]))
     plot_curves(rows, chosen["step"], p.select)
+    timing = dict.fromkeys(("load_base_s", "swap_adapter_s", "generate_s", "perplexity_s"), 0.0)
+    if scorer is not None:
+        timing = scorer.timing
     choice = {"rule": p.select.rule, "chosen_step": chosen["step"], "last_step": checkpoints[-1]["step"],
               "scored": True, "within_limits": within, "max_leak": p.select.max_leak,
               "max_perplexity_rise": p.select.max_perplexity_rise, "base": base,
               **{k: chosen[k] for k in METRICS}, "checkpoints": len(checkpoints),
+              "scored_during_training": reused,
               "seconds": round(time.time() - start, 1), "timing": {k: round(v, 2) for k, v in timing.items()}}
-    line = (f"{len(checkpoints)} checkpoints scored in {choice['seconds']} s; rule {p.select.rule}: "
+    during = f" ({reused} of {len(states)} scored during training)" if reused else ""
+    line = (f"{len(checkpoints)} checkpoints scored in {choice['seconds']} s{during}; rule {p.select.rule}: "
             f"iter_{chosen['step']} into {ADAPTER_PTH} (held-out identity {chosen['identity_hit_rate_heldout']}, "
             f"general leak {chosen['general_identity_leak']}, perplexity {chosen['perplexity_general']})"
             + ("" if within else "; no checkpoint was within the limits"))
     return choice, rows, answers, line
+
+
+def follow(p: P.Params, pipeline: dict) -> str:
+    """Beside the trainer (the train stage starts `python -m stages.select --during-training`): once the first
+    checkpoint is saved (the trainer's memory has settled by then), the base model loaded when the GPU has room
+    for it, then each checkpoint's adapter (stages/snapshots.py) scored as it is saved, into the Memo, until
+    the train stage marks the training done; a summary line. It stops when the train stage is gone."""
+    import torch
+
+    parent = os.getppid()
+
+    def wait() -> None:  # the train stage gone (killed): so is this
+        if os.getppid() != parent:
+            raise SystemExit(1)
+        time.sleep(0.5)
+
+    memo = Memo(p, pipeline)
+    while not any(SNAPSHOTS.glob("iter_*.pth")) and not TRAINED.exists():
+        wait()
+    if torch.cuda.is_available():
+        need = 1.25 * sum(f.stat().st_size for f in llm_dir(p.recipe).resolve().rglob("*.safetensors")) + 2e9
+        free = torch.cuda.mem_get_info()[0]
+        if free < need:
+            return (f"{free / 1e9:.1f} GB free on the GPU beside the trainer, {need / 1e9:.1f} GB needed: "
+                    "the select stage scores the checkpoints after training")
+    scorer = Scorer(p, pipeline)
+    key = memo.key(None)
+    if memo.get(0, key) is None:
+        memo.put(0, key, *scorer.score(0, None))
+    done: set[str] = set()
+    while True:
+        finished = TRAINED.exists()  # read before the listing: every snapshot of a finished run is listed below
+        for path in sorted(SNAPSHOTS.glob("iter_*.pth"), key=step_of):
+            if path.name in done:
+                continue
+            key = memo.key(path)
+            if memo.get(step_of(path), key) is None:
+                memo.put(step_of(path), key, *scorer.score(step_of(path), checkpoint_weights(path)))
+            done.add(path.name)
+        if finished:
+            break
+        wait()
+    t = scorer.timing
+    return (f"{len(done)} checkpoints and the base model scored beside the trainer (loading {t['load_base_s']:.1f} s, "
+            f"answers {t['generate_s']:.1f} s, perplexity {t['perplexity_s']:.1f} s)")
+
+
+class Scorer:
+    """The base model loaded once, each checkpoint's adapter merged into it in turn (MergedWeights), asked the
+    evaluate stage's prompts and scored as evaluate scores the merged model."""
+
+    def __init__(self, p: P.Params, pipeline: dict) -> None:
+        import torch
+
+        self.p = p
+        self.prompts = load_prompts(p)
+        self.conversations = [r["messages"] for r in read_jsonl(Path(p.assistant.perplexity_data),
+                                                                "assistant.perplexity_data")]
+        start = time.time()
+        self.chat, self.model = adapter_chat(p, pipeline, "cuda" if torch.cuda.is_available() else "cpu")
+        self.merged = MergedWeights(self.model)
+        self.timing = {"load_base_s": time.time() - start, "swap_adapter_s": 0.0, "generate_s": 0.0,
+                       "perplexity_s": 0.0}
+
+    def score(self, step: int, weights: dict | None) -> tuple[dict, list[dict]]:
+        """(the step's scores, its answers); `weights`: a checkpoint's adapter weights, None for the base model."""
+        p = self.p
+        with self.model.disable_adapter():  # the adapter merged into the weights: a plain model's decoding steps
+            t0 = time.time()
+            if weights is not None:
+                load_adapter(self.model, weights, CHECKPOINTS / f"iter_{step}.pth")
+            self.merged.set(weights is not None)
+            t1 = time.time()
+            said, _, _ = self.chat.generate([q for _, q in self.prompts], p.eval.max_new_tokens, p.eval.seed,
+                                            warm_up=False)
+            t2 = time.time()
+            ppl = self.chat.perplexity(self.conversations)
+            self.timing["swap_adapter_s"] += t1 - t0
+            self.timing["generate_s"] += t2 - t1
+            self.timing["perplexity_s"] += time.time() - t2
+        scored = [{"prompt": q, "kind": kind, "answer": a} for (kind, q), a in zip(self.prompts, said)]
+        row = {"step": step, **score(scored, "answer", p.data.assistant.name, p.data.assistant.author),
+               "perplexity_general": ppl}
+        return row, scored
+
+
+class Memo:
+    """Scores kept in the train stage's work dir (models/work/scores/iter_N.json, base.json), written by the
+    scorer that runs beside the trainer (`select.during_training`) and read back by this stage. An entry is
+    used only under the key it was written with: a digest of the checkpoint file and of
+    everything else the score depends on (the scoring code, the prompts, the held-out conversations, the
+    eval, lora and data params it reads, the base model's files, the device kind), so a stale entry is
+    never used: its checkpoint is scored again."""
+
+    def __init__(self, p: P.Params, pipeline: dict) -> None:
+        import hashlib
+
+        import torch
+
+        from stages import generation
+        from stages.recipes.assistant import evaluate
+
+        h = hashlib.sha256()
+        for path in (Path(__file__), Path(evaluate.__file__), Path(generation.__file__),
+                     Path(p.assistant.heldout_prompts), Path(p.assistant.perplexity_data)):
+            h.update(path.read_bytes())
+        model = llm_dir(p.recipe).resolve()
+        files = sorted(f for f in model.rglob("*") if f.is_file())
+        h.update(json.dumps({
+            "eval": [p.eval.system, p.eval.max_new_tokens, p.eval.seed], "template": p.train.prompt_template,
+            "prompts": list(p.assistant.prompts), "identity": [p.data.assistant.name, p.data.assistant.author],
+            "lora": [p.lora.r, p.lora.alpha, sorted(pipeline["lora_targets"])],
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "model": [[str(f.relative_to(model)), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+        }, ensure_ascii=False, sort_keys=True).encode())
+        self.settings = h.hexdigest()
+
+    def key(self, checkpoint: Path | None) -> str:
+        """The settings' digest with the checkpoint file's bytes (the snapshot the scorer read and the file in
+        models/checkpoints/ are the same bytes); None: the base model."""
+        import hashlib
+
+        h = hashlib.sha256(self.settings.encode())
+        if checkpoint is not None:
+            with open(checkpoint, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+        return h.hexdigest()
+
+    @staticmethod
+    def path(step: int) -> Path:
+        return SCORED / ("base.json" if step == 0 else f"iter_{step}.json")
+
+    def get(self, step: int, key: str) -> tuple[dict, list[dict]] | None:
+        try:
+            entry = json.loads(self.path(step).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return (entry["row"], entry["answers"]) if entry.get("key") == key else None
+
+    def put(self, step: int, key: str, row: dict, answers: list[dict]) -> None:
+        out = self.path(step)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "row": row, "answers": answers}, ensure_ascii=False),
+                       encoding="utf-8")
+        os.replace(tmp, out)
+
+
+def checkpoint_weights(path: Path) -> dict:
+    """A checkpoint's adapter weights under peft's names (XTuner's carry an `llm.` prefix)."""
+    from stages.xtuner_api import load_checkpoint_weights
+
+    return {k.removeprefix("llm."): v for k, v in load_checkpoint_weights(path).items()}
 
 
 def choose(rows: list[dict], select: P.Select, base_perplexity: float) -> tuple[dict, bool]:
@@ -126,16 +276,13 @@ class MergedWeights:
                     weight += layer.get_delta_weight("default")
 
 
-def load_adapter(model, path: Path) -> None:
-    """A checkpoint's adapter weights (XTuner's names: `llm.` + peft's) into the peft model."""
-    from stages.xtuner_api import load_checkpoint_weights
-
-    weights = {k.removeprefix("llm."): v for k, v in load_checkpoint_weights(path).items()}
+def load_adapter(model, weights: dict, where: Path) -> None:
+    """A checkpoint's adapter weights (checkpoint_weights) into the peft model."""
     own = model.state_dict()
     missing = [k for k in own if "lora_" in k and k not in weights]
     unknown = [k for k in weights if k not in own]
     if missing or unknown:
-        fail(f"{path}: not an adapter of this model and lora settings ({len(missing)} LoRA weights missing, "
+        fail(f"{where}: not an adapter of this model and lora settings ({len(missing)} LoRA weights missing, "
              f"{len(unknown)} unknown, e.g. {(missing + unknown)[0]}); rerun `dvc repro train`")
     model.load_state_dict(weights, strict=False)
 

@@ -6,3 +6,4 @@ from stages.paths import VALIDATED_INTERNVL
 
 NAME = "internvl"
 VALIDATED = VALIDATED_INTERNVL
+SCORES_CHECKPOINTS = False  # stages/recipes/interface.py

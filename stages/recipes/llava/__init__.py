@@ -7,3 +7,4 @@ from stages.paths import VALIDATED_LLAVA
 
 NAME = "llava"
 VALIDATED = VALIDATED_LLAVA
+SCORES_CHECKPOINTS = False  # stages/recipes/interface.py
