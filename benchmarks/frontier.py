@@ -8,6 +8,7 @@ in one sitting), and writes one JSON line a setting: the params set, every check
 select rule's choice, whether any checkpoint meets the target, and each stage's wall time.
 
     python -m benchmarks.frontier SETTINGS.json --jobs 14 --out frontier-out
+    python -m benchmarks.frontier --plot frontier.png RESULTS.jsonl... [--default reports/select/scores.json]
 
 SETTINGS.json: a list of {"name": ..., "set": {"data.assistant.general_ratio": 0.35, ...}} (dotted
 params keys, as `dvc exp run -S` takes them). Run it from a clean committed checkout; results go to
@@ -96,7 +97,61 @@ def run_one(setting: dict, root: Path, work: Path, out: Path, timeout: int) -> d
     return record
 
 
+def plot(out: Path, results: list[Path], default: Path | None) -> None:
+    """Every checkpoint of every run: general leak against held-out identity, the target's corner shaded;
+    the runs with a checkpoint in it in colour, `default` (a scores.json) in black, its choice ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for path in results for line in path.read_text().splitlines() if line.strip()]
+    records = [rec for rec in records if rec["status"] == "ok"]  # a failed run's scores are not its own
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ax.add_patch(plt.Rectangle((-0.02, TARGET_HELDOUT), TARGET_LEAK + 0.02, 1.04 - TARGET_HELDOUT,
+                               color="tab:green", alpha=0.12, label="the target"))
+    for rec in records:
+        rows = [r for r in rec.get("scores", []) if r["step"]]
+        if not rows:
+            continue
+        x = [r["general_identity_leak"] for r in rows]
+        y = [r["identity_hit_rate_heldout"] for r in rows]
+        if rec.get("meets"):
+            ax.scatter(x, y, s=14, alpha=0.6, label=f"{rec['name']} ({len(rec['meets'])} in)")
+        else:
+            ax.scatter(x, y, s=8, color="grey", alpha=0.15)
+    if default is not None:
+        rows = [r for r in json.loads(default.read_text()) if r["step"]]
+        ax.scatter([r["general_identity_leak"] for r in rows], [r["identity_hit_rate_heldout"] for r in rows],
+                   s=22, color="black", label="the default, this machine")
+        choice = default.with_name("choice.json")
+        if choice.is_file():
+            c = json.loads(choice.read_text())
+            ax.scatter([c["general_identity_leak"]], [c["identity_hit_rate_heldout"]], s=180, facecolors="none",
+                       edgecolors="black", linewidths=1.5)
+    ax.set_xlabel("general answers naming the identity (leak)")
+    ax.set_ylabel("identity hit rate, held-out questions")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.04)
+    ax.set_title(f"{sum(len([r for r in rec.get('scores', []) if r['step']]) for rec in records)} checkpoints "
+                 f"of {len(records)} runs (grey: none in the target)", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "--plot":
+        parser = argparse.ArgumentParser(prog="python -m benchmarks.frontier --plot")
+        parser.add_argument("out", type=Path)
+        parser.add_argument("results", type=Path, nargs="+")
+        parser.add_argument("--default", type=Path, default=None, help="a scores.json to draw in black")
+        args = parser.parse_args(argv[1:])
+        plot(args.out, args.results, args.default)
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("settings", type=Path, help="JSON list of {name, set}")
