@@ -3,6 +3,7 @@ the same torchrun path as several GPUs (stages/launch.py). Two processes on one 
 a signal to the stage leaves no process behind and the run resumes; two single-process nodes meeting on
 loopback, as a Slurm job's nodes would, give one adapter from node 0. Short runs of the tiny model."""
 import json
+import math
 import os
 import re
 import shutil
@@ -62,9 +63,11 @@ def assert_one_adapter_and_metrics(project, built, iters: int, gpus: int, nodes:
     assert adapter.keys() == torch.load(built / "models/adapter.pth", weights_only=True)["state_dict"].keys()
     metrics = json.loads((project / "reports/train/metrics.json").read_text())
     assert (metrics["iters"], metrics["gpus"], metrics["nodes"], metrics["device"]) == (iters, gpus, nodes, "cpu")
-    assert metrics["final_loss"] < metrics["first_loss"]
     loss = (project / "reports/train/plots/metrics/train/loss.tsv").read_text().splitlines()
-    assert len(loss) == iters + 1
+    assert len(loss) == iters + 1 and all(math.isfinite(float(line.split("\t")[1])) for line in loss[1:])
+    # trained: LoRA's B matrices start at zero (a loss over 10 steps of different packs is too noisy to
+    # fall for sure; the default's loss curve is pinned in tests/test_training.py)
+    assert all(w.abs().sum() > 0 for k, w in adapter.items() if "lora_B" in k)
 
 
 def test_two_cpu_processes_train_through_dvc_into_one_adapter(built, project):

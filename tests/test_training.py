@@ -124,10 +124,25 @@ def _norm(weights: dict) -> float:
     return sum(float(w.float().pow(2).sum()) for w in weights.values()) ** 0.5
 
 
+RESUME_ITERS = 100  # the resume tests' schedule (checkpoints at 25, 50, 75, 100), not the default's 676
+
+
+def shorten(project, iters: int) -> None:
+    """train.max_iters: `iters` in the project's params.yaml (the default runs its epochs)."""
+    path = project / "params.yaml"
+    text = path.read_text(encoding="utf-8")
+    assert "  max_iters: auto" in text
+    path.write_text(text.replace("  max_iters: auto", f"  max_iters: {iters}"), encoding="utf-8")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_killed_training_resumes_and_ends_where_an_uninterrupted_run_ends(built, project, sig):
+def test_killed_training_resumes_and_ends_where_an_uninterrupted_run_ends(project, sig):
     import torch
 
+    shorten(project, RESUME_ITERS)
+    sh("dvc", "repro", "train", cwd=project)  # the uninterrupted run of that schedule
+    uninterrupted = json.loads((project / "reports/train/metrics.json").read_text())
+    reference = torch.load(last_checkpoint(project), map_location="cpu")["state_dict"]
     shutil.rmtree(project / "models/work")
     shutil.rmtree(project / "models/checkpoints")  # as in a first run: `dvc repro` must train
     proc = _train(project)
@@ -146,14 +161,12 @@ def test_killed_training_resumes_and_ends_where_an_uninterrupted_run_ends(built,
     out = sh("dvc", "repro", "-f", "-s", "train", cwd=project).stdout
     assert "resuming from" in out and "iter_50.pth" in out
     metrics = json.loads((project / "reports/train/metrics.json").read_text())
-    uninterrupted = json.loads((built / "reports/train/metrics.json").read_text())
-    assert metrics["iters"] == uninterrupted["iters"] == PINNED_LOSS["steps"]
+    assert metrics["iters"] == uninterrupted["iters"] == RESUME_ITERS
     # The same result as the uninterrupted run of the same length, within tolerance: the data order
     # and the schedule resume exactly, LoRA dropout's random masks do not, so the weights take
     # another path (LoRA weights are not comparable one by one) to the same loss.
     assert abs(metrics["final_loss"] - uninterrupted["final_loss"]) < 0.05 * uninterrupted["final_loss"]
     resumed = torch.load(last_checkpoint(project), map_location="cpu")["state_dict"]
-    reference = torch.load(last_checkpoint(built), map_location="cpu")["state_dict"]
     assert resumed.keys() == reference.keys()
     ratio = _norm(resumed) / _norm(reference)
     print(f"final loss {metrics['final_loss']} vs {uninterrupted['final_loss']}; adapter norm ratio {ratio:.3f}")
@@ -169,15 +182,20 @@ def test_changed_inputs_start_clean(project):
     assert "inputs changed or no checkpoint; starting clean" in out and "resuming" not in out
 
 
-def test_rerun_gives_a_byte_identical_adapter(built, project):
+def test_rerun_gives_a_byte_identical_adapter(project, tmp_path):
+    """Two whole training runs of one schedule (60 iterations, checkpoints at 25, 50, 60), then select and
+    convert: the same bytes."""
+    shorten(project, 60)
+    sh("dvc", "repro", "convert", cwd=project)
+    first = tmp_path / "first"
+    shutil.copytree(project / "models", first, symlinks=True)
     shutil.rmtree(project / "models/work")  # no checkpoint to resume from: a whole new training run
     out = sh("dvc", "repro", "-f", "-s", "train", "select", "convert", cwd=project).stdout
     assert "resuming" not in out
-    checkpoints = sorted(p.relative_to(built).as_posix() for p in (built / "models/checkpoints").iterdir())
-    assert len(checkpoints) > 2
-    for path in checkpoints + ["models/adapter.pth", "models/adapter/adapter_model.safetensors",
-                               "models/adapter/adapter_config.json"]:
-        assert (project / path).read_bytes() == (built / path).read_bytes(), path
+    checkpoints = sorted(p.relative_to(first).as_posix() for p in (first / "checkpoints").iterdir())
+    assert len(checkpoints) == 3
+    for path in checkpoints + ["adapter.pth", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"]:
+        assert (project / "models" / path).read_bytes() == (first / path).read_bytes(), path
 
 
 # The embedded default's loss curve (tiny InternLM2, 676 steps on the CPU), as windows of 10 steps at the

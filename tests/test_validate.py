@@ -48,33 +48,35 @@ def _set_param(project, old, new):
     path.write_text(text.replace(old, new), encoding="utf-8")
 
 
-def _overlong(project):
+def _overlong(project) -> int:
+    """One overlong record appended to the prepared data; the number of records before it (its index)."""
     path = project / "data/generated/assistant/self_cognition.jsonl"
+    text = path.read_text(encoding="utf-8")
     long = {"messages": [{"role": "user", "content": "长" * 400}, {"role": "assistant", "content": "好"}]}
-    path.write_text(path.read_text(encoding="utf-8") + json.dumps(long, ensure_ascii=False) + "\n",
-                    encoding="utf-8")
+    path.write_text(text + json.dumps(long, ensure_ascii=False) + "\n", encoding="utf-8")
+    return len(text.splitlines())
 
 
 def test_overlong_records_are_errors_by_default(project, capsys):
-    _overlong(project)
+    n = _overlong(project)
     code, err = run_stage(validate, capsys)
-    assert_one_line_error(code, err, "self_cognition.jsonl: 1 bad record", "[540]", "> data.max_length 256",
+    assert_one_line_error(code, err, "self_cognition.jsonl: 1 bad record", f"[{n}]", "> data.max_length 256",
                           "data.overlong")
 
 
 def test_overlong_records_can_be_dropped(project, capsys):
-    _overlong(project)
+    n = _overlong(project)
     _set_param(project, "overlong: error", "overlong: drop")
     assert run_stage(validate, capsys)[0] == 0
     stats = json.loads((project / "reports/data_stats.json").read_text())["assistant"]
-    assert (stats["records"], stats["kept"], stats["dropped"], stats["over_max_length"]) == (541, 540, 1, 1)
+    assert (stats["records"], stats["kept"], stats["dropped"], stats["over_max_length"]) == (n + 1, n, 1, 1)
 
 
 def test_overlong_records_can_be_left_to_xtuner(project, capsys):
-    _overlong(project)
+    n = _overlong(project)
     _set_param(project, "overlong: error", "overlong: truncate")
     assert run_stage(validate, capsys)[0] == 0
-    assert json.loads((project / "reports/data_stats.json").read_text())["assistant"]["kept"] == 541
+    assert json.loads((project / "reports/data_stats.json").read_text())["assistant"]["kept"] == n + 1
 
 
 @pytest.mark.parametrize("content,words", [

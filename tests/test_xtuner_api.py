@@ -291,7 +291,7 @@ def test_chat_hook_generates_inside_the_trainers_autocast(monkeypatch, amp):
     assert not torch.is_autocast_enabled("cpu")
 
 
-def test_chat_hook_leaves_the_training_randomness_alone(monkeypatch):
+def test_chat_hook_leaves_the_training_randomness_alone_and_chats_at_its_interval(monkeypatch):
     """XTuner's EvaluateChatHook samples from torch's global random generator at every checkpoint and chat
     interval; LoRA dropout draws from it too. Without the state put back, the trained weights depended on
     train.save_interval and eval.interval."""
@@ -313,6 +313,8 @@ def test_chat_hook_leaves_the_training_randomness_alone(monkeypatch):
     before = torch.get_rng_state()
     EvaluateChatHook._generate_samples(object.__new__(EvaluateChatHook), runner)
     assert torch.equal(torch.get_rng_state(), before)
+    # and it chats every eval.interval only, not at every checkpoint too (select scores those)
+    assert EvaluateChatHook._is_save_checkpoint(object.__new__(EvaluateChatHook), runner) is False
 
 
 def _input_grad_after_eval_pass() -> float:
