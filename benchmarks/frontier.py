@@ -31,7 +31,8 @@ TARGET_LEAK = 0.43
 TARGET_HELDOUT = 0.71
 
 
-def set_params(params: Path, updates: dict) -> None:
+def set_params(params: Path, updates: dict, write: bool = True) -> None:
+    """The dotted keys of `updates` set in the params file, comments kept; a key the file lacks is one line."""
     from ruamel.yaml import YAML
 
     yaml = YAML()
@@ -40,12 +41,13 @@ def set_params(params: Path, updates: dict) -> None:
         node = data
         *parents, last = dotted.split(".")
         for key in parents:
-            node = node[key]
-        if last not in node:
-            raise SystemExit(f"frontier: params key {dotted} does not exist")
+            node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or last not in node:
+            raise SystemExit(f"frontier: {params}: no params key {dotted}")
         node[last] = value
-    with params.open("w", encoding="utf-8") as handle:
-        yaml.dump(data, handle)
+    if write:
+        with params.open("w", encoding="utf-8") as handle:
+            yaml.dump(data, handle)
 
 
 def meets(row: dict) -> bool:
@@ -97,9 +99,10 @@ def run_one(setting: dict, root: Path, work: Path, out: Path, timeout: int) -> d
     return record
 
 
-def plot(out: Path, results: list[Path], default: Path | None) -> None:
+def plot(out: Path, results: list[Path], default: Path | None) -> int:
     """Every checkpoint of every run: general leak against held-out identity, the target's corner shaded;
-    the runs with a checkpoint in it in colour, `default` (a scores.json) in black, its choice ringed."""
+    the runs with a checkpoint in it in colour, `default` (a scores.json) in black, its choice ringed. The
+    number of runs drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,6 +142,7 @@ def plot(out: Path, results: list[Path], default: Path | None) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+    return len(records)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = json.loads(args.settings.read_text())
     root = Path.cwd()
+    for setting in settings:  # every key checked before any run starts
+        set_params(root / "params.yaml", setting.get("set", {}), write=False)
     (args.out / "logs").mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     results = args.out / "frontier.jsonl"
