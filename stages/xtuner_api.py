@@ -270,6 +270,7 @@ def run_trainer(config: Path, work_dir: Path, deepspeed: Path | None, resume: Pa
     from xtuner.tools import train
 
     _chat_hook_under_amp()
+    _resume_randomness()
     # Only a resume reads a checkpoint that needs more than weights (models/work/, written by this
     # pipeline's trainer); a fresh run loads its pretrained_pth (models/pretrain/projector.pth) with
     # weights only, though XTuner asks torch for full unpickling.
@@ -317,6 +318,56 @@ def mmengine_errors_only(on_log_file: Callable[[logging.FileHandler], None] | No
         MMLogger.__init__ = init
         for handler, level in before:
             handler.setLevel(level)
+
+
+def _resume_randomness() -> None:
+    """A resumed run trains as the uninterrupted one would, to the byte. mmengine's resume restores the
+    seed, not the random generator's state, so LoRA dropout drew other masks after an interruption. A hook
+    registered on every runner XTuner builds keeps torch's generator states (the CPU's, the GPUs') in each
+    checkpoint's meta, and puts them back just before the first iteration of a resumed run (after the data
+    loader has skipped the trained batches; in one process only: several keep their own states, and
+    process 0 alone writes the checkpoint)."""
+    from mmengine.hooks import Hook
+    from mmengine.runner import FlexibleRunner, Runner
+
+    if getattr(Runner.train, "_pipeline", False):
+        return
+
+    class ResumeRandomness(Hook):
+        priority = "VERY_LOW"
+
+        def __init__(self) -> None:
+            self.pending = None
+
+        def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+            import torch
+
+            checkpoint.setdefault("meta", {})["pipeline_rng"] = {
+                "cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+        def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+            if runner.world_size == 1:
+                self.pending = (checkpoint.get("meta") or {}).get("pipeline_rng")
+
+        def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+            if self.pending is not None:
+                import torch
+
+                torch.set_rng_state(self.pending["cpu"].cpu())
+                if self.pending["cuda"] and torch.cuda.is_available():
+                    torch.cuda.set_rng_state_all([state.cpu() for state in self.pending["cuda"]])
+                self.pending = None
+
+    for cls in (Runner, FlexibleRunner):
+        train = cls.train
+
+        def patched(self, _train=train):
+            self.register_hook(ResumeRandomness())
+            return _train(self)
+
+        patched._pipeline = True
+        cls.train = patched
 
 
 def _chat_hook_under_amp() -> None:

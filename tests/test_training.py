@@ -120,10 +120,6 @@ def last_checkpoint(project):
     return max((project / "models/checkpoints").glob("iter_*.pth"), key=lambda p: int(p.stem.split("_")[1]))
 
 
-def _norm(weights: dict) -> float:
-    return sum(float(w.float().pow(2).sum()) for w in weights.values()) ** 0.5
-
-
 RESUME_ITERS = 100  # the resume tests' schedule (checkpoints at 25, 50, 75, 100), not the default's 676
 
 
@@ -137,12 +133,10 @@ def shorten(project, iters: int) -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_killed_training_resumes_and_ends_where_an_uninterrupted_run_ends(project, sig):
-    import torch
-
     shorten(project, RESUME_ITERS)
     sh("dvc", "repro", "train", cwd=project)  # the uninterrupted run of that schedule
     uninterrupted = json.loads((project / "reports/train/metrics.json").read_text())
-    reference = torch.load(last_checkpoint(project), map_location="cpu")["state_dict"]
+    reference = last_checkpoint(project).read_bytes()
     shutil.rmtree(project / "models/work")
     shutil.rmtree(project / "models/checkpoints")  # as in a first run: `dvc repro` must train
     proc = _train(project)
@@ -162,15 +156,10 @@ def test_killed_training_resumes_and_ends_where_an_uninterrupted_run_ends(projec
     assert "resuming from" in out and "iter_50.pth" in out
     metrics = json.loads((project / "reports/train/metrics.json").read_text())
     assert metrics["iters"] == uninterrupted["iters"] == RESUME_ITERS
-    # The same result as the uninterrupted run of the same length, within tolerance: the data order
-    # and the schedule resume exactly, LoRA dropout's random masks do not, so the weights take
-    # another path (LoRA weights are not comparable one by one) to the same loss.
-    assert abs(metrics["final_loss"] - uninterrupted["final_loss"]) < 0.05 * uninterrupted["final_loss"]
-    resumed = torch.load(last_checkpoint(project), map_location="cpu")["state_dict"]
-    assert resumed.keys() == reference.keys()
-    ratio = _norm(resumed) / _norm(reference)
-    print(f"final loss {metrics['final_loss']} vs {uninterrupted['final_loss']}; adapter norm ratio {ratio:.3f}")
-    assert 0.9 < ratio < 1.1
+    # The uninterrupted run's result, to the byte: the data order and the schedule resume exactly, and so
+    # does the random generator LoRA dropout draws from (stages/xtuner_api.py `_resume_randomness`).
+    assert metrics["final_loss"] == uninterrupted["final_loss"]
+    assert last_checkpoint(project).read_bytes() == reference
 
 
 def test_changed_inputs_start_clean(project):
