@@ -10,7 +10,7 @@ from pathlib import Path
 from stages import params as P
 from stages.checkpoints import adopt, saved, step_of
 from stages.errors import fail
-from stages.io import read_jsonl
+from stages.io import read_jsonl, write_json
 from stages.paths import ADAPTER_PTH, CHECKPOINTS, SCORED, SELECT, SNAPSHOTS, TRAINED, llm_dir
 from stages.quiet import progress_bar
 from stages.recipes.assistant.evaluate import load_prompts, score
@@ -23,21 +23,20 @@ def run(p: P.Params, pipeline: dict) -> tuple[dict, list[dict], list[dict], str]
     start = time.time()
     memo = Memo(p, pipeline)
     scorer = None  # loaded when a checkpoint was not scored during training (stages/select.py)
+
+    def load() -> Scorer:
+        nonlocal scorer
+        scorer = scorer or Scorer(p, pipeline)
+        return scorer
+
     rows, answers, reused = [], [], 0
+    memo.digest(ckpts)
     states = [(0, None)] + [(step_of(c), c) for c in ckpts]
     bar = progress_bar(len(states), "[select]", unit="checkpoint")
     for step, path in states:
         bar.set_postfix_str("base model" if path is None else f"iter_{step}", refresh=False)
-        key = memo.key(path)
-        found = memo.get(step, key)
-        if found is None:
-            if scorer is None:
-                scorer = Scorer(p, pipeline)
-            found = scorer.score(step, None if path is None else checkpoint_weights(path))
-            memo.put(step, key, *found)
-        else:
-            reused += 1
-        row, said = found
+        (row, said), kept = memo.scored(step, path, load)
+        reused += kept
         rows.append(row)
         answers += [{"step": step, **r} for r in said]
         bar.update(1)
@@ -87,18 +86,14 @@ def follow(p: P.Params, pipeline: dict) -> str:
             return (f"{free / 1e9:.1f} GB free on the GPU beside the trainer, {need / 1e9:.1f} GB needed: "
                     "the select stage scores the checkpoints after training")
     scorer = Scorer(p, pipeline)
-    key = memo.key(None)
-    if memo.get(0, key) is None:
-        memo.put(0, key, *scorer.score(0, None))
+    memo.scored(0, None, lambda: scorer)
     done: set[str] = set()
     while True:
         finished = TRAINED.exists()  # read before the listing: every snapshot of a finished run is listed below
         for path in sorted(SNAPSHOTS.glob("iter_*.pth"), key=step_of):
             if path.name in done:
                 continue
-            key = memo.key(path)
-            if memo.get(step_of(path), key) is None:
-                memo.put(step_of(path), key, *scorer.score(step_of(path), checkpoint_weights(path)))
+            memo.scored(step_of(path), path, lambda: scorer)
             done.add(path.name)
         if finished:
             break
@@ -158,8 +153,6 @@ class Memo:
     def __init__(self, p: P.Params, pipeline: dict) -> None:
         import hashlib
 
-        import torch
-
         from stages import generation
         from stages.recipes.assistant import evaluate
 
@@ -173,16 +166,27 @@ class Memo:
             "eval": [p.eval.system, p.eval.max_new_tokens, p.eval.seed], "template": p.train.prompt_template,
             "prompts": list(p.assistant.prompts), "identity": [p.data.assistant.name, p.data.assistant.author],
             "lora": [p.lora.r, p.lora.alpha, sorted(pipeline["lora_targets"])],
-            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "device": device_kind(),
             "model": [[str(f.relative_to(model)), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
         }, ensure_ascii=False, sort_keys=True).encode())
         self.settings = h.hexdigest()
+        self.keys: dict[Path, str] = {}
+
+    def digest(self, checkpoints: list[Path]) -> None:
+        """The keys of `checkpoints`, read and digested side by side (hashlib and file reads release the GIL:
+        eight 250 MB adapters of the 1.8B model take a core's second each)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            self.keys.update(zip(checkpoints, pool.map(self.key, checkpoints)))
 
     def key(self, checkpoint: Path | None) -> str:
         """The settings' digest with the checkpoint file's bytes (the snapshot the scorer read and the file in
         models/checkpoints/ are the same bytes); None: the base model."""
         import hashlib
 
+        if checkpoint in self.keys:
+            return self.keys[checkpoint]
         h = hashlib.sha256(self.settings.encode())
         if checkpoint is not None:
             with open(checkpoint, "rb") as f:
@@ -202,12 +206,29 @@ class Memo:
         return (entry["row"], entry["answers"]) if entry.get("key") == key else None
 
     def put(self, step: int, key: str, row: dict, answers: list[dict]) -> None:
-        out = self.path(step)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "row": row, "answers": answers}, ensure_ascii=False),
-                       encoding="utf-8")
-        os.replace(tmp, out)
+        write_json(self.path(step), {"key": key, "row": row, "answers": answers}, indent=None)
+
+    def scored(self, step: int, checkpoint: Path | None, scorer) -> tuple[tuple[dict, list[dict]], bool]:
+        """((scores, answers), whether they were kept) of `checkpoint` (None: the base model): the valid entry,
+        else `scorer()`'s, kept."""
+        key = self.key(checkpoint)
+        found = self.get(step, key)
+        if found is not None:
+            return found, True
+        found = scorer().score(step, None if checkpoint is None else checkpoint_weights(checkpoint))
+        self.put(step, key, *found)
+        return found, False
+
+
+def device_kind() -> str:
+    """"cuda" where a GPU is visible to this process, else "cpu", without importing torch (whose import takes
+    the select stage longer than reading every kept score): NVIDIA's device nodes, less those that
+    CUDA_VISIBLE_DEVICES hides. Part of the scores' key, computed the same way by the scorer and the stage."""
+    import glob
+
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
+        return "cpu"
+    return "cuda" if glob.glob("/dev/nvidia[0-9]*") else "cpu"
 
 
 def checkpoint_weights(path: Path) -> dict:
