@@ -68,6 +68,8 @@ PLANS = {
         {**LEAN, "micro_batch": 2, "compile": True, "dropout": 0.0, "checkpointing": False},
         {**LEAN, "micro_batch": 16, "compile": True, "dropout": 0.0},
     ],
+    # The stage's default at 24 GB alone (for `speed.sh profile`, beside the stage's own profile).
+    "default": [{**LEAN, "micro_batch": 4, "compile": True, "dropout": 0.0, "checkpointing": False}],
     # The 7B shape: XTuner's default against the lean settings.
     "lean": [
         {},
@@ -159,6 +161,15 @@ def profile(step, table_path: Path) -> dict:
             step()
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
+    return summarize(prof, wall, 2, table_path)
+
+
+def summarize(prof, wall: float, steps: int, table_path: Path) -> dict:
+    """A finished torch profile of `steps` steps that took `wall` seconds: the mean step, the GPU's busy
+    time in it by kind of kernel (KINDS), its idle share; the 60 kernels with the most GPU time into
+    `table_path`."""
+    import torch
+
     kinds: dict[str, float] = {}
     gpu_total = 0.0
     events = prof.key_averages()
@@ -173,10 +184,10 @@ def profile(step, table_path: Path) -> dict:
     table_path.parent.mkdir(parents=True, exist_ok=True)
     sort = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
     table_path.write_text(events.table(sort_by=sort, row_limit=60, max_name_column_width=90))
-    step_ms = wall / 2 * 1e3
-    return {"step_ms": round(step_ms, 1), "gpu_busy_ms": round(gpu_total / 2e3, 1),
-            "gpu_idle_share": round(max(0.0, 1 - gpu_total / 2e3 / step_ms), 3),
-            "gpu_ms_by_kind": {k: round(v / 2e3, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}}
+    step_ms, busy_ms = wall / steps * 1e3, gpu_total / steps / 1e3
+    return {"step_ms": round(step_ms, 1), "gpu_busy_ms": round(busy_ms, 1),
+            "gpu_idle_share": round(max(0.0, 1 - busy_ms / step_ms), 3),
+            "gpu_ms_by_kind": {k: round(v / steps / 1e3, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}}
 
 
 def main() -> None:

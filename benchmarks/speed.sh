@@ -11,6 +11,7 @@
 #
 # Suites: peers (the three libraries at micro-batch 8 and 16, plain also 4), stage (the train stage
 # at the project's defaults at `train.memory_gb: 24`, LoRA as the peers': r 64, alpha 16, dropout 0),
+# profile (the default at 24 GB: the train stage's iterations and levers.py's bare model, both profiled),
 # levers (benchmarks/levers.py's `stage` plan on the built model, the last setting profiled), overhead
 # (the optimizer wrapper's per-step levers in the train stage, each undone on its own),
 # all (peers, then the stage at 24 GB with the peers' LoRA and with dropout 0.1), lean7b (7B: the peers at micro-batch 1 and 2, the stage at memory_gb 8).
@@ -75,6 +76,13 @@ case $SUITE in
     CONFIG_EDIT="$NOFUSE" stage "train stage, peer LoRA, no loss scale, foreach AdamW" internlm2-1_8b "{$PEERLORA}"
     CONFIG_EDIT="s/^dataloader_num_workers = 0\$/dataloader_num_workers = 2/" \
       stage "train stage, peer LoRA, defaults, 2 data-loading workers" internlm2-1_8b "{$PEERLORA}" ;;
+  profile)  # the default at 24 GB profiled twice: the train stage's iterations 20-23 (stage_profile.py, a hook
+    # added to the rendered config) and levers.py's bare model (its step: one micro-batch and the optimizer)
+    HOOK="s/^custom_hooks = \\[\$/from benchmarks.stage_profile import StageProfile\\ncustom_hooks = [dict(type=StageProfile),/"
+    STAGE_PROFILE_OUT=$(realpath "$OUT")/stage-profile.jsonl CONFIG_EDIT="$HOOK" \
+      stage "train stage, defaults at 24 GB, peer LoRA, profiled" internlm2-1_8b "{$PEERLORA}"
+    cat "$OUT/stage-profile.jsonl" 2>/dev/null || grep -h "profile\|Error" "$OUT"/stage/*.log | tail -n 5
+    [ -n "${STAGE_ONLY:-}" ] || levers internlm2-1_8b default ;;
   lean7b)
     peer unsloth 7b 1,2; peer liger 7b 1,2; peer hf 7b 1
     stage "train stage, lean (8 GB), peer LoRA" 7b "{$PEERLORA, 'train': {'memory_gb': 8, 'optimizer': 'paged_adamw8bit'}}" ;;
