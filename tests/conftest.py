@@ -65,10 +65,11 @@ def clone_worktree(dest: Path) -> Path:
 #   5. the tests marked two_processes (group two_processes): they train in two processes, which take both cores,
 #      and next to another test each took three times as long; last, one at a time, the other process done
 WORKSPACES = ("llava_built", "internvl_built")
-LONGEST = ("test_a_mixing_sweep_runs_as_a_dvc_queue_and_compares", "test_lora_rank_experiment_reruns_only_the_training_chain",
+LONGEST = ("test_killed_training_resumes_and_ends_where_an_uninterrupted_run_ends",
            "test_the_llama_format_case_runs_the_whole_pipeline", "test_rerun_gives_a_byte_identical_adapter",
-           "test_killed_training_resumes_and_ends_where_an_uninterrupted_run_ends",
-           "test_the_rule_alone_reruns_from_select_on", "test_changed_inputs_start_clean")
+           "test_a_mixing_sweep_runs_as_a_dvc_queue_and_compares", "test_scoring_beside_the_trainer_is_read_back_by_select",
+           "test_lora_rank_experiment_reruns_only_the_training_chain", "test_the_rule_alone_reruns_from_select_on",
+           "test_changed_inputs_start_clean")
 
 
 @pytest.hookimpl(wrapper=True)  # around pytest-xdist's, which reads the xdist_group marks

@@ -20,7 +20,8 @@ from tests.conftest import env, ran
 pytestmark = [pytest.mark.e2e, pytest.mark.two_processes]
 
 ITERS = 10
-LONG = 300  # about 20 s of training after the first checkpoint: processes left running would still be there
+LONG = 100  # about 20 s of training after the first checkpoint (0.2 s an iteration of the 192-wide default in
+# two processes): processes left running would still be there
 
 
 def edit(project, section: str, **values) -> None:

@@ -102,7 +102,7 @@ def test_a_mixing_sweep_runs_as_a_dvc_queue_and_compares(project):
     `dvc queue start`, then `python -m stages.compare` of it against the workspace."""
     sh("git", "add", "-A", cwd=project)
     sh("git", "commit", "-q", "--allow-empty", "-m", "baseline", cwd=project)
-    sh("dvc", "exp", "run", "--queue", "-S", "data.assistant.general_ratio=0.4", "-S", "train.epochs=1",
+    sh("dvc", "exp", "run", "--queue", "-S", "data.assistant.general_ratio=0.4", "-S", "train.max_iters=50",
        "-n", "mix-040", cwd=project)
     sh("dvc", "queue", "start", "-j", "1", cwd=project)
     deadline = time.time() + 900

@@ -131,12 +131,23 @@ def shorten(project, iters: int) -> None:
     path.write_text(text.replace("  max_iters: auto", f"  max_iters: {iters}"), encoding="utf-8")
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(built, tmp_path_factory) -> tuple[dict, bytes]:
+    """The uninterrupted run of the resume tests' schedule, once for both signals (their xdist group keeps
+    them in one process): its metrics and its last checkpoint's bytes."""
+    dest = tmp_path_factory.mktemp("uninterrupted") / "project"
+    shutil.copytree(built, dest, symlinks=True)
+    shorten(dest, RESUME_ITERS)
+    sh("dvc", "repro", "train", cwd=dest)
+    return json.loads((dest / "reports/train/metrics.json").read_text()), last_checkpoint(dest).read_bytes()
+
+
+@pytest.mark.xdist_group("resume")
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_killed_training_resumes_and_ends_where_an_uninterrupted_run_ends(project, sig):
+def test_killed_training_resumes_and_ends_where_an_uninterrupted_run_ends(project, uninterrupted, sig):
+    uninterrupted, reference = uninterrupted
     shorten(project, RESUME_ITERS)
-    sh("dvc", "repro", "train", cwd=project)  # the uninterrupted run of that schedule
-    uninterrupted = json.loads((project / "reports/train/metrics.json").read_text())
-    reference = last_checkpoint(project).read_bytes()
+    sh("dvc", "repro", "render", cwd=project)  # that schedule's config; the run below is the first to train it
     shutil.rmtree(project / "models/work")
     shutil.rmtree(project / "models/checkpoints")  # as in a first run: `dvc repro` must train
     proc = _train(project)
@@ -163,6 +174,8 @@ def test_killed_training_resumes_and_ends_where_an_uninterrupted_run_ends(projec
 
 
 def test_changed_inputs_start_clean(project):
+    shorten(project, 10)  # the message comes before training; a short schedule keeps the run short
+    sh("dvc", "repro", "render", cwd=project)
     cfg = project / "models/config/xtuner_config.py"
     text = cfg.read_text()
     assert "\nlr = " in text
