@@ -79,7 +79,9 @@ case $SUITE in
   profile)  # the default at 24 GB profiled twice: the train stage's iterations 20-23 (stage_profile.py, a hook
     # added to the rendered config) and levers.py's bare model (its step: one micro-batch and the optimizer)
     HOOK="s/^custom_hooks = \\[\$/from benchmarks.stage_profile import StageProfile\\ncustom_hooks = [dict(type=StageProfile),/"
-    STAGE_PROFILE_OUT=$(realpath "$OUT")/stage-profile.jsonl CONFIG_EDIT="$HOOK" \
+    # STAGE_PROFILE_BARE=N (stage_profile.py): N bare steps in the stage's own process first, to tell the
+    # process's cost per op from the loop's
+    STAGE_PROFILE_BARE=${STAGE_PROFILE_BARE:-10} STAGE_PROFILE_OUT=$(realpath "$OUT")/stage-profile.jsonl CONFIG_EDIT="$HOOK" \
       stage "train stage, defaults at 24 GB, peer LoRA, profiled" internlm2-1_8b "{$PEERLORA}"
     cat "$OUT/stage-profile.jsonl" 2>/dev/null || grep -h "profile\|Error" "$OUT"/stage/*.log | tail -n 5
     [ -n "${STAGE_ONLY:-}" ] || levers internlm2-1_8b default ;;

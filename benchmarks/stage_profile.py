@@ -8,6 +8,14 @@ the wall time of those iterations between two synchronisations, the GPU's busy t
 kernel, and the host's time outside the model's forward and backward (data loading, collation, hooks,
 the optimizer wrapper). One JSON line is appended to STAGE_PROFILE_OUT (a .jsonl) and the kernel table
 written beside it (.txt).
+
+With STAGE_PROFILE_BARE=N, before those iterations: N steps of the bare model in the same process, on
+the batch of iteration START (the stage's data preprocessor, its optimizer wrapper's autocast, forward
+with the loss and backward, no optimizer step; the gradients put back after), timed and two of them
+profiled: a second line and table (.bare.txt); their random draws move the run's later dropout masks, so
+such a run is a measurement, not one to keep. Beside the stage's own iterations it says whether the
+host's extra cost per op comes with the process (then the bare steps are as slow) or with mmengine's loop
+around the step (then they are as fast as levers.py's).
 """
 from __future__ import annotations
 
@@ -34,6 +42,8 @@ class StageProfile(Hook):
     def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
         import torch
 
+        if runner.iter == self.start and int(os.environ.get("STAGE_PROFILE_BARE", 0)) > 0:
+            self.bare(runner, data_batch, int(os.environ["STAGE_PROFILE_BARE"]))
         if runner.iter == self.start:
             from torch.profiler import ProfilerActivity, profile
 
@@ -67,6 +77,46 @@ class StageProfile(Hook):
             f.write(json.dumps({"run": os.environ.get("STAGE_PROFILE_NAME", "train stage profile"), **summary}) + "\n")
         print(f"[profile] {json.dumps(summary)}", flush=True)
         self.prof = None
+
+    def bare(self, runner, data_batch, steps: int) -> None:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        from benchmarks.levers import summarize
+
+        model = getattr(runner.model, "module", runner.model)
+        data = model.data_preprocessor(data_batch, True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        kept = [p.grad for p in params]
+
+        def step() -> None:
+            with runner.optim_wrapper.optim_context(model):
+                loss = model(**data, mode="loss")["loss"]
+            loss.backward()
+
+        step()
+        sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        timed = (time.perf_counter() - start) / steps
+        with profile(activities=[ProfilerActivity.CPU]
+                     + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])) as prof:
+            start = time.perf_counter()
+            for _ in range(2):
+                step()
+            sync()
+            wall = time.perf_counter() - start
+        for p, grad in zip(params, kept):
+            p.grad = grad
+        summary = summarize(prof, wall, 2, self.out.with_suffix(".bare.txt"))
+        summary["timed_step_ms"] = round(timed * 1e3, 1)
+        summary["timed_steps"] = steps
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.out, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"run": "the bare step in the train stage's process", **summary}) + "\n")
+        print(f"[profile] bare: {json.dumps(summary)}", flush=True)
 
 
 def sync() -> None:
