@@ -67,13 +67,13 @@ def test_scoring_beside_the_trainer_is_read_back_by_select(project):
     path = project / "params.yaml"
     text = path.read_text(encoding="utf-8")
     text = text.replace("  during_training: auto", "  during_training: true")
-    text = text.replace("  max_iters: auto", "  max_iters: 50")  # checkpoints 25 and 50
+    text = text.replace("  max_iters: auto", "  max_iters: 30")  # checkpoints 25 and 30
     path.write_text(text, encoding="utf-8")
     out = sh("dvc", "repro", "select", cwd=project).stdout
     assert "2 checkpoints and the base model scored beside the trainer" in out, out
     assert "(3 of 3 scored during training)" in out, out
     beside = (project / "reports/select/scores.json").read_text()
-    assert [r["step"] for r in json.loads(beside)] == [0, 25, 50]
+    assert [r["step"] for r in json.loads(beside)] == [0, 25, 30]
     scored = project / "models/work/scores"
     entry = json.loads((scored / "iter_25.json").read_text(encoding="utf-8"))
     (scored / "iter_25.json").write_text(json.dumps({**entry, "key": "0" * 64}), encoding="utf-8")
