@@ -40,16 +40,11 @@ class StageProfile(Hook):
         self.iter_ends: list[float] = []
 
     def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
-        import torch
-
         if runner.iter == self.start and int(os.environ.get("STAGE_PROFILE_BARE", 0)) > 0:
             self.bare(runner, data_batch, int(os.environ["STAGE_PROFILE_BARE"]))
         if runner.iter == self.start:
-            from torch.profiler import ProfilerActivity, profile
-
             sync()
-            self.prof = profile(activities=[ProfilerActivity.CPU]
-                                + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
+            self.prof = profiler()
             self.prof.__enter__()
             self.t0 = time.perf_counter()
         if self.prof is not None:
@@ -72,16 +67,10 @@ class StageProfile(Hook):
         between = [b - a for a, b in zip(self.iter_ends, self.iter_starts[1:])]
         summary["between_iterations_ms"] = round(sum(between) / max(1, len(between)) * 1e3, 1)
         summary["iterations"], summary["first_iteration"] = self.count, self.start
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.out, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"run": os.environ.get("STAGE_PROFILE_NAME", "train stage profile"), **summary}) + "\n")
-        print(f"[profile] {json.dumps(summary)}", flush=True)
+        self.record(os.environ.get("STAGE_PROFILE_NAME", "train stage profile"), summary)
         self.prof = None
 
     def bare(self, runner, data_batch, steps: int) -> None:
-        import torch
-        from torch.profiler import ProfilerActivity, profile
-
         from benchmarks.levers import summarize
 
         model = getattr(runner.model, "module", runner.model)
@@ -101,8 +90,7 @@ class StageProfile(Hook):
             step()
         sync()
         timed = (time.perf_counter() - start) / steps
-        with profile(activities=[ProfilerActivity.CPU]
-                     + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])) as prof:
+        with profiler() as prof:
             start = time.perf_counter()
             for _ in range(2):
                 step()
@@ -113,10 +101,22 @@ class StageProfile(Hook):
         summary = summarize(prof, wall, 2, self.out.with_suffix(".bare.txt"))
         summary["timed_step_ms"] = round(timed * 1e3, 1)
         summary["timed_steps"] = steps
+        self.record("the bare step in the train stage's process", summary)
+
+    def record(self, run: str, summary: dict) -> None:
+        """One line appended to STAGE_PROFILE_OUT, and on the terminal."""
         self.out.parent.mkdir(parents=True, exist_ok=True)
         with open(self.out, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"run": "the bare step in the train stage's process", **summary}) + "\n")
-        print(f"[profile] bare: {json.dumps(summary)}", flush=True)
+            f.write(json.dumps({"run": run, **summary}) + "\n")
+        print(f"[profile] {run}: {json.dumps(summary)}", flush=True)
+
+
+def profiler():
+    """torch's profiler over the host and, where there is one, the GPU."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
 
 
 def sync() -> None:

@@ -147,7 +147,7 @@ class Memo:
     scorer that runs beside the trainer (`select.during_training`) and read back by this stage. An entry is
     used only under the key it was written with: a digest of the checkpoint file and of
     everything else the score depends on (the scoring code, the prompts, the held-out conversations, the
-    eval, lora and data params it reads, the base model's files, the device kind), so a stale entry is
+    eval, lora and data params it reads, the base model's files, the device the config was rendered for), so a stale entry is
     never used: its checkpoint is scored again."""
 
     def __init__(self, p: P.Params, pipeline: dict) -> None:
@@ -166,7 +166,7 @@ class Memo:
             "eval": [p.eval.system, p.eval.max_new_tokens, p.eval.seed], "template": p.train.prompt_template,
             "prompts": list(p.assistant.prompts), "identity": [p.data.assistant.name, p.data.assistant.author],
             "lora": [p.lora.r, p.lora.alpha, sorted(pipeline["lora_targets"])],
-            "device": device_kind(),
+            "device": pipeline["device"],
             "model": [[str(f.relative_to(model)), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
         }, ensure_ascii=False, sort_keys=True).encode())
         self.settings = h.hexdigest()
@@ -218,17 +218,6 @@ class Memo:
         found = scorer().score(step, None if checkpoint is None else checkpoint_weights(checkpoint))
         self.put(step, key, *found)
         return found, False
-
-
-def device_kind() -> str:
-    """"cuda" where a GPU is visible to this process, else "cpu", without importing torch (whose import takes
-    the select stage longer than reading every kept score): NVIDIA's device nodes, less those that
-    CUDA_VISIBLE_DEVICES hides. Part of the scores' key, computed the same way by the scorer and the stage."""
-    import glob
-
-    if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
-        return "cpu"
-    return "cuda" if glob.glob("/dev/nvidia[0-9]*") else "cpu"
 
 
 def checkpoint_weights(path: Path) -> dict:
