@@ -17,7 +17,7 @@ from benchmarks.measure import SEQ, append, batch, free, gpu, measure
 from benchmarks.shapes import SHAPES, mfu
 
 BASE = {"micro_batch": 1, "checkpointing": True, "fused_loss": False, "dropout": 0.1, "optimizer": "adamw",
-        "upcast_frozen": True, "loss_chunk_mb": 1024, "compile": False}
+        "upcast_frozen": True, "loss_chunk_mb": 1024, "compile": False, "cudagraphs": False}
 LEAN = {"upcast_frozen": False, "fused_loss": True}
 
 PLANS = {
@@ -68,6 +68,10 @@ PLANS = {
         {**LEAN, "micro_batch": 2, "compile": True, "dropout": 0.0, "checkpointing": False},
         {**LEAN, "micro_batch": 16, "compile": True, "dropout": 0.0},
     ],
+    # The default at 24 GB with each compiled layer replayed as CUDA graphs (kernels.compile_layers, mode
+    # "reduce-overhead"); its gradients checked after accumulation (`accumulation_error`).
+    "cudagraphs": [{**LEAN, "micro_batch": 4, "compile": True, "dropout": 0.0, "checkpointing": False,
+                    "cudagraphs": True}],
     # The stage's default at 24 GB alone (for `speed.sh profile`, beside the stage's own profile).
     "default": [{**LEAN, "micro_batch": 4, "compile": True, "dropout": 0.0, "checkpointing": False}],
     # The 7B shape: XTuner's default against the lean settings.
@@ -113,7 +117,7 @@ def switch(model, s: dict) -> None:
     base._fused_loss = s["fused_loss"]
     kernels._SETTINGS["loss_chunk"] = s["loss_chunk_mb"] << 20
     if s["compile"] and not getattr(base, "_compiled", False):
-        kernels.compile_layers(base)
+        kernels.compile_layers(base, "reduce-overhead" if s["cudagraphs"] else None)
         base._compiled = True
     if s["checkpointing"]:
         model.gradient_checkpointing_enable()
@@ -132,6 +136,26 @@ def optimizer(params, name: str):
     import bitsandbytes as bnb
 
     return {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[name](params, lr=2e-4)
+
+
+def accumulation_error(model, data) -> float:
+    """Gradients accumulated over two backward passes of one batch against twice one pass's: the largest
+    difference relative to the largest gradient (rounding: about 1e-2 in bf16; a lost pass: 0.5)."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(passes: int) -> list:
+        for p in params:
+            p.grad = None
+        for _ in range(passes):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                model.compute_loss(data)["loss"].backward()
+        return [p.grad.float().clone() for p in params]
+
+    one, two = grads(1), grads(2)
+    scale = max(float(g.abs().max()) for g in one) * 2
+    return round(max(float((b - 2 * a).abs().max()) for a, b in zip(one, two)) / scale, 5)
 
 
 KINDS = [  # kernel name patterns, first match wins: where a step's GPU time goes
@@ -166,8 +190,8 @@ def profile(step, table_path: Path) -> dict:
 
 def summarize(prof, wall: float, steps: int, table_path: Path) -> dict:
     """A finished torch profile of `steps` steps that took `wall` seconds: the mean step, the GPU's busy
-    time in it by kind of kernel (KINDS), its idle share; the 60 kernels with the most GPU time into
-    `table_path`."""
+    time in it by kind of kernel (KINDS), its idle share, the host's self time in the profiled ops; the 60
+    kernels with the most GPU time into `table_path`, the 60 ops with the most host time beside it."""
     import torch
 
     kinds: dict[str, float] = {}
@@ -184,8 +208,13 @@ def summarize(prof, wall: float, steps: int, table_path: Path) -> dict:
     table_path.parent.mkdir(parents=True, exist_ok=True)
     sort = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
     table_path.write_text(events.table(sort_by=sort, row_limit=60, max_name_column_width=90))
+    # the host's side: the 60 ops with the most self CPU time (on every thread: autograd's backward runs on
+    # its own), into `<table>.host.txt`
+    table_path.with_suffix(".host.txt").write_text(events.table(sort_by="self_cpu_time_total", row_limit=60,
+                                                                max_name_column_width=90))
+    host_ms = sum(e.self_cpu_time_total for e in events) / steps / 1e3
     step_ms, busy_ms = wall / steps * 1e3, gpu_total / steps / 1e3
-    return {"step_ms": round(step_ms, 1), "gpu_busy_ms": round(busy_ms, 1),
+    return {"step_ms": round(step_ms, 1), "gpu_busy_ms": round(busy_ms, 1), "host_ops_ms": round(host_ms, 1),
             "gpu_idle_share": round(max(0.0, 1 - busy_ms / step_ms), 3),
             "gpu_ms_by_kind": {k: round(v / steps / 1e3, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}}
 
@@ -223,9 +252,11 @@ def main() -> None:
                 loss = model.compute_loss(data)["loss"]
             loss.backward()
             opt.step()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=not s["cudagraphs"])
 
         result = measure(step, s["micro_batch"] * SEQ, steps=args.steps)
+        if s["cudagraphs"] and "tokens_per_s" in result:
+            result["accumulation_error"] = accumulation_error(model, data)
         if "tokens_per_s" in result:
             result["mfu"] = round(mfu(result["tokens_per_s"], shape, args.lora_r, SEQ, info["name"]), 4)
         append(args.out, {"run": "train stage lever", "shape": args.shape, **s, **result, "gpu": info["name"]})

@@ -12,7 +12,8 @@
 # Suites: peers (the three libraries at micro-batch 8 and 16, plain also 4), stage (the train stage
 # at the project's defaults at `train.memory_gb: 24`, LoRA as the peers': r 64, alpha 16, dropout 0),
 # profile (the default at 24 GB: the train stage's iterations and levers.py's bare model, both profiled),
-# levers (benchmarks/levers.py's `stage` plan on the built model, the last setting profiled), overhead
+# levers (benchmarks/levers.py's `stage` plan on the built model, the last setting profiled), cudagraphs
+# (levers.py's default, then the same with CUDA graphs, both profiled), overhead
 # (the optimizer wrapper's per-step levers in the train stage, each undone on its own),
 # all (peers, then the stage at 24 GB with the peers' LoRA and with dropout 0.1), lean7b (7B: the peers at micro-batch 1 and 2, the stage at memory_gb 8).
 set -uo pipefail
@@ -78,13 +79,15 @@ case $SUITE in
       stage "train stage, peer LoRA, defaults, 2 data-loading workers" internlm2-1_8b "{$PEERLORA}" ;;
   profile)  # the default at 24 GB profiled twice: the train stage's iterations 20-23 (stage_profile.py, a hook
     # added to the rendered config) and levers.py's bare model (its step: one micro-batch and the optimizer)
-    HOOK="s/^custom_hooks = \\[\$/from benchmarks.stage_profile import StageProfile\\ncustom_hooks = [dict(type=StageProfile),/"
+    HOOK="s/^custom_hooks = \\[\$/from benchmarks.stage_profile import StageEdges, StageProfile\\ncustom_hooks = [dict(type=StageEdges), dict(type=StageProfile),/"
     # STAGE_PROFILE_BARE=N (stage_profile.py): N bare steps in the stage's own process first, to tell the
     # process's cost per op from the loop's
     STAGE_PROFILE_BARE=${STAGE_PROFILE_BARE:-10} STAGE_PROFILE_OUT=$(realpath "$OUT")/stage-profile.jsonl CONFIG_EDIT="$HOOK" \
       stage "train stage, defaults at 24 GB, peer LoRA, profiled" internlm2-1_8b "{$PEERLORA}"
     cat "$OUT/stage-profile.jsonl" 2>/dev/null || grep -h "profile\|Error" "$OUT"/stage/*.log | tail -n 5
     [ -n "${STAGE_ONLY:-}" ] || levers internlm2-1_8b default ;;
+  cudagraphs)  # levers.py's default at 24 GB with its compiled layers replayed as CUDA graphs, beside plain compiled
+    levers internlm2-1_8b default; levers internlm2-1_8b cudagraphs ;;
   lean7b)
     peer unsloth 7b 1,2; peer liger 7b 1,2; peer hf 7b 1
     stage "train stage, lean (8 GB), peer LoRA" 7b "{$PEERLORA, 'train': {'memory_gb': 8, 'optimizer': 'paged_adamw8bit'}}" ;;
