@@ -151,38 +151,18 @@ def install_fused_loss(model) -> bool:
 _SETTINGS: dict = {}
 
 
-def compile_layers(model, mode: str | None = None) -> int:
-    """torch.compile the training forward of every decoder layer; the number compiled.
-
-    mode "reduce-overhead" also replays each layer's forward and backward as CUDA graphs (cudagraph
-    trees): a micro-batch costs the host a few replays instead of thousands of launches. Each first
-    layer's call marks a new step for the trees, and first gives every trainable weight a gradient
-    buffer of its own: backward then adds into it in place, where it would otherwise take the graph's
-    output buffer as the gradient, which the next micro-batch's replay overwrites (lost accumulation)."""
+def compile_layers(model) -> int:
+    """torch.compile the training forward of every decoder layer; the number compiled."""
     import torch
 
     layers = getattr(getattr(model, model.base_model_prefix, None), "layers", None) or []
-    trainable: list = []
-
-    def new_step() -> None:
-        torch.compiler.cudagraph_mark_step_begin()
-        if not trainable:
-            trainable.extend(p for p in model.parameters() if p.requires_grad)
-        for p in trainable:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-
-    for i, layer in enumerate(layers):
+    for layer in layers:
         eager = layer.forward
-        compiled = torch.compile(eager, dynamic=False, mode=mode)
-        first = i == 0 and mode == "reduce-overhead"
+        compiled = torch.compile(eager, dynamic=False)
 
-        def forward(*args, _layer=layer, _eager=eager, _compiled=compiled, _first=first, **kwargs):
-            if not _layer.training:  # (checkpointing's first pass runs without grad)
-                return _eager(*args, **kwargs)
-            if _first:
-                new_step()
-            return _compiled(*args, **kwargs)
+        def forward(*args, _layer=layer, _eager=eager, _compiled=compiled, **kwargs):
+            fn = _compiled if _layer.training else _eager  # (checkpointing's first pass runs without grad)
+            return fn(*args, **kwargs)
 
         layer.forward = forward
     return len(layers)
