@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.abc
 import importlib.util
 import logging
 import os
@@ -26,11 +27,50 @@ def patch_stack() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     _torchvision_without_c_ops()
     _torch_cpu_bf16_query()
-    _bnb_backend_check()
-    _bnb_cpu_packing_off()
-    _internlm2_generates_from_embeds()
+    # The fixes to bitsandbytes and transformers wait for the module they fix: importing them here would
+    # cost every stage process 1.9 s (bitsandbytes alone 1.7 s), also those that never load a model.
+    after_import("transformers.integrations.bitsandbytes", _bnb_backend_check)
+    after_import("bitsandbytes.nn.modules", _bnb_cpu_packing_off)
+    after_import("transformers.models.auto.auto_factory", _internlm2_generates_from_embeds)
     # No process-wide unpickling setting: checkpoints load with weights only (`weights_only_loads`);
     # only the trainer resuming from the pipeline's own checkpoint unpickles fully (`full_unpickling`).
+
+
+_AFTER: dict[str, list[Callable[[Any], None]]] = {}
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs the functions `after_import` registered for a module once the module has been executed,
+    before its importer sees it."""
+
+    def find_spec(self, name, path, target=None):
+        if name not in _AFTER:
+            return None
+        spec = next((s for f in sys.meta_path if f is not self and hasattr(f, "find_spec")
+                     for s in [f.find_spec(name, path, target)] if s is not None), None)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        execute = spec.loader.exec_module
+
+        def exec_module(module, _execute=execute, _name=name):
+            _execute(module)
+            for fix in _AFTER.pop(_name, []):
+                fix(module)
+
+        spec.loader.exec_module = exec_module  # this spec's own loader (one a module)
+        return spec
+
+
+def after_import(name: str, fix: Callable[[Any], None]) -> None:
+    """`fix(module)` now when `name` is imported already, else right after its first import; nothing when
+    it is hidden (`lean_imports`)."""
+    if name in sys.modules:
+        if sys.modules[name] is not None:
+            fix(sys.modules[name])
+        return
+    _AFTER.setdefault(name, []).append(fix)
+    if not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport())
 
 
 LEAN = ("bitsandbytes", "deepspeed")
@@ -97,12 +137,10 @@ def embeds_first(original):
     return prepare_inputs_for_generation
 
 
-def _internlm2_generates_from_embeds() -> None:
+def _internlm2_generates_from_embeds(auto_factory) -> None:
     """Every InternLM2ForCausalLM class transformers loads from a model directory's remote code gets
     `embeds_first` (a class loaded by another remote-code module's relative import, such as InternVL's
     composition, is that module's business: the InternVL stand-in's code does the same)."""
-    from transformers.models.auto import auto_factory
-
     original = auto_factory.get_class_from_dynamic_module
     if getattr(original, "_pipeline", False):
         return
@@ -121,7 +159,7 @@ def _hidden(name: str) -> bool:
     return name in sys.modules and sys.modules[name] is None
 
 
-def _bnb_cpu_packing_off() -> None:
+def _bnb_cpu_packing_off(modules) -> None:
     """Prevents silently wrong QLoRA gradients on CPUs with AVX512-BF16 (bitsandbytes 0.50).
 
     A `Linear4bit` run in eval mode without grad (XTuner's EvaluateChatHook, before training starts)
@@ -129,10 +167,6 @@ def _bnb_cpu_packing_off() -> None:
     `gemv_4bit`, which has no autograd, and no gradient flows back through the 4-bit layers (only a
     warning, "an autograd kernel was not registered"). The first step's gradient norm of the
     assistant recipe was 4.85 instead of 12.51. Without the repacking the autograd path stays."""
-    if _hidden("bitsandbytes"):  # lean_imports: no 4-bit layer in this process
-        return
-    import bitsandbytes.nn.modules as modules
-
     if getattr(modules.has_avx512bf16, "_pipeline", False):
         return
 
@@ -152,14 +186,12 @@ def _torch_cpu_bf16_query() -> None:
         torch.cpu.is_bf16_supported = lambda *args, **kwargs: False
 
 
-def _bnb_backend_check() -> None:
+def _bnb_backend_check(module) -> None:
     """Prevents `AttributeError: 'frozenset' object has no attribute 'discard'` from transformers
     4.48's bitsandbytes backend check with bitsandbytes 0.50.2 (4-bit loading then fails on CPU).
     The real check runs first; only when it trips over that bug does a direct probe of
     bitsandbytes' 4-bit kernels decide."""
-    import transformers.integrations as integrations
-
-    original = integrations.validate_bnb_backend_availability
+    original = module.validate_bnb_backend_availability
     if getattr(original, "_pipeline_patched", False):
         return
 
@@ -177,7 +209,10 @@ def _bnb_backend_check() -> None:
         return F.dequantize_4bit(packed, state).shape == weight.shape
 
     validate._pipeline_patched = True
-    integrations.validate_bnb_backend_availability = validate
+    module.validate_bnb_backend_availability = validate
+    integrations = sys.modules.get("transformers.integrations")  # its lazy module keeps what it handed out
+    if integrations is not None and "validate_bnb_backend_availability" in vars(integrations):
+        integrations.validate_bnb_backend_availability = validate
 
 
 def _torchvision_without_c_ops() -> None:
@@ -213,11 +248,32 @@ def _torchvision_without_c_ops() -> None:
 _KEEP: list[Any] = []
 
 
-def prompt_template(name: str) -> dict:
-    """XTuner's prompt template `name` (for example internlm2_chat), as a plain dict."""
+@functools.cache
+def prompt_templates() -> dict:
+    """XTuner's PROMPT_TEMPLATE. Its module (xtuner/utils/templates.py) needs nothing but mmengine's
+    ConfigDict, while importing it through its package (`xtuner.utils`) imports torch, transformers and
+    XTuner's MoE helpers: 1.6 s of a validate stage's 3.3. So the installed file is run on its own, and
+    through the package where that fails or the package is loaded already."""
+    if "xtuner.utils" not in sys.modules:
+        spec = importlib.util.find_spec("xtuner")
+        path = Path(next(iter(spec.submodule_search_locations))) / "utils" / "templates.py" if spec else None
+        if path is not None and path.is_file():
+            try:
+                module_spec = importlib.util.spec_from_file_location("xtuner_prompt_templates", path)
+                module = importlib.util.module_from_spec(module_spec)
+                module_spec.loader.exec_module(module)
+                return module.PROMPT_TEMPLATE
+            except Exception:  # another XTuner's module layout: the package's way below
+                pass
     patch_stack()
     from xtuner.utils import PROMPT_TEMPLATE
 
+    return PROMPT_TEMPLATE
+
+
+def prompt_template(name: str) -> dict:
+    """XTuner's prompt template `name` (for example internlm2_chat), as a plain dict."""
+    PROMPT_TEMPLATE = prompt_templates()
     if name not in PROMPT_TEMPLATE:
         close = [n for n in PROMPT_TEMPLATE if name.split("_")[0] in n][:6]
         fail(f"train.prompt_template: {name!r} is not an XTuner template "
