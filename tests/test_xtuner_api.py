@@ -49,6 +49,41 @@ def test_prompt_template_known_and_unknown():
         prompt_template("nope")
 
 
+def test_prompt_templates_are_xtuners_without_importing_its_package():
+    proc = python("import sys; from stages.xtuner_api import prompt_templates; t = prompt_templates(); "
+                  "print('xtuner' in sys.modules); from stages.xtuner_api import patch_stack; patch_stack(); "
+                  "from xtuner.utils import PROMPT_TEMPLATE; print(t == PROMPT_TEMPLATE)")
+    assert proc.returncode == 0 and proc.stdout.split() == ["False", "True"], proc.stderr[-2000:]
+
+
+def test_after_import_fixes_a_module_at_its_first_import_or_at_once(tmp_path, monkeypatch):
+    from stages.xtuner_api import after_import
+
+    (tmp_path / "pipeline_probe_late.py").write_text("value = 1\n")
+    (tmp_path / "pipeline_probe_early.py").write_text("value = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = []
+    after_import("pipeline_probe_late", lambda m: seen.append(("late", m.value)))
+    assert seen == []  # not imported yet: nothing runs
+    import pipeline_probe_early  # noqa: F401
+
+    after_import("pipeline_probe_early", lambda m: seen.append(("early", m.value)))
+    import pipeline_probe_late  # noqa: F401
+
+    assert seen == [("early", 1), ("late", 1)]
+    monkeypatch.setitem(sys.modules, "pipeline_probe_hidden", None)  # lean_imports' way of hiding a package
+    after_import("pipeline_probe_hidden", lambda m: seen.append(("hidden", m)))
+    assert seen == [("early", 1), ("late", 1)]
+    for name in ("pipeline_probe_late", "pipeline_probe_early"):
+        sys.modules.pop(name, None)
+
+
+def test_patch_stack_imports_neither_bitsandbytes_nor_transformers_integrations():
+    proc = python("import sys; from stages.xtuner_api import patch_stack; patch_stack(); "
+                  "print([m for m in ('bitsandbytes', 'transformers.integrations.bitsandbytes') if m in sys.modules])")
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr[-2000:]
+
+
 BNB = ("import transformers.integrations as i; print(i.validate_bnb_backend_availability(raise_exception=True))")
 
 
