@@ -21,6 +21,10 @@ def run(p: P.Params) -> tuple[list[dict], dict, str]:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backend = pick_backend(p.eval.backend, device == "cuda", lmdeploy_configured())
+    if backend == "transformers":  # the merged model and the base, unquantized: no 4-bit layer, no image
+        from stages.xtuner_api import lean_imports
+
+        lean_imports(images=False)
     rows, metrics = evaluate(p, backend, device)
     b, t = metrics["base"], metrics["tuned"]
     return rows, metrics, (
