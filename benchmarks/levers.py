@@ -205,18 +205,31 @@ def profile(step, table_path: Path) -> dict:
     60 kernels with the most GPU time, as a table in `table_path`."""
     import time
 
+    sync()
+    with profiler() as prof:
+        start = time.perf_counter()
+        for _ in range(2):
+            step()
+        sync()
+        wall = time.perf_counter() - start
+    return summarize(prof, wall, 2, table_path)
+
+
+def profiler():
+    """torch's profiler over the host and, where there is one, the GPU."""
     import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        start = time.perf_counter()
-        for _ in range(2):
-            step()
+    gpu = [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+    return torch_profile(activities=[ProfilerActivity.CPU] + gpu)
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
         torch.cuda.synchronize()
-        wall = time.perf_counter() - start
-    return summarize(prof, wall, 2, table_path)
 
 
 def summarize(prof, wall: float, steps: int, table_path: Path) -> dict:

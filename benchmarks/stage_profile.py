@@ -28,6 +28,8 @@ from pathlib import Path
 
 from mmengine.hooks import Hook
 
+from benchmarks.levers import profile, profiler, summarize, sync
+
 
 MARKS: dict[str, dict[int, float]] = {"first before": {}, "last before": {}, "first after": {}, "last after": {},
                                      "data": {}}
@@ -112,8 +114,6 @@ class StageProfile(Hook):
         sync()
         wall = time.perf_counter() - self.t0
         self.prof.__exit__(None, None, None)
-        from benchmarks.levers import summarize
-
         summary = summarize(self.prof, wall, self.count, self.out.with_suffix(".txt"))
         # the host's time between one iteration's end and the next one's start: the data loader's
         # next batch and the loop's bookkeeping (the hooks before and after an iteration are inside)
@@ -130,8 +130,6 @@ class StageProfile(Hook):
         (torch's autocast around the model's compute_loss); backward in both, no optimizer step."""
         import torch
 
-        from benchmarks.levers import summarize
-
         model = getattr(runner.model, "module", runner.model)
         data = model.data_preprocessor(data_batch, True)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -147,23 +145,17 @@ class StageProfile(Hook):
                 loss = model.compute_loss(data["data"])["loss"]
             loss.backward()
 
-        for name, step in (("as the loop calls it", as_the_loop), ("as levers.py calls it", as_levers)):
+        for tag, name, step in (("loop", "as the loop calls it", as_the_loop),
+                                ("levers", "as levers.py calls it", as_levers)):
             step()
             sync()
             start = time.perf_counter()
             for _ in range(steps):
                 step()
             sync()
-            timed = (time.perf_counter() - start) / steps
-            with profiler() as prof:
-                start = time.perf_counter()
-                for _ in range(2):
-                    step()
-                sync()
-                wall = time.perf_counter() - start
-            tag = name.split()[-3].replace(".py", "")
-            summary = summarize(prof, wall, 2, self.out.with_name(f"{self.out.stem}.bare-{tag}.txt"))
-            summary["timed_step_ms"] = round(timed * 1e3, 1)
+            timed_ms = round((time.perf_counter() - start) / steps * 1e3, 1)
+            summary = profile(step, self.out.with_name(f"{self.out.stem}.bare-{tag}.txt"))
+            summary["timed_step_ms"] = timed_ms
             summary["timed_steps"] = steps
             self.record(f"the bare step in the train stage's process, {name}", summary)
         for p, grad in zip(params, kept):
@@ -175,18 +167,3 @@ class StageProfile(Hook):
         with open(self.out, "a", encoding="utf-8") as f:
             f.write(json.dumps({"run": run, **summary}) + "\n")
         print(f"[profile] {run}: {json.dumps(summary)}", flush=True)
-
-
-def profiler():
-    """torch's profiler over the host and, where there is one, the GPU."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
-
-
-def sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
