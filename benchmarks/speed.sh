@@ -13,8 +13,9 @@
 # at the project's defaults at `train.memory_gb: 24`, LoRA as the peers': r 64, alpha 16, dropout 0),
 # profile (the default at 24 GB: the train stage's iterations and levers.py's bare model, both profiled),
 # levers (benchmarks/levers.py's `stage` plan on the built model, the last setting profiled), cudagraphs
-# (levers.py's default, then the same with CUDA graphs, both profiled), graphs (the stage with
-# results/speed/host-levers.patch applied, CUDA graphs on, torch's recompile and cudagraph logs), overhead
+# (levers.py's default, then the same with CUDA graphs, both profiled), host (the train stage with
+# `train.cuda_graphs`, Unsloth, then the stage's defaults), graphs (the stage with `train.cuda_graphs`,
+# torch's recompile and cudagraph logs), overhead
 # (the optimizer wrapper's per-step levers in the train stage, each undone on its own),
 # all (peers, then the stage at 24 GB with the peers' LoRA and with dropout 0.1), lean7b (7B: the peers at micro-batch 1 and 2, the stage at memory_gb 8).
 set -uo pipefail
@@ -46,6 +47,7 @@ stage() {  # name, shape, params updates: the train stage through `dvc repro tra
   echo "== stage $1 at +${SECONDS}s"
   OUT=$OUT/stage STAGE_MODEL=$dir ITERS=$ITERS bash benchmarks/stage_runs.sh speed-stage "$ITERS" "$1" "$3" \
     >>"$OUT/stage.log" 2>&1 || { echo "stage failed"; tail -n 15 "$OUT/stage.log"; }
+  cp reports/train/xtuner.log "$OUT/xtuner-$(echo "$1" | tr -c 'a-zA-Z0-9\n' '_').log" 2>/dev/null
   tail -n 1 "$OUT/stage/stage.jsonl" 2>/dev/null | python3 -c "
 import json, sys
 for line in sys.stdin:
@@ -87,16 +89,20 @@ case $SUITE in
       stage "train stage, defaults at 24 GB, peer LoRA, profiled" internlm2-1_8b "{$PEERLORA}"
     cat "$OUT/stage-profile.jsonl" 2>/dev/null || grep -h "profile\|Error" "$OUT"/stage/*.log | tail -n 5
     [ -n "${STAGE_ONLY:-}" ] || levers internlm2-1_8b default ;;
-  graphs)  # why CUDA graphs slowed the train stage (benchmarks/README.md): results/speed/host-levers.patch applied,
-    # then the stage with graphs and with graphs but no overlap hook, torch's recompile and cudagraph logs in
-    # $OUT/stage/*.log and XTuner's per-interval iteration times in $OUT/xtuner-*.log
-    git apply benchmarks/results/speed/host-levers.patch || exit 1
+  host)  # the host ahead of the GPU (train.cuda_graphs: stages/kernels.py CUDA graphs and stages/overlap.py), beside
+    # Unsloth, then the defaults (neither); HOST_ALL=1: CUDA graphs without the overlap hook too
+    stage "train stage, defaults at 24 GB, peer LoRA, train.cuda_graphs" internlm2-1_8b "{$PEERLORA, 'train': {'cuda_graphs': True}}"
+    peer unsloth internlm2-1_8b 8,16
+    stage "train stage, defaults at 24 GB, peer LoRA" internlm2-1_8b "{$PEERLORA}"
+    [ -z "${HOST_ALL:-}" ] || CONFIG_EDIT="/Overlap)\|pin_memory=True/d" \
+      stage "train stage, defaults at 24 GB, peer LoRA, CUDA graphs without the overlap hook" internlm2-1_8b \
+      "{$PEERLORA, 'train': {'cuda_graphs': True}}" ;;
+  graphs)  # train.cuda_graphs with torch's recompile and cudagraph logs ($OUT/stage/*.log), then the same without
+    # the overlap hook; XTuner's per-interval iteration times in $OUT/xtuner-*.log
     export TORCH_LOGS="recompiles,cudagraphs,perf_hints"
-    stage "train stage, defaults at 24 GB, peer LoRA, CUDA graphs, overlap hook" internlm2-1_8b "{$PEERLORA}"
-    cp reports/train/xtuner.log "$OUT/xtuner-graphs-overlap.log" 2>/dev/null
-    CONFIG_EDIT="/Overlap)\|pin_memory=True/d" \
-      stage "train stage, defaults at 24 GB, peer LoRA, CUDA graphs" internlm2-1_8b "{$PEERLORA}"
-    cp reports/train/xtuner.log "$OUT/xtuner-graphs.log" 2>/dev/null ;;
+    stage "train stage, defaults at 24 GB, peer LoRA, train.cuda_graphs, logged" internlm2-1_8b "{$PEERLORA, 'train': {'cuda_graphs': True}}"
+    CONFIG_EDIT="/Overlap)\|pin_memory=True/d" stage "train stage, defaults at 24 GB, peer LoRA, CUDA graphs without the overlap hook, logged" \
+      internlm2-1_8b "{$PEERLORA, 'train': {'cuda_graphs': True}}" ;;
   cudagraphs)  # levers.py's default at 24 GB with its compiled layers replayed as CUDA graphs, beside plain compiled
     levers internlm2-1_8b default; levers internlm2-1_8b cudagraphs ;;
   lean7b)

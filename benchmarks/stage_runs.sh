@@ -130,7 +130,7 @@ info = model.build(P.TinyInternVL(image_size=448, patch_size=14, hidden_size=102
 print('[internvl]', info['path'], f\"{info['parameters']:,} parameters\")"
 }
 DEFAULT="{'train': {'micro_batch': 'auto', 'memory_gb': 24, 'activation_checkpointing': 'auto', 'fused_loss': True,
-  'compile_layers': 'auto', 'deepspeed': 'auto', 'precision': 'auto', 'optimizer': 'adamw'}, 'quant': {'upcast_frozen': False}}"
+  'compile_layers': 'auto', 'cuda_graphs': False, 'deepspeed': 'auto', 'precision': 'auto', 'optimizer': 'adamw'}, 'quant': {'upcast_frozen': False}}"
 case $SUITE in
   compare)
     use_model internlm2-1_8b

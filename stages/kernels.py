@@ -34,6 +34,14 @@ dropout, scale and add, norms, RoPE, SwiGLU), each launched from Python; on an H
 for the launches. `torch.compile` of each decoder layer fuses the element-wise work and cuts the
 launches. Only the training-mode forward is compiled: generation during training (XTuner's chat
 hook puts the model in eval mode) changes shapes every token and runs the layer as written.
+
+CUDA graphs (`train.cuda_graphs`, off by default): even compiled, a layer's forward and backward are
+about 80 launches from the host (matmuls, 4-bit dequantisation, Triton kernels), and on an H200 at the
+1.8B shape the host needs about as long to launch them as the GPU to run them. Replayed as CUDA graphs
+(torch.compile's reduce-overhead mode), a layer is one launch each way and the host can run ahead of the
+GPU, which it does once the loop stops waiting for it too (stages/overlap.py). Layer 0 is recorded apart
+(its input needs no gradient, a guard of its own). Not with checkpointed layers (their forward runs
+twice, once without gradients).
 """
 from __future__ import annotations
 
@@ -151,18 +159,38 @@ def install_fused_loss(model) -> bool:
 _SETTINGS: dict = {}
 
 
-def compile_layers(model) -> int:
-    """torch.compile the training forward of every decoder layer; the number compiled."""
+def compile_layers(model, mode: str | None = None) -> int:
+    """torch.compile the training forward of every decoder layer; the number compiled.
+
+    mode "reduce-overhead" also replays each layer's forward and backward as CUDA graphs (cudagraph
+    trees): a micro-batch costs the host a few replays instead of thousands of launches. Each first
+    layer's call marks a new step for the trees, and first gives every trainable weight a gradient
+    buffer of its own: backward then adds into it in place, where it would otherwise take the graph's
+    output buffer as the gradient, which the next micro-batch's replay overwrites (lost accumulation)."""
     import torch
 
     layers = getattr(getattr(model, model.base_model_prefix, None), "layers", None) or []
-    for layer in layers:
-        eager = layer.forward
-        compiled = torch.compile(eager, dynamic=False)
+    trainable: list = []
 
-        def forward(*args, _layer=layer, _eager=eager, _compiled=compiled, **kwargs):
-            fn = _compiled if _layer.training else _eager  # (checkpointing's first pass runs without grad)
-            return fn(*args, **kwargs)
+    def new_step() -> None:
+        torch.compiler.cudagraph_mark_step_begin()
+        if not trainable:
+            trainable.extend(p for p in model.parameters() if p.requires_grad)
+        for p in trainable:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+    for i, layer in enumerate(layers):
+        eager = layer.forward
+        compiled = torch.compile(eager, dynamic=False, mode=mode)
+        first = i == 0 and mode == "reduce-overhead"
+
+        def forward(*args, _layer=layer, _eager=eager, _compiled=compiled, _first=first, **kwargs):
+            if not _layer.training:  # (checkpointing's first pass runs without grad)
+                return _eager(*args, **kwargs)
+            if _first:
+                new_step()
+            return _compiled(*args, **kwargs)
 
         layer.forward = forward
     return len(layers)
@@ -258,7 +286,7 @@ def _frozen_to(model, dtype) -> None:
 
 def apply(pipeline: dict) -> None:
     """Install what the rendered config's `pipeline` block asks for (`fused_loss`, `loss_chunk_mb`,
-    `upcast_frozen`, `compute_dtype`, `max_length`, `compile_layers`, `checkpoint_layers`) into
+    `upcast_frozen`, `compute_dtype`, `max_length`, `compile_layers`, `cuda_graphs`, `checkpoint_layers`) into
     XTuner's model building; later calls change the settings."""
     import torch
     from xtuner.model import sft
@@ -267,6 +295,7 @@ def apply(pipeline: dict) -> None:
                      loss_chunk=int(pipeline.get("loss_chunk_mb") or CHUNK_BYTES >> 20) << 20,
                      upcast_frozen=bool(pipeline.get("upcast_frozen", True)),
                      compile_layers=bool(pipeline.get("compile_layers")),
+                     cuda_graphs=bool(pipeline.get("cuda_graphs")),
                      checkpoint_layers=int(pipeline.get("checkpoint_layers") or 0),
                      max_length=int(pipeline.get("max_length") or 0),
                      dtype=getattr(torch, pipeline.get("compute_dtype") or "float32"))
@@ -282,7 +311,7 @@ def apply(pipeline: dict) -> None:
         if _SETTINGS["fused_loss"]:
             install_fused_loss(model)
         if _SETTINGS["compile_layers"]:
-            compile_layers(model)
+            compile_layers(model, "reduce-overhead" if _SETTINGS["cuda_graphs"] else None)
         if _SETTINGS["checkpoint_layers"]:
             checkpoint_first(model, _SETTINGS["checkpoint_layers"])
         return result

@@ -58,14 +58,17 @@ def resolve(p: P.Params, cuda: bool, bf16: bool, card_gb: float | None = None,
         quant=p.quant.mode, compute_bytes=2 if compute != "float32" else 4, lora_r=p.lora.r,
         optimizer=t.optimizer, upcast_frozen=p.quant.upcast_frozen, fused_loss=t.fused_loss, loss_chunk=chunk,
         targets=targets, dropout=p.lora.dropout)
+    compile_layers = t.compile_layers if t.compile_layers != "auto" else (
+        device == "cuda" and deepspeed == "none" and world == 1)
     return {"device": device, "precision": precision, "deepspeed": deepspeed, "gpus": t.gpus, "nodes": t.nodes,
             "torch_dtype": DTYPES[precision], "compute_dtype": compute, "memory_gb": budget,
             "micro_batch": batch["micro_batch"], "grad_accum": batch["grad_accum"],
             "checkpointing": batch["checkpointing"], "checkpoint_layers": batch["checkpoint_layers"],
             "estimate_gb": batch["estimate_gb"],
             "fused_loss": t.fused_loss, "loss_chunk_mb": chunk // 2**20,
-            "compile_layers": t.compile_layers if t.compile_layers != "auto" else (
-                device == "cuda" and deepspeed == "none" and world == 1),
+            "compile_layers": compile_layers,
+            "cuda_graphs": bool(compile_layers and device == "cuda" and t.cuda_graphs and world == 1
+                                and not batch["checkpointing"] and not batch["checkpoint_layers"]),
             "upcast_frozen": p.quant.upcast_frozen or p.quant.mode == "none",
             "lora_targets": targets, "max_length": p.data.max_length,
             "cpu_threads": cpu_threads(device, (shape or {}).get("hidden"))}
@@ -107,6 +110,9 @@ def run_settings(resolved: dict, max_iters: int | None) -> dict:
             "fused_optimizer": resolved["device"] == "cuda" and resolved["deepspeed"] == "none",
             "log_interval": 1 if resolved["device"] == "cpu" else min(10, max_iters or 10),
             "dist_backend": "nccl" if resolved["device"] == "cuda" else "gloo",
+            # with CUDA graphs (one GPU process): pinned batches, no waits at an iteration's end (stages/overlap.py)
+            "overlap": bool(resolved.get("cuda_graphs")) and resolved["deepspeed"] == "none"
+            and resolved["gpus"] * resolved.get("nodes", 1) == 1,
             "cpu_ddp": resolved["device"] == "cpu" and resolved["gpus"] * resolved.get("nodes", 1) > 1}
 
 
@@ -119,7 +125,7 @@ def llava_batch(p: P.Params, resolved: dict) -> dict:
     accum = max(1, t.global_batch // (micro * t.gpus * t.nodes))
     return {**resolved, "micro_batch": micro, "grad_accum": accum, "checkpointing": False, "checkpoint_layers": None,
             "estimate_gb": None,
-            "fused_loss": False, "compile_layers": False}
+            "fused_loss": False, "compile_layers": False, "cuda_graphs": False}
 
 
 def render_text(template: Path, ctx: dict) -> str:

@@ -30,6 +30,7 @@ checkpoint unscored, draw none).
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Sequence
 
 from stages import params as P
@@ -51,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         from stages.errors import leave_unrecorded
 
         leave_unrecorded()
+        os.nice(10)  # background work beside the trainer (stages/train.py start_scorer)
         line = recipes.step(params.recipe, "select").follow(params, read_pipeline(CONFIG))
         print(f"[select] {line}", flush=True)
         return

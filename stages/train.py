@@ -52,7 +52,8 @@ FINGERPRINT = "pipeline-inputs.json"
 
 CODE = [Path(__file__), Path(__file__).with_name("train_log.py"), Path(__file__).with_name("xtuner_api.py"),
         Path(__file__).with_name("kernels.py"), Path(__file__).with_name("launch.py"),
-        Path(__file__).with_name("snapshots.py")]
+        Path(__file__).with_name("snapshots.py"), Path(__file__).with_name("overlap.py"),
+        Path(__file__).with_name("throughput.py")]
 
 
 def fingerprint(config_dir: Path, data: Path, model: Path, code: list[Path] = CODE,
@@ -200,8 +201,13 @@ def start_scorer(params: P.Params, pipeline: dict, params_file: str) -> subproce
         return None
     SCORED.mkdir(parents=True, exist_ok=True)
     TRAINED.unlink(missing_ok=True)
+    # background work: a lower CPU priority and few threads, so that the trainer's host thread, which sets
+    # its pace on a GPU, keeps a core (the scorer's own work is on the GPU)
+    threads = str(min(4, os.cpu_count() or 1))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     with open(SCORED / "scorer.log", "w") as log:
         return subprocess.Popen([sys.executable, "-m", "stages.select", "--during-training", "--params", params_file],
+                                env=env,
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 

@@ -26,7 +26,8 @@ from stages.paths import TENSORBOARD_RUNS, TRAIN_LIVE
 
 # mmengine/XTuner scalar -> DVCLive metric name
 LOGGED = {"loss": "loss", "lr": "lr", "grad_norm": "grad_norm", "tokens_per_sec": "tokens_per_sec",
-          "memory": "memory_mb", "time": "iter_time_s"}
+          "memory": "memory_mb", "time": "iter_time_s", "tokens_per_sec_run": "tokens_per_sec_run"}
+RUN_ONLY = {"tokens_per_sec_run"}  # the run's figure so far (stages/throughput.py): a summary, not a curve
 
 
 def read_scalars(work: Path) -> dict[int, dict]:
@@ -42,11 +43,14 @@ def read_scalars(work: Path) -> dict[int, dict]:
 
 
 def summarize(steps: dict[int, dict], wall: float, pipeline: dict, tokens_per_iter: float | None = None) -> dict:
-    """The run's summary. tokens/s is XTuner's ThroughputHook figure; where that hook does not run
-    (the llava recipe) it is `tokens_per_iter` over the mean iteration time, when given."""
+    """The run's summary. tokens/s is every token XTuner's ThroughputHook counted over the time they took
+    after the first logging interval (stages/throughput.py); without that figure, the mean of the hook's
+    logged iterations after the first; where the hook does not run (the llava recipe), `tokens_per_iter`
+    over the mean iteration time, when given."""
     rows = list(steps.values())
     losses = [r["loss"] for r in rows if "loss" in r]
-    speeds = [r["tokens_per_sec"] for r in rows if "tokens_per_sec" in r][1:]  # first includes start-up
+    run = [r["tokens_per_sec_run"] for r in rows if "tokens_per_sec_run" in r]
+    speeds = run[-1:] or [r["tokens_per_sec"] for r in rows if "tokens_per_sec" in r][1:]  # first: start-up
     if not speeds and tokens_per_iter:
         speeds = [tokens_per_iter / r["iter_time_s"] for r in rows if r.get("iter_time_s")][1:]
     gpu_mem = [r["memory_mb"] for r in rows if "memory_mb" in r]
@@ -81,7 +85,8 @@ def write_live(work: Path, wall: float, pipeline: dict, out: Path = TRAIN_LIVE,
         for step, values in steps.items():
             live.step = step
             for name, value in values.items():
-                live.log_metric(f"train/{name}", value)
+                if name not in RUN_ONLY:
+                    live.log_metric(f"train/{name}", value)
         for key, value in summary.items():
             live.summary[key] = value
     (out / "plots" / "metrics").mkdir(parents=True, exist_ok=True)  # DVC's plots output, even with no step logged
@@ -110,4 +115,5 @@ def write_tensorboard(steps: dict[int, dict], folder: Path) -> None:
     with SummaryWriter(log_dir=str(folder)) as writer:
         for step, values in steps.items():
             for name, value in values.items():
-                writer.add_scalar(f"train/{name}", value, step)
+                if name not in RUN_ONLY:
+                    writer.add_scalar(f"train/{name}", value, step)

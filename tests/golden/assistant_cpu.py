@@ -23,6 +23,7 @@ from xtuner.dataset.collate_fns import default_collate_fn
 from xtuner.dataset.map_fns import openai_map_fn, template_map_fn_factory
 from xtuner.engine.hooks import DatasetInfoHook, EvaluateChatHook, ThroughputHook
 from stages.snapshots import AdapterSnapshots
+from stages.throughput import RunThroughput
 from xtuner.engine.runner import TrainLoop
 from xtuner.model import SupervisedFinetune
 from xtuner.utils import PROMPT_TEMPLATE
@@ -138,6 +139,8 @@ custom_hooks = [
          evaluation_inputs=evaluation_inputs, system=SYSTEM, prompt_template=prompt_template,
          max_new_tokens=48),
     dict(type=ThroughputHook),
+    # the run's tokens/s: all tokens over all iterations' time, after the first logging interval
+    dict(type=RunThroughput, skip=1),
     # every checkpoint's adapter weights alone, for the select stage (stages/snapshots.py)
     dict(type=AdapterSnapshots, folder='models/work/snapshots'),
 ]
@@ -167,4 +170,4 @@ randomness = dict(seed=0, deterministic=False)
 log_processor = dict(by_epoch=False)
 
 # Read by the pipeline's train stage, ignored by XTuner.
-pipeline = {'device': 'cpu', 'precision': 'fp32', 'deepspeed': 'none', 'gpus': 1, 'nodes': 1, 'torch_dtype': 'float32', 'compute_dtype': 'float32', 'memory_gb': None, 'micro_batch': 1, 'grad_accum': 1, 'checkpointing': False, 'checkpoint_layers': None, 'estimate_gb': None, 'fused_loss': True, 'loss_chunk_mb': 1024, 'compile_layers': False, 'upcast_frozen': False, 'lora_targets': ['w1', 'w2', 'w3', 'wo', 'wqkv'], 'max_length': 256, 'cpu_threads': None, 'deepspeed_config': None}
+pipeline = {'device': 'cpu', 'precision': 'fp32', 'deepspeed': 'none', 'gpus': 1, 'nodes': 1, 'torch_dtype': 'float32', 'compute_dtype': 'float32', 'memory_gb': None, 'micro_batch': 1, 'grad_accum': 1, 'checkpointing': False, 'checkpoint_layers': None, 'estimate_gb': None, 'fused_loss': True, 'loss_chunk_mb': 1024, 'compile_layers': False, 'cuda_graphs': False, 'upcast_frozen': False, 'lora_targets': ['w1', 'w2', 'w3', 'wo', 'wqkv'], 'max_length': 256, 'cpu_threads': None, 'deepspeed_config': None}
