@@ -63,10 +63,12 @@ def _progress_hook_class():
             shown = {}
             loss = (outputs or {}).get("loss")
             if loss is not None:
-                shown["loss"] = f"{float(loss):.4f}"
+                shown["loss"] = f"{float(getattr(loss, 'detach', lambda: loss)()):.4f}"
             hub = runner.message_hub
-            if "train/tokens_per_sec" in hub.log_scalars:
-                shown["tokens/s"] = f"{hub.get_scalar('train/tokens_per_sec').current():,.0f}"
+            for key in ("train/tokens_per_sec_run", "train/tokens_per_sec"):  # the run's (stages/throughput.py),
+                if key in hub.log_scalars:  # or in its first logging interval the iteration's
+                    shown["tokens/s"] = f"{hub.get_scalar(key).current():,.0f}"
+                    break
             self.bar.set_postfix(shown, refresh=False)
             self.bar.update(1)
             step, now = runner.iter + 1, time.time()

@@ -78,11 +78,15 @@ def test_scoring_beside_the_trainer_is_read_back_by_select(project):
     entry = json.loads((scored / "iter_25.json").read_text(encoding="utf-8"))
     (scored / "iter_25.json").write_text(json.dumps({**entry, "key": "0" * 64}), encoding="utf-8")
     out = sh("dvc", "repro", "-f", "-s", "select", cwd=project).stdout
-    assert "(2 of 3 scored during training)" in out, out
+    assert "(2 of 3 scored during training)" in out and "earlier" not in out, out
     assert (project / "reports/select/scores.json").read_text() == beside
+    out = sh("dvc", "repro", "-f", "-s", "select", cwd=project).stdout  # iter_25's entry is select's own now
+    assert "(2 of 3 scored during training) (1 of 3 kept from an earlier select run)" in out, out
+    choice = json.loads((project / "reports/select/choice.json").read_text())
+    assert (choice["scored_during_training"], choice["kept_from_an_earlier_select"]) == (2, 1)
     shutil.rmtree(scored)
     out = sh("dvc", "repro", "-f", "-s", "select", cwd=project).stdout
-    assert "scored during training" not in out, out
+    assert "scored during training" not in out and "earlier" not in out, out
     assert (project / "reports/select/scores.json").read_text() == beside
 
 

@@ -67,6 +67,8 @@ class Clock(Hook):
 
 
 def train(work, slow: set) -> tuple[list, dict]:
+    from stages.quiet import _progress_hook_class
+
     clock = Clock()
     runner = Runner(
         model=Toy(slow), work_dir=str(work), experiment_name=f"throughput-{work.name}",
@@ -77,12 +79,13 @@ def train(work, slow: set) -> tuple[list, dict]:
         default_hooks=dict(logger=dict(type="LoggerHook", interval=4), checkpoint=None),
         log_processor=dict(by_epoch=False), default_scope="mmengine")
     runner.register_hook(clock)
+    runner.register_hook(_progress_hook_class()("[train]"))  # the stage's progress line, as in a log file
     runner.train()
     scalars = [json.loads(line) for line in next(work.glob("*/vis_data/scalars.json")).read_text().splitlines()]
     return scalars, clock.at
 
 
-def test_the_run_figure_is_the_tokens_over_the_wall_clock_after_the_first_interval(tmp_path):
+def test_the_run_figure_is_the_tokens_over_the_wall_clock_after_the_first_interval(tmp_path, capsys):
     scalars, at = train(tmp_path / "slow", slow={8, 12})  # the logged iterations settle up
     assert [r["step"] for r in scalars] == [4, 8, 12] and "tokens_per_sec_run" not in scalars[0]
     wall = at[12] - at[4]  # iterations 5-12, start-up (the first interval) left out
@@ -90,6 +93,7 @@ def test_the_run_figure_is_the_tokens_over_the_wall_clock_after_the_first_interv
     assert run == pytest.approx(8 * TOKENS / wall, rel=0.05)
     sampled = sum(r["tokens_per_sec"] for r in scalars[1:]) / 2  # what the summary took before
     assert sampled < 0.6 * run  # the logged iterations' own figures say the run is slower than it was
+    assert f"tokens/s {run:,.0f}, " in capsys.readouterr().out.splitlines()[-1]  # the progress line: the run's
     steps = {r["step"]: {"tokens_per_sec": r["tokens_per_sec"], **({"tokens_per_sec_run": r["tokens_per_sec_run"]}
                                                                   if "tokens_per_sec_run" in r else {})} for r in scalars}
     summary = summarize(steps, 1.0, {"device": "cpu", "gpus": 1})

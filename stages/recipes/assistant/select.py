@@ -29,14 +29,15 @@ def run(p: P.Params, pipeline: dict) -> tuple[dict, list[dict], list[dict], str]
         scorer = scorer or Scorer(p, pipeline)
         return scorer
 
-    rows, answers, reused = [], [], 0
+    rows, answers, beside, earlier = [], [], 0, 0
     memo.digest(ckpts)
     states = [(0, None)] + [(step_of(c), c) for c in ckpts]
     bar = progress_bar(len(states), "[select]", unit="checkpoint")
     for step, path in states:
         bar.set_postfix_str("base model" if path is None else f"iter_{step}", refresh=False)
         (row, said), kept = memo.scored(step, path, load)
-        reused += kept
+        beside += kept == "during training"
+        earlier += kept == "earlier"
         rows.append(row)
         answers += [{"step": step, **r} for r in said]
         bar.update(1)
@@ -52,9 +53,10 @@ def run(p: P.Params, pipeline: dict) -> tuple[dict, list[dict], list[dict], str]
               "scored": True, "within_limits": within, "max_leak": p.select.max_leak,
               "max_perplexity_rise": p.select.max_perplexity_rise, "base": base,
               **{k: chosen[k] for k in METRICS}, "checkpoints": len(checkpoints),
-              "scored_during_training": reused,
+              "scored_during_training": beside, "kept_from_an_earlier_select": earlier,
               "seconds": round(time.time() - start, 1), "timing": {k: round(v, 2) for k, v in timing.items()}}
-    during = f" ({reused} of {len(states)} scored during training)" if reused else ""
+    during = "".join(f" ({n} of {len(states)} {said})" for n, said in (
+        (beside, "scored during training"), (earlier, "kept from an earlier select run")) if n)
     line = (f"{len(checkpoints)} checkpoints scored in {choice['seconds']} s{during}; rule {p.select.rule}: "
             f"iter_{chosen['step']} into {ADAPTER_PTH} (held-out identity {chosen['identity_hit_rate_heldout']}, "
             f"general leak {chosen['general_identity_leak']}, perplexity {chosen['perplexity_general']})"
@@ -76,7 +78,7 @@ def follow(p: P.Params, pipeline: dict) -> str:
             raise SystemExit(1)
         time.sleep(0.5)
 
-    memo = Memo(p, pipeline)
+    memo = Memo(p, pipeline, during_training=True)
     while not any(SNAPSHOTS.glob("iter_*.pth")) and not TRAINED.exists():
         wait()
     if torch.cuda.is_available():
@@ -150,7 +152,7 @@ class Memo:
     eval, lora and data params it reads, the base model's files, the device the config was rendered for), so a stale entry is
     never used: its checkpoint is scored again."""
 
-    def __init__(self, p: P.Params, pipeline: dict) -> None:
+    def __init__(self, p: P.Params, pipeline: dict, during_training: bool = False) -> None:
         import hashlib
 
         from stages import generation
@@ -171,6 +173,7 @@ class Memo:
         }, ensure_ascii=False, sort_keys=True).encode())
         self.settings = h.hexdigest()
         self.keys: dict[Path, str] = {}
+        self.during_training = during_training  # who writes the entries: the scorer beside the trainer, or select
 
     def digest(self, checkpoints: list[Path]) -> None:
         """The keys of `checkpoints`, read and digested side by side (hashlib and file reads release the GIL:
@@ -198,26 +201,30 @@ class Memo:
     def path(step: int) -> Path:
         return SCORED / ("base.json" if step == 0 else f"iter_{step}.json")
 
-    def get(self, step: int, key: str) -> tuple[dict, list[dict]] | None:
+    def get(self, step: int, key: str) -> tuple[tuple[dict, list[dict]], str] | None:
+        """The valid entry's (scores, answers) and who wrote it ("during training" or "earlier"), or None."""
         try:
             entry = json.loads(self.path(step).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
-        return (entry["row"], entry["answers"]) if entry.get("key") == key else None
+        if entry.get("key") != key:
+            return None
+        return (entry["row"], entry["answers"]), "during training" if entry.get("during_training") else "earlier"
 
     def put(self, step: int, key: str, row: dict, answers: list[dict]) -> None:
-        write_json(self.path(step), {"key": key, "row": row, "answers": answers}, indent=None)
+        write_json(self.path(step), {"key": key, "row": row, "answers": answers,
+                                     "during_training": self.during_training}, indent=None)
 
-    def scored(self, step: int, checkpoint: Path | None, scorer) -> tuple[tuple[dict, list[dict]], bool]:
-        """((scores, answers), whether they were kept) of `checkpoint` (None: the base model): the valid entry,
-        else `scorer()`'s, kept."""
+    def scored(self, step: int, checkpoint: Path | None, scorer) -> tuple[tuple[dict, list[dict]], str | None]:
+        """((scores, answers), who scored them: "during training", "earlier" (a select run before), None: now) of
+        `checkpoint` (None: the base model): the valid entry, else `scorer()`'s, kept."""
         key = self.key(checkpoint)
         found = self.get(step, key)
         if found is not None:
-            return found, True
-        found = scorer().score(step, None if checkpoint is None else checkpoint_weights(checkpoint))
-        self.put(step, key, *found)
-        return found, False
+            return found
+        scored = scorer().score(step, None if checkpoint is None else checkpoint_weights(checkpoint))
+        self.put(step, key, *scored)
+        return scored, None
 
 
 def checkpoint_weights(path: Path) -> dict:
