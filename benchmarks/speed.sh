@@ -15,7 +15,8 @@
 # levers (benchmarks/levers.py's `stage` plan on the built model, the last setting profiled), cudagraphs
 # (levers.py's default, then the same with CUDA graphs, both profiled), host (the train stage with
 # `train.cuda_graphs`, Unsloth, then the stage's defaults), graphs (the stage with `train.cuda_graphs`,
-# torch's recompile and cudagraph logs), overhead
+# torch's recompile and cudagraph logs), long (the same and the defaults over a run with checkpoints and
+# chats: ITERS 160), overhead
 # (the optimizer wrapper's per-step levers in the train stage, each undone on its own),
 # all (peers, then the stage at 24 GB with the peers' LoRA and with dropout 0.1), lean7b (7B: the peers at micro-batch 1 and 2, the stage at memory_gb 8).
 set -uo pipefail
@@ -97,6 +98,17 @@ case $SUITE in
     [ -z "${HOST_ALL:-}" ] || CONFIG_EDIT="/Overlap)\|pin_memory=True/d" \
       stage "train stage, defaults at 24 GB, peer LoRA, CUDA graphs without the overlap hook" internlm2-1_8b \
       "{$PEERLORA, 'train': {'cuda_graphs': True}}" ;;
+  long)  # train.cuda_graphs against the defaults over a run with checkpoints and chats (ITERS 160: 8 checkpoints, a chat
+    # every 50 iterations of 48 new tokens, no scorer beside), the defaults, the graphs again (the first run pays
+    # torch.compile cold); XTuner's 10-iteration windows in
+    # $OUT/xtuner-*.log show which windows (a checkpoint's, a chat's) cost what with and without the graphs
+    LONG="'eval': {'interval': 50, 'max_new_tokens': 48}, 'select': {'during_training': False}"
+    EVERY=$((ITERS / 8))
+    stage "train stage, $ITERS iterations, 8 checkpoints, chats, train.cuda_graphs" internlm2-1_8b \
+      "{$PEERLORA, $LONG, 'train': {'cuda_graphs': True, 'save_interval': $EVERY}}"
+    stage "train stage, $ITERS iterations, 8 checkpoints, chats" internlm2-1_8b "{$PEERLORA, $LONG, 'train': {'save_interval': $EVERY}}"
+    stage "train stage, $ITERS iterations, 8 checkpoints, chats, train.cuda_graphs, again" internlm2-1_8b \
+      "{$PEERLORA, $LONG, 'train': {'cuda_graphs': True, 'save_interval': $EVERY}}" ;;
   graphs)  # train.cuda_graphs with torch's recompile and cudagraph logs ($OUT/stage/*.log), then the same without
     # the overlap hook; XTuner's per-interval iteration times in $OUT/xtuner-*.log
     export TORCH_LOGS="recompiles,cudagraphs,perf_hints"
