@@ -71,6 +71,11 @@ if status == "ok":
     m = json.load(open("reports/train/metrics.json"))
     rec.update(tokens_per_s=m.get("tokens_per_sec"), final_loss=m.get("final_loss"), train_wall_s=m.get("wall_time_s"),
                peak_gb=round(m["peak_memory_mb"] * 2**20 / 1e9, 2) if m.get("peak_memory_mb") else None)
+    import re  # mmengine's logged iteration times (each the mean of its window), the first window (start-up) left out
+    times = [float(t) for t in re.findall(r"Iter\(train\) \[\s*\d+/\d+\].*?\s time: ([0-9.]+)",
+                                          open("reports/train/xtuner.log", errors="replace").read())]
+    if len(times) > 1:
+        rec["window_iter_time_s"] = round(sum(times[1:]) / len(times[1:]), 4)
 open(out, "a").write(json.dumps(rec) + "\n"); print(json.dumps(rec), flush=True)
 PY
 }
