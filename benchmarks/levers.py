@@ -117,7 +117,7 @@ def switch(model, s: dict) -> None:
     base._fused_loss = s["fused_loss"]
     kernels._SETTINGS["loss_chunk"] = s["loss_chunk_mb"] << 20
     if s["compile"] and not getattr(base, "_compiled", False):
-        graphed(base) if s["cudagraphs"] else kernels.compile_layers(base)
+        kernels.compile_layers(base, "reduce-overhead" if s["cudagraphs"] else None)
         base._compiled = True
     if s["checkpointing"]:
         model.gradient_checkpointing_enable()
@@ -126,37 +126,6 @@ def switch(model, s: dict) -> None:
     for module in model.modules():
         if hasattr(module, "lora_dropout") and "default" in module.lora_dropout:
             module.lora_dropout["default"] = torch.nn.Dropout(s["dropout"]) if s["dropout"] else torch.nn.Identity()
-
-
-def graphed(model) -> None:
-    """kernels.compile_layers, each layer's forward and backward replayed as CUDA graphs (torch.compile's
-    reduce-overhead mode). The first layer's call marks a new step for cudagraph trees and gives every
-    trainable weight a gradient buffer of its own first: backward adds into it in place, where it would
-    otherwise take the graph's output as the gradient, which the next micro-batch's replay overwrites."""
-    import torch
-
-    layers = getattr(model, model.base_model_prefix).layers
-    compiled = [torch.compile(layer.forward, dynamic=False, mode="reduce-overhead") for layer in layers]
-    trainable: list = []
-
-    def new_step() -> None:
-        torch.compiler.cudagraph_mark_step_begin()
-        trainable[:] = trainable or [p for p in model.parameters() if p.requires_grad]
-        for p in trainable:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-
-    for i, (layer, fn) in enumerate(zip(layers, compiled)):
-        eager = layer.forward
-
-        def forward(*args, _layer=layer, _eager=eager, _fn=fn, _first=i == 0, **kwargs):
-            if not _layer.training:
-                return _eager(*args, **kwargs)
-            if _first:
-                new_step()
-            return _fn(*args, **kwargs)
-
-        layer.forward = forward
 
 
 def optimizer(params, name: str):

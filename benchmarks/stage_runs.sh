@@ -63,7 +63,7 @@ use_dir() {  # model folder, [recipe: assistant]: that folder linked in as the L
 }
 record() {  # name, seconds, [status]: the train stage's figures as one JSON line
   python - "$1" "$2" "${3:-ok}" "$OUT/stage.jsonl" <<'PY'
-import ast, json, sys
+import ast, json, re, sys
 name, wall, status, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 pipeline = ast.literal_eval(open("models/config/xtuner_config.py").read().split("\npipeline = ", 1)[1])
 rec = {"run": name, "status": status, "resolved": pipeline, "stage_wall_s": wall}
@@ -71,7 +71,7 @@ if status == "ok":
     m = json.load(open("reports/train/metrics.json"))
     rec.update(tokens_per_s=m.get("tokens_per_sec"), final_loss=m.get("final_loss"), train_wall_s=m.get("wall_time_s"),
                peak_gb=round(m["peak_memory_mb"] * 2**20 / 1e9, 2) if m.get("peak_memory_mb") else None)
-    import re  # mmengine's logged iteration times (each the mean of its window), the first window (start-up) left out
+    # mmengine's logged iteration times (each the mean of its window), the first window (start-up) left out
     times = [float(t) for t in re.findall(r"Iter\(train\) \[\s*\d+/\d+\].*?\s time: ([0-9.]+)",
                                           open("reports/train/xtuner.log", errors="replace").read())]
     if len(times) > 1:

@@ -110,9 +110,9 @@ def run_settings(resolved: dict, max_iters: int | None) -> dict:
             "fused_optimizer": resolved["device"] == "cuda" and resolved["deepspeed"] == "none",
             "log_interval": 1 if resolved["device"] == "cpu" else min(10, max_iters or 10),
             "dist_backend": "nccl" if resolved["device"] == "cuda" else "gloo",
-            # with CUDA graphs (one GPU process): pinned batches, no waits at an iteration's end (stages/overlap.py)
-            "overlap": bool(resolved.get("cuda_graphs")) and resolved["deepspeed"] == "none"
-            and resolved["gpus"] * resolved.get("nodes", 1) == 1,
+            # with CUDA graphs (one GPU process already) and no DeepSpeed: pinned batches, no waits at an
+            # iteration's end (stages/overlap.py)
+            "overlap": bool(resolved.get("cuda_graphs")) and resolved["deepspeed"] == "none",
             "cpu_ddp": resolved["device"] == "cpu" and resolved["gpus"] * resolved.get("nodes", 1) > 1}
 
 

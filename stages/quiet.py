@@ -63,7 +63,7 @@ def _progress_hook_class():
             shown = {}
             loss = (outputs or {}).get("loss")
             if loss is not None:
-                shown["loss"] = f"{float(getattr(loss, 'detach', lambda: loss)()):.4f}"
+                shown["loss"] = f"{float(loss.detach() if hasattr(loss, 'detach') else loss):.4f}"
             hub = runner.message_hub
             for key in ("train/tokens_per_sec_run", "train/tokens_per_sec"):  # the run's (stages/throughput.py),
                 if key in hub.log_scalars:  # or in its first logging interval the iteration's
