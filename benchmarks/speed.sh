@@ -14,7 +14,7 @@
 # profile (the default at 24 GB: the train stage's iterations and levers.py's bare model, both profiled),
 # levers (benchmarks/levers.py's `stage` plan on the built model, the last setting profiled), cudagraphs
 # (levers.py's default, then the same with CUDA graphs, both profiled), host (the train stage with
-# `train.cuda_graphs`, Unsloth, then the stage's defaults), graphs (the stage with `train.cuda_graphs`,
+# its default `train.cuda_graphs`, Unsloth, then the stage without it), graphs (the stage with `train.cuda_graphs`,
 # torch's recompile and cudagraph logs), long (the same and the defaults over a run with checkpoints and
 # chats: ITERS 160), overhead
 # (the optimizer wrapper's per-step levers in the train stage, each undone on its own),
@@ -90,11 +90,11 @@ case $SUITE in
       stage "train stage, defaults at 24 GB, peer LoRA, profiled" internlm2-1_8b "{$PEERLORA}"
     cat "$OUT/stage-profile.jsonl" 2>/dev/null || grep -h "profile\|Error" "$OUT"/stage/*.log | tail -n 5
     [ -n "${STAGE_ONLY:-}" ] || levers internlm2-1_8b default ;;
-  host)  # the host ahead of the GPU (train.cuda_graphs: stages/kernels.py CUDA graphs and stages/overlap.py), beside
-    # Unsloth, then the defaults (neither); HOST_ALL=1: CUDA graphs without the overlap hook too
-    stage "train stage, defaults at 24 GB, peer LoRA, train.cuda_graphs" internlm2-1_8b "{$PEERLORA, 'train': {'cuda_graphs': True}}"
+  host)  # the host ahead of the GPU (train.cuda_graphs, the default: stages/kernels.py CUDA graphs and
+    # stages/overlap.py), beside Unsloth, then without it; HOST_ALL=1: CUDA graphs without the overlap hook too
+    stage "train stage, defaults at 24 GB, peer LoRA (train.cuda_graphs)" internlm2-1_8b "{$PEERLORA}"
     peer unsloth internlm2-1_8b 8,16
-    stage "train stage, defaults at 24 GB, peer LoRA" internlm2-1_8b "{$PEERLORA}"
+    stage "train stage, defaults at 24 GB, peer LoRA, cuda_graphs false" internlm2-1_8b "{$PEERLORA, 'train': {'cuda_graphs': False}}"
     [ -z "${HOST_ALL:-}" ] || CONFIG_EDIT="/Overlap)\|pin_memory=True/d" \
       stage "train stage, defaults at 24 GB, peer LoRA, CUDA graphs without the overlap hook" internlm2-1_8b \
       "{$PEERLORA, 'train': {'cuda_graphs': True}}" ;;
@@ -106,7 +106,8 @@ case $SUITE in
     EVERY=$((ITERS / 8))
     stage "train stage, $ITERS iterations, 8 checkpoints, chats, train.cuda_graphs" internlm2-1_8b \
       "{$PEERLORA, $LONG, 'train': {'cuda_graphs': True, 'save_interval': $EVERY}}"
-    stage "train stage, $ITERS iterations, 8 checkpoints, chats" internlm2-1_8b "{$PEERLORA, $LONG, 'train': {'save_interval': $EVERY}}"
+    stage "train stage, $ITERS iterations, 8 checkpoints, chats" internlm2-1_8b \
+      "{$PEERLORA, $LONG, 'train': {'cuda_graphs': False, 'save_interval': $EVERY}}"
     stage "train stage, $ITERS iterations, 8 checkpoints, chats, train.cuda_graphs, again" internlm2-1_8b \
       "{$PEERLORA, $LONG, 'train': {'cuda_graphs': True, 'save_interval': $EVERY}}" ;;
   graphs)  # train.cuda_graphs with torch's recompile and cudagraph logs ($OUT/stage/*.log), then the same without

@@ -135,7 +135,7 @@ info = model.build(P.TinyInternVL(image_size=448, patch_size=14, hidden_size=102
 print('[internvl]', info['path'], f\"{info['parameters']:,} parameters\")"
 }
 DEFAULT="{'train': {'micro_batch': 'auto', 'memory_gb': 24, 'activation_checkpointing': 'auto', 'fused_loss': True,
-  'compile_layers': 'auto', 'cuda_graphs': False, 'deepspeed': 'auto', 'precision': 'auto', 'optimizer': 'adamw'}, 'quant': {'upcast_frozen': False}}"
+  'compile_layers': 'auto', 'cuda_graphs': True, 'deepspeed': 'auto', 'precision': 'auto', 'optimizer': 'adamw'}, 'quant': {'upcast_frozen': False}}"
 case $SUITE in
   compare)
     use_model internlm2-1_8b
@@ -281,6 +281,7 @@ open(out, "a").write(json.dumps(rec) + "\n"); print(json.dumps(rec)[:1500], flus
 PY
       grep -hE "^\[(train|select)\]|^error" "$OUT/select-cost-train-$2-$3.log" "$OUT/select-cost-select-$3.log" 2>/dev/null | tail -n 8 || true
       cp reports/select/scores.json "$OUT/select-cost-scores-$3.json" 2>/dev/null || true
+      cp reports/train/xtuner.log "$OUT/select-cost-xtuner-$2-$3.log" 2>/dev/null || true  # its 10-iteration windows
     }
     [ -n "${ONLY_CHECKPOINTS:-}" ] || set_params "{'train': {'max_iters': 10, 'save_interval': 100000000}, 'select': {'during_training': False}}"
     [ -n "${ONLY_CHECKPOINTS:-}" ] || { python -m dvc repro render && python -m dvc repro -f -s train; } >"$OUT/select-cost-warm-up.log" 2>&1 \

@@ -35,7 +35,7 @@ for the launches. `torch.compile` of each decoder layer fuses the element-wise w
 launches. Only the training-mode forward is compiled: generation during training (XTuner's chat
 hook puts the model in eval mode) changes shapes every token and runs the layer as written.
 
-CUDA graphs (`train.cuda_graphs`, off by default): even compiled, a layer's forward and backward are
+CUDA graphs (`train.cuda_graphs`, on by default where they apply): even compiled, a layer's forward and backward are
 about 80 launches from the host (matmuls, 4-bit dequantisation, Triton kernels), and on an H200 at the
 1.8B shape the host needs about as long to launch them as the GPU to run them. Replayed as CUDA graphs
 (torch.compile's reduce-overhead mode), a layer is one launch each way and the host can run ahead of the

@@ -4,8 +4,10 @@ XTuner's CheckpointHook writes `iter_N.pth` every `train.save_interval` iteratio
 last `train.save_total_limit` of them, each with its optimizer state (for a 1.8B QLoRA run, 830 MB
 of optimizer state beside 139 MB of model state). The select stage scores every checkpoint, so
 this hook, listed in the rendered config's `custom_hooks` (the assistant recipe's template), copies
-each new checkpoint's adapter weights alone (stages/xtuner_api.py `save_adapter`) into
-`models/work/snapshots/iter_N.pth` as soon as it is written; the train stage then moves them into
+each new checkpoint's adapter weights alone into `models/work/snapshots/iter_N.pth` as soon as it is
+written: the model's weights as the CheckpointHook has just saved them, taken from the model again (the
+file, with its optimizer state, about 1 GB for the 1.8B model, is not read back); from the checkpoint
+folder for DeepSpeed's (stages/xtuner_api.py `save_adapter`); the train stage then moves them into
 its output `models/checkpoints/`. Kept in the work dir first, so a resumed run keeps the snapshots
 of the iterations before the interruption. Process 0 alone writes them.
 """
@@ -27,7 +29,15 @@ class AdapterSnapshots(Hook):
             return
         ckpt = Path(runner.work_dir) / f"iter_{runner.iter + 1}.pth"
         out = self.folder / ckpt.name
-        if ckpt.exists() and not out.exists():
-            from stages.xtuner_api import save_adapter
+        if out.exists() or not ckpt.exists():
+            return
+        from stages.xtuner_api import save_adapter, save_weights
 
+        if ckpt.is_dir():  # DeepSpeed's checkpoint folder
             save_adapter(ckpt, out)
+            return
+        from mmengine.model import is_model_wrapper
+        from mmengine.runner.checkpoint import weights_to_cpu
+
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        save_weights(weights_to_cpu(model.state_dict()), out)  # what Runner.save_checkpoint wrote

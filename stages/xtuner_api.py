@@ -743,9 +743,14 @@ def save_adapter(ckpt: Path, out: Path, before: Path | None = None) -> int:
     """The final checkpoint's model weights alone (a QLoRA run's adapter), atomically; with `before`
     (the llava recipe's projector.pth), that file's weights too, under `projector_before`: the evaluate
     stage's model before fine-tuning."""
+    return save_weights(load_checkpoint_weights(ckpt), out, before)
+
+
+def save_weights(weights: dict, out: Path, before: Path | None = None) -> int:
+    """`weights` (a checkpoint's model weights, on the CPU) saved as `save_adapter` saves them, atomically;
+    (the number of values in them)."""
     import torch
 
-    weights = load_checkpoint_weights(ckpt)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     saved = {"state_dict": dict(sorted(weights.items()))}

@@ -224,16 +224,16 @@ def test_tiny_models_train_on_one_cpu_thread():
 
 def test_cuda_graphs_put_the_host_ahead_on_one_gpu_only_without_checkpointing():
     """train.cuda_graphs: compiled layers replayed as CUDA graphs and the overlap hook with pinned batches,
-    on one GPU with nothing checkpointed; otherwise neither (the default: off)."""
+    on one GPU with nothing checkpointed (the default there); otherwise, or with cuda_graphs false, neither."""
     def rendered(**train):
         p = replace(PARAMS, data=replace(PARAMS.data, max_length=2048),
                     train=replace(PARAMS.train, global_batch=16, memory_gb=24.0, **train))
         resolved = plan.resolve(p, **H100)
         return resolved, assistant_config.text(p, resolved)
 
-    off, text = rendered()
+    off, text = rendered(cuda_graphs=False, activation_checkpointing=False)
     assert not off["cuda_graphs"] and "Overlap" not in text and "pin_memory" not in text
-    on, text = rendered(cuda_graphs=True, activation_checkpointing=False)
+    on, text = rendered(activation_checkpointing=False)
     assert on["cuda_graphs"] and on["compile_layers"] and "dict(type=Overlap)" in text and "pin_memory=True" in text
     for train in (dict(activation_checkpointing=True), dict(gpus=2), dict(compile_layers=False)):
         resolved, text = rendered(cuda_graphs=True, **train)

@@ -24,6 +24,7 @@ from xtuner.dataset.map_fns import openai_map_fn, template_map_fn_factory
 from xtuner.engine.hooks import DatasetInfoHook, EvaluateChatHook, ThroughputHook
 from stages.snapshots import AdapterSnapshots
 from stages.throughput import RunThroughput
+from stages.overlap import Overlap
 from xtuner.engine.runner import TrainLoop
 from xtuner.model import SupervisedFinetune
 from xtuner.utils import PROMPT_TEMPLATE
@@ -109,6 +110,7 @@ train_dataset = dict(
 train_dataloader = dict(
     batch_size=batch_size,
     num_workers=dataloader_num_workers,
+    pin_memory=True,  # copied to the GPU without blocking (stages/overlap.py)
     dataset=train_dataset,
     sampler=dict(type=DefaultSampler, shuffle=True, seed=0),
     collate_fn=dict(type=default_collate_fn, use_varlen_attn=False))
@@ -145,6 +147,8 @@ custom_hooks = [
     dict(type=RunThroughput, skip=10),
     # every checkpoint's adapter weights alone, for the select stage (stages/snapshots.py)
     dict(type=AdapterSnapshots, folder='models/work/snapshots'),
+    # the host works on while the GPU runs: no wait for it at an iteration's end (stages/overlap.py)
+    dict(type=Overlap),
 ]
 
 default_hooks = dict(
@@ -172,4 +176,4 @@ randomness = dict(seed=0, deterministic=False)
 log_processor = dict(by_epoch=False)
 
 # Read by the pipeline's train stage, ignored by XTuner.
-pipeline = {'device': 'cuda', 'precision': 'bf16', 'deepspeed': 'none', 'gpus': 1, 'nodes': 1, 'torch_dtype': 'bfloat16', 'compute_dtype': 'bfloat16', 'memory_gb': 76.5, 'micro_batch': 1, 'grad_accum': 1, 'checkpointing': False, 'checkpoint_layers': None, 'estimate_gb': 4.9, 'fused_loss': True, 'loss_chunk_mb': 1024, 'compile_layers': True, 'cuda_graphs': False, 'upcast_frozen': False, 'lora_targets': ['w1', 'w2', 'w3', 'wo', 'wqkv'], 'max_length': 256, 'cpu_threads': None, 'deepspeed_config': None}
+pipeline = {'device': 'cuda', 'precision': 'bf16', 'deepspeed': 'none', 'gpus': 1, 'nodes': 1, 'torch_dtype': 'bfloat16', 'compute_dtype': 'bfloat16', 'memory_gb': 76.5, 'micro_batch': 1, 'grad_accum': 1, 'checkpointing': False, 'checkpoint_layers': None, 'estimate_gb': 4.9, 'fused_loss': True, 'loss_chunk_mb': 1024, 'compile_layers': True, 'cuda_graphs': True, 'upcast_frozen': False, 'lora_targets': ['w1', 'w2', 'w3', 'wo', 'wqkv'], 'max_length': 256, 'cpu_threads': None, 'deepspeed_config': None}
