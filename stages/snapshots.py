@@ -29,7 +29,9 @@ class AdapterSnapshots(Hook):
             return
         ckpt = Path(runner.work_dir) / f"iter_{runner.iter + 1}.pth"
         out = self.folder / ckpt.name
-        if out.exists() or not ckpt.exists():
+        from stages.background_save import pending
+
+        if out.exists() or not (ckpt.exists() or pending(ckpt)):  # pending: still being written (stages/background_save.py)
             return
         from stages.xtuner_api import save_adapter, save_weights
 

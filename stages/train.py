@@ -53,6 +53,7 @@ FINGERPRINT = "pipeline-inputs.json"
 CODE = [Path(__file__), Path(__file__).with_name("train_log.py"), Path(__file__).with_name("xtuner_api.py"),
         Path(__file__).with_name("kernels.py"), Path(__file__).with_name("launch.py"),
         Path(__file__).with_name("snapshots.py"), Path(__file__).with_name("overlap.py"),
+        Path(__file__).with_name("background_save.py"),
         Path(__file__).with_name("throughput.py")]
 
 
@@ -81,7 +82,12 @@ def prepare_work_dir(work: Path, fp: str) -> Path | None:
     last = work / "last_checkpoint"
     if marker.is_file() and json.loads(marker.read_text())["inputs"] == fp and last.is_file():
         ckpt = Path(last.read_text().strip())
+        if not ckpt.exists():  # killed while its file was being written (stages/background_save.py): the one before
+            whole = sorted(work.glob("iter_*.pth"), key=lambda path: int(path.stem.split("_")[1]))
+            ckpt = whole[-1] if whole else ckpt
         if ckpt.exists():
+            for part in work.glob("*.part"):
+                part.unlink()
             print(f"[train] resuming from {ckpt} (inputs unchanged since it was written)", flush=True)
             return ckpt
     if work.exists():
@@ -179,13 +185,19 @@ def train_node0(params: P.Params, args: argparse.Namespace, pipeline: dict, step
         raise
     wall = time.time() - start
     ckpt = final_checkpoint(TRAIN_WORK)
-    finish_scorer(scorer)
-    n, kept = write_checkpoints(ckpt, inputs.get("projector_before"))
-    summary = write_live(TRAIN_WORK, wall, pipeline, tokens_per_iter=step.tokens_per_iter(pipeline))
+    if scorer is not None:
+        TRAINED.write_text("")  # the scorer scores the last checkpoint while the outputs are written
+    try:
+        n, kept = write_checkpoints(ckpt, inputs.get("projector_before"))
+        summary = write_live(TRAIN_WORK, wall, pipeline, tokens_per_iter=step.tokens_per_iter(pipeline))
+    except BaseException:
+        stop(scorer)
+        raise
     if summary["peak_memory_kind"] == "gpu_allocated":
         note(peak_gpu_mb=summary["peak_memory_mb"])
     print(f"[train] {CHECKPOINTS}: {', '.join(p.name for p in kept)} ({n:,} adapter weights each); final loss "
           f"{summary['final_loss']}, {summary['tokens_per_sec']} tokens/s, {wall:.0f} s", flush=True)
+    finish_scorer(scorer)
 
 
 def start_scorer(params: P.Params, pipeline: dict, params_file: str) -> subprocess.Popen | None:

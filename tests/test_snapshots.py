@@ -1,6 +1,8 @@
-"""stages/snapshots.py on mmengine's own runner (a small model on the CPU): every checkpoint the
-CheckpointHook writes gets its snapshot, taken from the model, and the snapshot is byte for byte what
-reading the checkpoint file back gives (stages/xtuner_api.py `save_adapter`)."""
+"""stages/snapshots.py and stages/background_save.py on mmengine's own runner (a small model on the CPU):
+every checkpoint the CheckpointHook writes gets its snapshot, taken from the model, byte for byte what
+reading the checkpoint file back gives (stages/xtuner_api.py `save_adapter`); checkpoints written by a
+thread hold their own iteration's state however slow the write, are whole or absent, and a failed write
+stops the training; a resume after a lost write takes the newest whole checkpoint."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -17,6 +19,8 @@ patch_stack()
 from mmengine.model import BaseModel  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
+from stages import background_save  # noqa: E402
+from stages.background_save import BackgroundCheckpoints  # noqa: E402
 from stages.snapshots import AdapterSnapshots  # noqa: E402
 from stages.xtuner_api import save_adapter  # noqa: E402
 
@@ -42,18 +46,26 @@ class Batches(torch.utils.data.Dataset):
         return {"x": torch.full((4,), float(i % 3))}
 
 
-def test_snapshots_are_the_checkpoints_weights(tmp_path):
+def train(tmp_path, background: bool = True, iters: int = 6):
     snapshots = tmp_path / "snapshots"
+    hooks = [dict(type=BackgroundCheckpoints)] if background else []
     runner = Runner(
-        model=Toy(), work_dir=str(tmp_path / "work"), experiment_name="snapshots",
+        model=dict(type=Toy), work_dir=str(tmp_path / "work"),
         train_dataloader=dict(dataset=Batches(), batch_size=2, collate_fn=lambda b: {"data": {
             "x": torch.stack([it["x"] for it in b])}}, sampler=dict(type="DefaultSampler", shuffle=False)),
         optim_wrapper=dict(optimizer=dict(type="AdamW", lr=0.1)),
-        train_cfg=dict(by_epoch=False, max_iters=6),
-        custom_hooks=[dict(type=AdapterSnapshots, folder=str(snapshots))],
+        train_cfg=dict(by_epoch=False, max_iters=iters),
+        custom_hooks=hooks + [dict(type=AdapterSnapshots, folder=str(snapshots))],
         default_hooks=dict(checkpoint=dict(type="CheckpointHook", by_epoch=False, interval=2, max_keep_ckpts=10)),
-        log_processor=dict(by_epoch=False), default_scope="mmengine")
+        log_processor=dict(by_epoch=False), default_scope="mmengine", experiment_name=f"run-{tmp_path.name}",
+        randomness=dict(seed=0))
     runner.train()
+    return snapshots
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_snapshots_are_the_checkpoints_weights(tmp_path, background):
+    snapshots = train(tmp_path, background)
     names = sorted(p.name for p in snapshots.iterdir())
     assert names == ["iter_2.pth", "iter_4.pth", "iter_6.pth"]
     seen = []
@@ -65,3 +77,58 @@ def test_snapshots_are_the_checkpoints_weights(tmp_path):
         assert sorted(weights) == ["adapter.bias", "adapter.weight"]
         seen.append(weights["adapter.weight"])
     assert not torch.equal(seen[0], seen[-1])  # the snapshots follow the training
+
+
+def test_background_checkpoints_hold_their_iterations_state(tmp_path, monkeypatch):
+    """Each write held back until training has gone on: the file still has its own iteration's weights and
+    optimizer state (those of a run that wrote in the loop), and no partial file is left."""
+    run = background_save._Write.run
+
+    def slow(self):
+        import time
+
+        time.sleep(0.3)  # the loop runs on meanwhile (the next save waits for this one)
+        run(self)
+
+    monkeypatch.setattr(background_save._Write, "run", slow)
+    train(tmp_path / "background", background=True)
+    train(tmp_path / "loop", background=False)
+    for step in (2, 4, 6):
+        ours = torch.load(tmp_path / "background" / "work" / f"iter_{step}.pth", weights_only=False)
+        theirs = torch.load(tmp_path / "loop" / "work" / f"iter_{step}.pth", weights_only=False)
+        assert ours["meta"]["iter"] == theirs["meta"]["iter"] == step
+        for key, value in theirs["state_dict"].items():
+            assert torch.equal(ours["state_dict"][key], value), (step, key)
+        for index, state in theirs["optimizer"]["state"].items():
+            for key, value in state.items():
+                assert torch.equal(ours["optimizer"]["state"][index][key], value), (step, index, key)
+    assert not list((tmp_path / "background" / "work").glob("*.part"))
+
+
+def test_a_failed_background_write_stops_the_training(tmp_path, monkeypatch):
+    import torch as torch_module
+
+    def full_disk(obj, path, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch_module, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        train(tmp_path, background=True)
+    assert not list((tmp_path / "work").glob("iter_*"))
+
+
+def test_a_resume_after_a_lost_write_takes_the_newest_whole_checkpoint(tmp_path, monkeypatch):
+    from stages import train as stage
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / stage.FINGERPRINT).write_text('{"inputs": "same"}\n')
+    for step in (2, 4):
+        (work / f"iter_{step}.pth").write_bytes(b"whole")
+    (work / "iter_6.pth.part").write_bytes(b"half")  # killed before the rename
+    (work / "last_checkpoint").write_text(str(work / "iter_6.pth"))
+    assert stage.prepare_work_dir(work, "same") == work / "iter_4.pth"
+    assert not (work / "iter_6.pth.part").exists()
+    (work / "last_checkpoint").write_text(str(work / "iter_4.pth"))
+    assert stage.prepare_work_dir(work, "same") == work / "iter_4.pth"
+    assert stage.prepare_work_dir(work, "changed") is None and not (work / "iter_4.pth").exists()

@@ -22,6 +22,7 @@ from xtuner.dataset import process_hf_dataset
 from xtuner.dataset.collate_fns import default_collate_fn
 from xtuner.dataset.map_fns import openai_map_fn, template_map_fn_factory
 from xtuner.engine.hooks import DatasetInfoHook, EvaluateChatHook, ThroughputHook
+from stages.background_save import BackgroundCheckpoints
 from stages.snapshots import AdapterSnapshots
 from stages.throughput import RunThroughput
 from xtuner.engine.runner import TrainLoop
@@ -134,6 +135,8 @@ train_cfg = dict(type=TrainLoop, max_epochs=4)
 #                           PART 5  Runtime                           #
 #######################################################################
 custom_hooks = [
+    # checkpoints written to disk by a thread while training goes on (stages/background_save.py)
+    dict(type=BackgroundCheckpoints),
     dict(type=DatasetInfoHook, tokenizer=tokenizer),
     dict(type=EvaluateChatHook, tokenizer=tokenizer, every_n_iters=evaluation_freq,
          evaluation_inputs=evaluation_inputs, system=SYSTEM, prompt_template=prompt_template,
