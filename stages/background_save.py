@@ -3,8 +3,8 @@
 mmengine's CheckpointHook saves `iter_N.pth` every `train.save_interval` iterations: the adapter, its
 AdamW state and the loop's state, about 1 GB for InternLM2-1.8B with LoRA r 64. mmengine serialises it
 into memory and writes it in the training loop's thread, so the loop stops for it: on one H200 at the
-1.8B default, 2-4 s a checkpoint, a quarter of a 160-iteration run with 8 checkpoints
-(benchmarks/README.md, "What scoring every checkpoint costs").
+1.8B default, 2.3 s a checkpoint on average, 19 s of a 71 s, 160-iteration run with 8 checkpoints; 1.2 s
+with this hook (benchmarks/README.md, "Checkpoints written by a thread").
 
 `BackgroundCheckpoints` (a hook in the rendered config) takes the write out of the loop. At each save the
 loop copies the checkpoint (its tensors are on the CPU by then; the copy keeps the file's contents those
