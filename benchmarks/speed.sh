@@ -18,7 +18,8 @@
 # torch's recompile and cudagraph logs), long (the same and the defaults over a run with checkpoints and
 # chats: ITERS 160), overhead
 # (the optimizer wrapper's per-step levers in the train stage, each undone on its own),
-# all (peers, then the stage at 24 GB with the peers' LoRA and with dropout 0.1), lean7b (7B: the peers at micro-batch 1 and 2, the stage at memory_gb 8).
+# all (peers, then the stage at 24 GB with the peers' LoRA and with dropout 0.1), lean7b (7B: the peers at micro-batch 1 and 2, the stage at memory_gb 8,
+# and with train.offload_activations at micro-batch 2), offload (train.offload_activations at micro-batch 16 beside Unsloth's).
 set -uo pipefail
 SUITE=${1:-all}; ITERS=${2:-40}; OUT=${OUT:-bench}
 mkdir -p "$OUT" /tmp/models
@@ -120,7 +121,16 @@ case $SUITE in
     levers internlm2-1_8b default; levers internlm2-1_8b cudagraphs ;;
   lean7b)
     peer unsloth 7b 1,2; peer liger 7b 1,2; peer hf 7b 1
-    stage "train stage, lean (8 GB), peer LoRA" 7b "{$PEERLORA, 'train': {'memory_gb': 8, 'optimizer': 'paged_adamw8bit'}}" ;;
+    stage "train stage, lean (8 GB), peer LoRA" 7b "{$PEERLORA, 'train': {'memory_gb': 8, 'optimizer': 'paged_adamw8bit'}}"
+    stage "train stage, lean (8 GB), peer LoRA, offloaded checkpoints, micro-batch 2" 7b \
+      "{$PEERLORA, 'train': {'memory_gb': 8, 'optimizer': 'paged_adamw8bit', 'offload_activations': True, 'micro_batch': 2}}" ;;
+  offload)  # train.offload_activations at Unsloth's setting (micro-batch 16, every layer checkpointed) beside it
+    # and beside the same without offloading, on the 1.8B shape
+    EVERY="'memory_gb': 40, 'micro_batch': 16, 'activation_checkpointing': True"
+    stage "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA" internlm2-1_8b \
+      "{$PEERLORA, 'train': {$EVERY, 'offload_activations': True}}"
+    peer unsloth internlm2-1_8b 16
+    stage "train stage, micro-batch 16, every layer checkpointed, peer LoRA" internlm2-1_8b "{$PEERLORA, 'train': {$EVERY}}" ;;
   *) echo "unknown suite $SUITE"; exit 2 ;;
 esac
 echo "done at +${SECONDS}s"

@@ -23,6 +23,8 @@ The estimate is peak = weights + adapter training state + loss buffer + tokens x
   at a time, which does not coincide with the loss (24 x hidden + 11.7 x intermediate bytes a token
   when every layer is checkpointed, with or without dropout). Checkpointing may cover some of the layers
   (the first ones: the backward pass reaches them after the others have freed their activations).
+  With `offload` (train.offload_activations) a checkpointed layer's input, 2 x hidden bytes a token, is
+  in host memory: 0.8 x hidden bytes stay (not yet fitted to a measured peak).
 
 The constants were fitted to the peaks PyTorch reserved on an H100 (bf16, LoRA dropout 0.1, SDPA
 attention, sequence 2048) for the 1.8B and 7B shapes, within 0.5 GB, and to the train stage's peaks
@@ -92,7 +94,7 @@ def counts(shape: dict, lora_r: int, targets: list[str] | str = "all-linear") ->
 def estimate(shape: dict, *, tokens: int, checkpointing: bool, quant: str, compute_bytes: int, lora_r: int,
              optimizer: str, upcast_frozen: bool, fused_loss: bool, loss_chunk: int = int(GB),
              targets: list[str] | str = "all-linear", checkpointed: int | None = None,
-             dropout: float = 0.1) -> float:
+             dropout: float = 0.1, offload: bool = False) -> float:
     """Peak GPU bytes of one training process (what PyTorch reserves). `checkpointed`: how many
     decoder layers are checkpointed (default: all of them with `checkpointing`, else none)."""
     n = counts(shape, lora_r, targets)
@@ -103,7 +105,7 @@ def estimate(shape: dict, *, tokens: int, checkpointing: bool, quant: str, compu
     dropped = sum(a for name, (a, _) in linear_shapes(shape).items() if targets == "all-linear" or name in targets)
     layer = tokens * (6 * shape["hidden"] + 8.7 * shape["intermediate"] + (3 * dropped if dropout else 0))
     k = checkpointed if checkpointed is not None else (shape["layers"] if checkpointing else 0)
-    kept = tokens * k * 2.8 * shape["hidden"] + (shape["layers"] - k) * layer
+    kept = tokens * k * (0.8 if offload else 2.8) * shape["hidden"] + (shape["layers"] - k) * layer
     rebuilt = tokens * (24 * shape["hidden"] + 11.7 * shape["intermediate"])  # fitted; the same with dropout 0
     activations = kept + (max(rebuilt, loss) if k == shape["layers"] else loss)
     return weights + frozen + lora + activations + MARGIN
@@ -144,5 +146,6 @@ def plan(shape: dict, *, budget_gb: float | None, seq: int, global_batch: int, g
     peak = None if budget_gb is None else estimate(shape, tokens=mb * seq, checkpointing=k > 0, checkpointed=k,
                                                    **setting)
     return {"micro_batch": mb, "grad_accum": per_gpu // mb, "checkpointing": k > 0 or checkpointing is True,
-            "checkpoint_layers": k if 0 < k < layers else None,
+            # every layer too when offloaded: stages/kernels.py checkpoint_first offloads, the model's own does not
+            "checkpoint_layers": k if 0 < k < layers or (k and setting.get("offload")) else None,
             "estimate_gb": None if peak is None else round(peak / GB, 1)}  # no budget (CPU): no estimate

@@ -144,6 +144,10 @@ class Train:
         "1.8B shape on one H200: 0.165 s an iteration against 0.192 s, a 160-iteration run with 8 checkpoints and "
         "chats trained in 80.8 s against 93.4 s; the first run on a machine compiles about 30 s longer "
         "(benchmarks/README.md)")
+    offload_activations: bool = spec(
+        "each checkpointed decoder layer's input kept in pinned host memory until the backward pass (as "
+        "Unsloth does): 2 bytes x hidden a token a layer off the GPU, for a copy each way; every layer is then "
+        "checkpointed by the pipeline (stages/kernels.py); GPU only; not measured on a GPU yet")
     optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = spec(
         "AdamW, or bitsandbytes' 8-bit AdamW (optimizer states in 8 bits; paged: spill to CPU memory under "
         "pressure); the 8-bit ones need a GPU and no DeepSpeed")

@@ -57,13 +57,14 @@ def resolve(p: P.Params, cuda: bool, bf16: bool, card_gb: float | None = None,
         micro_batch=t.micro_batch, checkpointing=t.activation_checkpointing,  # no budget (CPU): all, none
         quant=p.quant.mode, compute_bytes=2 if compute != "float32" else 4, lora_r=p.lora.r,
         optimizer=t.optimizer, upcast_frozen=p.quant.upcast_frozen, fused_loss=t.fused_loss, loss_chunk=chunk,
-        targets=targets, dropout=p.lora.dropout)
+        targets=targets, dropout=p.lora.dropout, offload=device == "cuda" and t.offload_activations)
     compile_layers = t.compile_layers if t.compile_layers != "auto" else (
         device == "cuda" and deepspeed == "none" and world == 1)
     return {"device": device, "precision": precision, "deepspeed": deepspeed, "gpus": t.gpus, "nodes": t.nodes,
             "torch_dtype": DTYPES[precision], "compute_dtype": compute, "memory_gb": budget,
             "micro_batch": batch["micro_batch"], "grad_accum": batch["grad_accum"],
             "checkpointing": batch["checkpointing"], "checkpoint_layers": batch["checkpoint_layers"],
+            "offload_activations": bool(device == "cuda" and t.offload_activations and batch["checkpoint_layers"]),
             "estimate_gb": batch["estimate_gb"],
             "fused_loss": t.fused_loss, "loss_chunk_mb": chunk // 2**20,
             "compile_layers": compile_layers,
@@ -125,7 +126,7 @@ def llava_batch(p: P.Params, resolved: dict) -> dict:
     accum = max(1, t.global_batch // (micro * t.gpus * t.nodes))
     return {**resolved, "micro_batch": micro, "grad_accum": accum, "checkpointing": False, "checkpoint_layers": None,
             "estimate_gb": None,
-            "fused_loss": False, "compile_layers": False, "cuda_graphs": False}
+            "fused_loss": False, "compile_layers": False, "cuda_graphs": False, "offload_activations": False}
 
 
 def render_text(template: Path, ctx: dict) -> str:

@@ -299,6 +299,8 @@ def out_of_memory_message(pipeline: dict) -> str:
     fixes = ["a smaller train.memory_gb with train.micro_batch: auto (or a smaller micro_batch)"]
     if not pipeline.get("checkpointing"):
         fixes.append("train.activation_checkpointing: true")
+    elif not pipeline.get("offload_activations"):
+        fixes.append("train.offload_activations: true")
     if not pipeline.get("fused_loss"):
         fixes.append("train.fused_loss: true")
     if pipeline.get("upcast_frozen"):

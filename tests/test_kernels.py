@@ -160,3 +160,6 @@ def test_out_of_memory_message_names_what_to_change():
     for needle in ("train.memory_gb", "train.activation_checkpointing: true", "train.fused_loss: true",
                    "quant.upcast_frozen: false", "train.optimizer: paged_adamw8bit"):
         assert needle in msg
+    checkpointed = out_of_memory_message({"micro_batch": 1, "checkpointing": True, "estimate_gb": 8.1, "memory_gb": 8,
+                                          "fused_loss": True, "upcast_frozen": False, "deepspeed": "none"})
+    assert "train.offload_activations: true" in checkpointed and "activation_checkpointing" not in checkpointed

@@ -239,3 +239,34 @@ def test_cuda_graphs_put_the_host_ahead_on_one_gpu_only_without_checkpointing():
         resolved, text = rendered(cuda_graphs=True, **train)
         assert not resolved["cuda_graphs"] and "Overlap" not in text, train
     assert not plan.resolve(replace(PARAMS, train=replace(PARAMS.train, cuda_graphs=True)), **MACHINES["cpu"])["cuda_graphs"]
+
+
+def test_offloaded_activations_checkpoint_every_layer_through_the_pipeline_and_plan_for_it():
+    """train.offload_activations: every checkpointed layer is the pipeline's own (the model's checkpointing
+    cannot offload), the estimate drops by the layers' inputs (2 bytes x hidden a token a layer), a tight
+    budget fits where it did not (the 7B shape in 8 GB: benchmarks/README.md's lean run); never on the CPU, and
+    nothing offloaded when nothing is checkpointed."""
+    def resolved(**train):
+        p = replace(PARAMS, data=replace(PARAMS.data, max_length=2048),
+                    train=replace(PARAMS.train, global_batch=16, **train))
+        return plan.resolve(p, **H100)
+
+    kept = resolved(memory_gb=24.0, micro_batch=16, activation_checkpointing=True)
+    off = resolved(memory_gb=24.0, micro_batch=16, activation_checkpointing=True, offload_activations=True)
+    assert kept["checkpoint_layers"] is None and not kept["offload_activations"]
+    assert off["checkpoint_layers"] == SHAPE_1_8B["layers"] and off["offload_activations"] and off["checkpointing"]
+    assert kept["estimate_gb"] - off["estimate_gb"] == pytest.approx(16 * 2048 * 2 * 2048 * 24 / 1e9, abs=0.1)
+    shape_7b = {"hidden": 4096, "layers": 32, "intermediate": 14336, "vocab": 92544, "kv": 1024,
+                "arch": "InternLM2ForCausalLM"}
+    tight, lean = (plan.resolve(replace(PARAMS, data=replace(PARAMS.data, max_length=2048), train=replace(
+        PARAMS.train, global_batch=16, memory_gb=8.0, optimizer="paged_adamw8bit", offload_activations=o)),
+        cuda=True, bf16=True, card_gb=85.0, shape=shape_7b) for o in (False, True))
+    assert tight["micro_batch"] == lean["micro_batch"] == 1 and tight["estimate_gb"] > 8.0 >= lean["estimate_gb"]
+    assert lean["offload_activations"] and lean["checkpoint_layers"] == 32
+    assert not resolved(memory_gb=80.0, offload_activations=True)["offload_activations"]  # nothing checkpointed
+    cpu = plan.resolve(replace(PARAMS, train=replace(PARAMS.train, offload_activations=True)), **MACHINES["cpu"])
+    assert not cpu["offload_activations"] and not cpu["checkpoint_layers"]
+    text = assistant_config.text(replace(PARAMS, data=replace(PARAMS.data, max_length=2048), train=replace(
+        PARAMS.train, global_batch=16, memory_gb=24.0, micro_batch=16, activation_checkpointing=True,
+        offload_activations=True)), off)
+    assert "'offload_activations': True" in text and "use_activation_checkpointing=True" in text

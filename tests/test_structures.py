@@ -210,6 +210,53 @@ def test_the_llama_format_case_runs_the_whole_pipeline(built, tmp_path):
     assert json.loads((dest / "reports/eval/metrics.json").read_text())
 
 
+def test_offloaded_checkpoints_give_the_same_gradients_and_keep_only_the_inputs(internlm2_dir, monkeypatch):
+    """`checkpoint_first(..., offload=True)` on every layer of a LoRA model (dropout 0.5, frozen embeddings, as
+    XTuner's QLoRA): each layer's forward runs twice a step, the only tensors it saves are its input (to
+    host memory), and the loss and every LoRA gradient are those of the model without checkpointing: the
+    rebuilt forward draws the same dropout masks."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from stages import kernels
+
+    packed = []
+    to_host = kernels._to_host
+
+    def counted(tensor):
+        packed.append(tuple(tensor.shape))
+        return to_host(tensor)
+
+    monkeypatch.setattr(kernels, "_to_host", counted)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["wqkv", "wo", "w1", "w2", "w3"])
+    plain, offloaded = (get_peft_model(load(internlm2_dir), lora).train() for _ in range(2))
+    offloaded.load_state_dict(plain.state_dict())
+    model = offloaded.base_model.model
+    calls = [0, 0]
+    for i, layer in enumerate(model.model.layers):
+        def count(*args, _i=i, _forward=layer.forward, **kwargs):
+            calls[_i] += 1
+            return _forward(*args, **kwargs)
+        layer.forward = count
+    assert kernels.checkpoint_first(model, 2, offload=True) == 2
+    ids = torch.randint(3, SHAPE["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    a = plain(input_ids=ids, labels=ids)
+    torch.manual_seed(1)
+    b = offloaded(input_ids=ids, labels=ids)
+    assert packed == [(2, 16, SHAPE["hidden_size"])] * 2  # the two layers' inputs, nothing else
+    a.loss.backward(), b.loss.backward()
+    assert calls == [2, 2]
+    torch.testing.assert_close(a.loss, b.loss)
+    grads = 0
+    for (name, p), q in zip(plain.named_parameters(), offloaded.parameters()):
+        if p.requires_grad:
+            assert q.grad is not None, name
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=name)
+            grads += 1
+    assert grads == 2 * 5 * 2  # A and B of five adapters in each layer
+
+
 def test_checkpointing_some_layers_gives_the_same_gradients_and_rebuilds_only_those(internlm2_dir):
     """InternLM2's own all-layer checkpointing switched on (as XTuner does), then `checkpoint_first`
     of one of two layers: that layer's forward runs twice a step, the other's once, and the loss and
