@@ -6,7 +6,7 @@ into memory and writes it in the training loop's thread, so the loop stops for i
 1.8B default, 2.3 s a checkpoint on average, 19 s of a 71 s, 160-iteration run with 8 checkpoints; 1.2 s
 with this hook (benchmarks/README.md, "Checkpoints written by a thread").
 
-`BackgroundCheckpoints` (a hook in the rendered config) takes the write out of the loop. At each save the
+`BackgroundCheckpoints` (a hook in every recipe's rendered config) takes the write out of the loop. At each save the
 loop copies the checkpoint (its tensors are on the CPU by then; the copy keeps the file's contents those
 of that iteration, whatever the next steps change), and one thread writes the copy under a temporary
 name and renames it into place: a checkpoint file is whole or absent. The next save waits for the one

@@ -5,6 +5,7 @@ thread hold their own iteration's state however slow the write, are whole or abs
 stops the training; a resume after a lost write takes the newest whole checkpoint."""
 from __future__ import annotations
 
+import uuid
 from collections import OrderedDict
 
 import pytest
@@ -57,7 +58,7 @@ def train(tmp_path, background: bool = True, iters: int = 6):
         train_cfg=dict(by_epoch=False, max_iters=iters),
         custom_hooks=hooks + [dict(type=AdapterSnapshots, folder=str(snapshots))],
         default_hooks=dict(checkpoint=dict(type="CheckpointHook", by_epoch=False, interval=2, max_keep_ckpts=10)),
-        log_processor=dict(by_epoch=False), default_scope="mmengine", experiment_name=f"run-{tmp_path.name}",
+        log_processor=dict(by_epoch=False), default_scope="mmengine", experiment_name=f"snapshots-{uuid.uuid4().hex[:12]}",
         randomness=dict(seed=0))
     runner.train()
     return snapshots

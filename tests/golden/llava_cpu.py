@@ -21,6 +21,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfi
 from xtuner.dataset import LLaVADataset
 from xtuner.dataset.collate_fns import default_collate_fn
 from xtuner.dataset.samplers import LengthGroupedSampler
+from stages.background_save import BackgroundCheckpoints
 from xtuner.engine.hooks import DatasetInfoHook, EvaluateChatHook
 from xtuner.engine.runner import TrainLoop
 from xtuner.model import LLaVAModel
@@ -156,6 +157,8 @@ train_cfg = dict(type=TrainLoop, max_iters=max_iters)
 #                           PART 5  Runtime                           #
 #######################################################################
 custom_hooks = [
+    # checkpoints written to disk by a thread while training goes on (stages/background_save.py)
+    dict(type=BackgroundCheckpoints),
     dict(type=DatasetInfoHook, tokenizer=tokenizer),
     dict(type=EvaluateChatHook, tokenizer=tokenizer, image_processor=image_processor,
          every_n_iters=evaluation_freq, evaluation_inputs=evaluation_inputs,
