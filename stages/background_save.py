@@ -6,82 +6,92 @@ into memory and writes it in the training loop's thread, so the loop stops for i
 1.8B default, 2.3 s a checkpoint on average, 19 s of a 71 s, 160-iteration run with 8 checkpoints; 1.2 s
 with this hook (benchmarks/README.md, "Checkpoints written by a thread").
 
-`BackgroundCheckpoints` (a hook in every recipe's rendered config) takes the write out of the loop. At each save the
-loop copies the checkpoint (its tensors are on the CPU by then; the copy keeps the file's contents those
-of that iteration, whatever the next steps change), and one thread writes the copy under a temporary
-name and renames it into place: a checkpoint file is whole or absent. The next save waits for the one
-before it, and the end of training waits for the last, so the train stage reads finished files. A run
-killed between a save and its rename resumes from the newest whole checkpoint (stages/train.py
-`prepare_work_dir`). Not for DeepSpeed's checkpoints (its engine writes those).
+`BackgroundCheckpoints` (a hook in every recipe's rendered config) takes the write out of the loop. At
+each save the loop copies the checkpoint (its tensors are on the CPU by then; the copy keeps the file's
+contents those of that iteration, whatever the next steps change), and one writer thread writes the copy
+under a temporary name and renames it into place: a file is whole or absent. The adapter snapshot of
+the same iteration (stages/snapshots.py) is the copy's model weights, queued behind it. A save waits for
+the writes before it, so at most one checkpoint is in memory twice; the end of training waits for all,
+so the train stage reads finished files. A run killed between a save and its rename resumes from the
+newest whole checkpoint (stages/train.py `prepare_work_dir`). Not for DeepSpeed's checkpoints (its
+engine writes those).
 """
 from __future__ import annotations
 
 import copy
 import os
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from mmengine.hooks import Hook
 
 _LOCK = threading.Lock()
-_PENDING: dict[str, _Write] = {}  # path -> the thread writing it
+_WRITER: list[ThreadPoolExecutor] = []  # one thread, made at the first write; the interpreter waits for it at exit
+_FUTURES: dict[str, Future] = {}  # path -> its write, queued or running
+_LAST: dict[str, dict] = {}  # the last checkpoint's path -> its copy's model weights
 
 
-class _Write(threading.Thread):
-    """`checkpoint` written to `path.part`, then renamed to `path`; an error kept for `wait()` to raise."""
+def _write_file(obj, path: str) -> None:
+    import torch
 
-    def __init__(self, checkpoint: dict, path: str) -> None:
-        super().__init__(name=f"save {Path(path).name}", daemon=False)  # the interpreter waits for it at exit
-        self.checkpoint, self.path, self.error = checkpoint, path, None
+    tmp = Path(path).with_suffix(".tmp")  # torch names the archive inside after the file: as save_weights does
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
-    def run(self) -> None:
-        import torch
 
-        tmp = Path(f"{self.path}.part")
-        try:
-            torch.save(self.checkpoint, tmp)
-            os.replace(tmp, self.path)
-        except BaseException as err:  # raised again in the training thread, by wait()
-            self.error = err
-            tmp.unlink(missing_ok=True)
-        finally:
-            self.checkpoint = None
+def write(obj, path: str | Path) -> None:
+    """`obj` (nothing else holds it) written to `path` by the writer thread, after the writes queued before."""
+    with _LOCK:
+        if not _WRITER:
+            _WRITER.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer"))
+        _FUTURES[str(path)] = _WRITER[0].submit(_write_file, obj, str(path))
 
 
 def pending(path: str | Path) -> bool:
-    """Whether `path` is being written by a thread of this module."""
+    """Whether `path` is queued or being written here."""
     with _LOCK:
-        thread = _PENDING.get(str(path))
-    return thread is not None and thread.is_alive()
+        future = _FUTURES.get(str(path))
+    return future is not None and not future.done()
+
+
+def saved_weights(path: str | Path) -> dict | None:
+    """The model weights of the checkpoint last saved here, when that was `path` (the copy being written)."""
+    with _LOCK:
+        return _LAST.get(str(path))
 
 
 def wait() -> None:
-    """Every write started here finished (its error, if one failed, raised here)."""
+    """Every write queued here finished (the first error, if one failed, raised here)."""
     with _LOCK:
-        threads = list(_PENDING.values())
-    for thread in threads:
-        thread.join()
+        futures = list(_FUTURES.values())
+    errors = [f.exception() for f in futures]  # each waits for its write
     with _LOCK:
-        for key in [k for k, t in _PENDING.items() if not t.is_alive()]:
-            del _PENDING[key]
-    failed = [t.error for t in threads if t.error is not None]
+        for key in [k for k, f in _FUTURES.items() if f.done()]:
+            del _FUTURES[key]
+    failed = [e for e in errors if e is not None]
     if failed:
         raise failed[0]
 
 
 def save_in_background(checkpoint: dict, filename, file_client_args=None, backend_args=None) -> None:
-    """mmengine.runner.checkpoint.save_checkpoint's signature: a local file written by a thread; any other
-    destination as mmengine writes it."""
+    """mmengine.runner.checkpoint.save_checkpoint's signature: a local file written by the writer thread; any
+    other destination as mmengine writes it."""
     from mmengine.runner import checkpoint as mm
 
     if file_client_args is not None or backend_args is not None or "://" in str(filename):
         mm.save_checkpoint(checkpoint, filename, file_client_args=file_client_args, backend_args=backend_args)
         return
-    wait()  # one write at a time: the previous checkpoint is on disk before this one starts
-    thread = _Write(copy.deepcopy(checkpoint), str(filename))
+    wait()  # the checkpoint before this one, and its snapshot, are on disk
+    copied = copy.deepcopy(checkpoint)
     with _LOCK:
-        _PENDING[str(filename)] = thread
-    thread.start()
+        _LAST.clear()
+        _LAST[str(filename)] = copied.get("state_dict")
+    write(copied, filename)
 
 
 class BackgroundCheckpoints(Hook):
@@ -100,3 +110,5 @@ class BackgroundCheckpoints(Hook):
             wait()
         finally:
             module.save_checkpoint = self._saved
+            with _LOCK:
+                _LAST.clear()

@@ -5,9 +5,10 @@ last `train.save_total_limit` of them, each with its optimizer state (for a 1.8B
 of optimizer state beside 139 MB of model state). The select stage scores every checkpoint, so
 this hook, listed in the rendered config's `custom_hooks` (the assistant recipe's template), copies
 each new checkpoint's adapter weights alone into `models/work/snapshots/iter_N.pth` as soon as it is
-written: the model's weights as the CheckpointHook has just saved them, taken from the model again (the
-file, with its optimizer state, about 1 GB for the 1.8B model, is not read back); from the checkpoint
-folder for DeepSpeed's (stages/xtuner_api.py `save_adapter`); the train stage then moves them into
+saved. The file, with its optimizer state (about 1 GB for the 1.8B model), is not read back: the
+weights are the copy the writer thread is saving (stages/background_save.py), written behind it by the
+same thread, or, for a checkpoint written in the loop, the model's own as the CheckpointHook has just
+saved them; DeepSpeed's checkpoint folder is read (stages/xtuner_api.py `save_adapter`). The train stage then moves them into
 its output `models/checkpoints/`. Kept in the work dir first, so a resumed run keeps the snapshots
 of the iterations before the interruption. Process 0 alone writes them.
 """
@@ -29,14 +30,19 @@ class AdapterSnapshots(Hook):
             return
         ckpt = Path(runner.work_dir) / f"iter_{runner.iter + 1}.pth"
         out = self.folder / ckpt.name
-        from stages.background_save import pending
+        from stages import background_save
 
-        if out.exists() or not (ckpt.exists() or pending(ckpt)):  # pending: still being written (stages/background_save.py)
-            return
-        from stages.xtuner_api import save_adapter, save_weights
+        if out.exists() or not (ckpt.exists() or background_save.pending(ckpt)):
+            return  # no checkpoint this iteration
+        from stages.xtuner_api import adapter_file, save_adapter, save_weights
 
         if ckpt.is_dir():  # DeepSpeed's checkpoint folder
             save_adapter(ckpt, out)
+            return
+        weights = background_save.saved_weights(ckpt)
+        if weights is not None:  # the copy the writer thread is saving: its snapshot queued behind it
+            out.parent.mkdir(parents=True, exist_ok=True)
+            background_save.write(adapter_file(weights), out)
             return
         from mmengine.model import is_model_wrapper
         from mmengine.runner.checkpoint import weights_to_cpu

@@ -86,7 +86,7 @@ def prepare_work_dir(work: Path, fp: str) -> Path | None:
             whole = sorted(work.glob("iter_*.pth"), key=lambda path: int(path.stem.split("_")[1]))
             ckpt = whole[-1] if whole else ckpt
         if ckpt.exists():
-            for part in work.glob("*.part"):
+            for part in work.glob("iter_*.tmp"):
                 part.unlink()
             print(f"[train] resuming from {ckpt} (inputs unchanged since it was written)", flush=True)
             return ckpt

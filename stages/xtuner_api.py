@@ -753,12 +753,20 @@ def save_weights(weights: dict, out: Path, before: Path | None = None) -> int:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
+    torch.save(adapter_file(weights, before), tmp)
+    os.replace(tmp, out)
+    return sum(t.numel() for t in weights.values())
+
+
+def adapter_file(weights: dict, before: Path | None = None) -> dict:
+    """What an adapter file of models/checkpoints/ holds: the weights by name; with `before`, that file's
+    weights under `projector_before`."""
+    import torch
+
     saved = {"state_dict": dict(sorted(weights.items()))}
     if before is not None:
         saved["projector_before"] = torch.load(before, map_location="cpu", weights_only=True)["state_dict"]
-    torch.save(saved, tmp)
-    os.replace(tmp, out)
-    return sum(t.numel() for t in weights.values())
+    return saved
 
 
 def sort_targets(folder: Path) -> None:

@@ -83,15 +83,15 @@ def test_snapshots_are_the_checkpoints_weights(tmp_path, background):
 def test_background_checkpoints_hold_their_iterations_state(tmp_path, monkeypatch):
     """Each write held back until training has gone on: the file still has its own iteration's weights and
     optimizer state (those of a run that wrote in the loop), and no partial file is left."""
-    run = background_save._Write.run
+    write_file = background_save._write_file
 
-    def slow(self):
+    def slow(obj, path):
         import time
 
         time.sleep(0.3)  # the loop runs on meanwhile (the next save waits for this one)
-        run(self)
+        write_file(obj, path)
 
-    monkeypatch.setattr(background_save._Write, "run", slow)
+    monkeypatch.setattr(background_save, "_write_file", slow)
     train(tmp_path / "background", background=True)
     train(tmp_path / "loop", background=False)
     for step in (2, 4, 6):
@@ -103,7 +103,10 @@ def test_background_checkpoints_hold_their_iterations_state(tmp_path, monkeypatc
         for index, state in theirs["optimizer"]["state"].items():
             for key, value in state.items():
                 assert torch.equal(ours["optimizer"]["state"][index][key], value), (step, index, key)
-    assert not list((tmp_path / "background" / "work").glob("*.part"))
+    assert not list((tmp_path / "background").rglob("*.tmp"))
+    for step in (2, 4, 6):  # the snapshots, written behind their checkpoints, are the loop's too
+        name = f"iter_{step}.pth"
+        assert (tmp_path / "background/snapshots" / name).read_bytes() == (tmp_path / "loop/snapshots" / name).read_bytes()
 
 
 def test_a_failed_background_write_stops_the_training(tmp_path, monkeypatch):
@@ -126,10 +129,10 @@ def test_a_resume_after_a_lost_write_takes_the_newest_whole_checkpoint(tmp_path,
     (work / stage.FINGERPRINT).write_text('{"inputs": "same"}\n')
     for step in (2, 4):
         (work / f"iter_{step}.pth").write_bytes(b"whole")
-    (work / "iter_6.pth.part").write_bytes(b"half")  # killed before the rename
+    (work / "iter_6.tmp").write_bytes(b"half")  # killed before the rename
     (work / "last_checkpoint").write_text(str(work / "iter_6.pth"))
     assert stage.prepare_work_dir(work, "same") == work / "iter_4.pth"
-    assert not (work / "iter_6.pth.part").exists()
+    assert not (work / "iter_6.tmp").exists()
     (work / "last_checkpoint").write_text(str(work / "iter_4.pth"))
     assert stage.prepare_work_dir(work, "same") == work / "iter_4.pth"
     assert stage.prepare_work_dir(work, "changed") is None and not (work / "iter_4.pth").exists()
