@@ -210,6 +210,17 @@ def test_the_llama_format_case_runs_the_whole_pipeline(built, tmp_path):
     assert json.loads((dest / "reports/eval/metrics.json").read_text())
 
 
+def counted_layers(model) -> list[int]:
+    """Each decoder layer's forward calls, counted into the list returned."""
+    calls = [0] * len(model.model.layers)
+    for i, layer in enumerate(model.model.layers):
+        def count(*args, _i=i, _forward=layer.forward, **kwargs):
+            calls[_i] += 1
+            return _forward(*args, **kwargs)
+        layer.forward = count
+    return calls
+
+
 def test_offloaded_checkpoints_give_the_same_gradients_and_keep_only_the_inputs(internlm2_dir, monkeypatch):
     """`checkpoint_first(..., offload=True)` on every layer of a LoRA model (dropout 0.5, frozen embeddings, as
     XTuner's QLoRA): each layer's forward runs twice a step, the only tensors it saves are its input (to
@@ -232,12 +243,7 @@ def test_offloaded_checkpoints_give_the_same_gradients_and_keep_only_the_inputs(
     plain, offloaded = (get_peft_model(load(internlm2_dir), lora).train() for _ in range(2))
     offloaded.load_state_dict(plain.state_dict())
     model = offloaded.base_model.model
-    calls = [0, 0]
-    for i, layer in enumerate(model.model.layers):
-        def count(*args, _i=i, _forward=layer.forward, **kwargs):
-            calls[_i] += 1
-            return _forward(*args, **kwargs)
-        layer.forward = count
+    calls = counted_layers(model)
     assert kernels.checkpoint_first(model, 2, offload=True) == 2
     ids = torch.randint(3, SHAPE["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(1)
@@ -267,12 +273,7 @@ def test_checkpointing_some_layers_gives_the_same_gradients_and_rebuilds_only_th
 
     plain, some = load(internlm2_dir).train(), load(internlm2_dir).train()
     some.gradient_checkpointing_enable()
-    calls = [0, 0]
-    for i, layer in enumerate(some.model.layers):
-        def counted(*args, _i=i, _forward=layer.forward, **kwargs):
-            calls[_i] += 1
-            return _forward(*args, **kwargs)
-        layer.forward = counted
+    calls = counted_layers(some)
     assert checkpoint_first(some, 1) == 1
     ids = torch.randint(3, SHAPE["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
     a, b = plain(input_ids=ids, labels=ids), some(input_ids=ids, labels=ids)
