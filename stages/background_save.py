@@ -100,15 +100,15 @@ class BackgroundCheckpoints(Hook):
     def before_train(self, runner) -> None:
         import mmengine.runner.runner as module
 
-        self._saved = module.save_checkpoint
-        module.save_checkpoint = save_in_background
+        module.save_checkpoint = save_in_background  # the name Runner.save_checkpoint calls
 
     def after_train(self, runner) -> None:  # after the last iteration's save (the CheckpointHook's save_last)
+        import mmengine.runner.checkpoint as original
         import mmengine.runner.runner as module
 
         try:
             wait()
-        finally:
-            module.save_checkpoint = self._saved
+        finally:  # mmengine's own again (a run that raised keeps this one, which writes the same files)
+            module.save_checkpoint = original.save_checkpoint
             with _LOCK:
                 _LAST.clear()
