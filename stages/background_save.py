@@ -19,7 +19,6 @@ engine writes those).
 from __future__ import annotations
 
 import copy
-import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -33,15 +32,9 @@ _LAST: dict[str, dict] = {}  # the last checkpoint's path -> its copy's model we
 
 
 def _write_file(obj, path: str) -> None:
-    import torch
+    from stages.io import write_torch
 
-    tmp = Path(path).with_suffix(".tmp")  # torch names the archive inside after the file: as save_weights does
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_torch(Path(path), obj)
 
 
 def write(obj, path: str | Path) -> None:

@@ -26,6 +26,20 @@ def write_text(path: Path, text: str) -> None:
         raise
 
 
+def write_torch(path: Path, obj: Any) -> None:
+    """torch.save via `path` with the suffix .tmp and a rename. torch names the archive inside after the file
+    it writes, so every writer of a file shares this name to give the same bytes for the same tensors."""
+    import torch
+
+    tmp = path.with_suffix(".tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: Path, obj: Any, indent: int | None = 2) -> None:
     write_text(path, json.dumps(obj, ensure_ascii=False, indent=indent) + "\n")
 

@@ -79,8 +79,8 @@ class Overlap(Hook):
 
         keys = [k for k, v in log_vars.items() if isinstance(v, torch.Tensor)]
         if keys:
-            values = torch.stack([log_vars[k].detach().float().reshape(()) for k in keys]).tolist()
-            log_vars = OrderedDict((k, values[keys.index(k)] if k in keys else v) for k, v in log_vars.items())
+            numbers = dict(zip(keys, torch.stack([log_vars[k].detach().float().reshape(()) for k in keys]).tolist()))
+            log_vars = OrderedDict((k, numbers.get(k, v)) for k, v in log_vars.items())
         self.flush()
         return log_vars
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from mmengine.hooks import Hook
 
+from stages import background_save
+
 
 class AdapterSnapshots(Hook):
     priority = "LOWEST"  # after the CheckpointHook (VERY_LOW) has written this iteration's checkpoint
@@ -30,8 +32,6 @@ class AdapterSnapshots(Hook):
             return
         ckpt = Path(runner.work_dir) / f"iter_{runner.iter + 1}.pth"
         out = self.folder / ckpt.name
-        from stages import background_save
-
         if out.exists() or not (ckpt.exists() or background_save.pending(ckpt)):
             return  # no checkpoint this iteration
         from stages.xtuner_api import adapter_file, save_adapter, save_weights

@@ -224,11 +224,10 @@ def start_scorer(params: P.Params, pipeline: dict, params_file: str) -> subproce
 
 
 def finish_scorer(scorer: subprocess.Popen | None) -> None:
-    """The trainer is done: the scorer scores what is left (the last checkpoint) and stops; its summary, or
-    why it stopped (the select stage then scores what it has not)."""
+    """The trainer is done (train_node0 wrote TRAINED): the scorer scores what is left (the last checkpoint)
+    and stops; its summary, or why it stopped (the select stage then scores what it has not)."""
     if scorer is None:
         return
-    TRAINED.write_text("")
     try:
         scorer.wait(timeout=3600)
     except subprocess.TimeoutExpired:

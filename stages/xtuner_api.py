@@ -749,12 +749,10 @@ def save_adapter(ckpt: Path, out: Path, before: Path | None = None) -> int:
 def save_weights(weights: dict, out: Path, before: Path | None = None) -> int:
     """`weights` (a checkpoint's model weights, on the CPU) saved as `save_adapter` saves them, atomically;
     (the number of values in them)."""
-    import torch
+    from stages.io import write_torch
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    torch.save(adapter_file(weights, before), tmp)
-    os.replace(tmp, out)
+    write_torch(out, adapter_file(weights, before))
     return sum(t.numel() for t in weights.values())
 
 

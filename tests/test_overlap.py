@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
-torch = pytest.importorskip("torch")
-mmengine = pytest.importorskip("mmengine")
+import torch
 
 from stages.xtuner_api import patch_stack  # noqa: E402
 

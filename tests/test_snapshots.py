@@ -9,9 +9,7 @@ import uuid
 from collections import OrderedDict
 
 import pytest
-
-torch = pytest.importorskip("torch")
-mmengine = pytest.importorskip("mmengine")
+import torch
 
 from stages.xtuner_api import patch_stack  # noqa: E402
 

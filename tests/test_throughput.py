@@ -8,9 +8,7 @@ import json
 import time
 
 import pytest
-
-torch = pytest.importorskip("torch")
-mmengine = pytest.importorskip("mmengine")
+import torch
 
 from stages.xtuner_api import patch_stack  # noqa: E402
 
