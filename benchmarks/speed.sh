@@ -19,7 +19,8 @@
 # chats: ITERS 160), overhead
 # (the optimizer wrapper's per-step levers in the train stage, each undone on its own),
 # all (peers, then the stage at 24 GB with the peers' LoRA and with dropout 0.1), lean7b (7B: the peers at micro-batch 1 and 2, the stage at memory_gb 8,
-# and with train.offload_activations at micro-batch 2), offload (train.offload_activations at micro-batch 16 beside Unsloth's).
+# and with train.offload_activations at micro-batch 2), offload (train.offload_activations at micro-batch 16 beside Unsloth's),
+# frontier (the default, Unsloth at 4, 8 and 16, and the offload suite's two runs: tokens/s against peak).
 set -uo pipefail
 SUITE=${1:-all}; ITERS=${2:-40}; OUT=${OUT:-bench}
 mkdir -p "$OUT" /tmp/models
@@ -127,9 +128,18 @@ case $SUITE in
   offload)  # train.offload_activations at Unsloth's setting (micro-batch 16, every layer checkpointed) beside it
     # and beside the same without offloading, on the 1.8B shape
     EVERY="'memory_gb': 40, 'micro_batch': 16, 'activation_checkpointing': True"
+    stage "train stage, micro-batch 16, every layer checkpointed, peer LoRA" internlm2-1_8b "{$PEERLORA, 'train': {$EVERY}}"
     stage "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA" internlm2-1_8b \
       "{$PEERLORA, 'train': {$EVERY, 'offload_activations': True}}"
-    peer unsloth internlm2-1_8b 16
+    [ -n "${NO_PEER:-}" ] || peer unsloth internlm2-1_8b 16 ;;
+  frontier)  # tokens/s against peak memory: the default at 24 GB (train.cuda_graphs), Unsloth at micro-batch 4, 8
+    # and 16 (the default's micro-batch and the peers' two), then micro-batch 16 with every layer checkpointed,
+    # offloaded and not (the offload suite's two runs), all in one call
+    stage "train stage, defaults at 24 GB, peer LoRA (train.cuda_graphs)" internlm2-1_8b "{$PEERLORA}"
+    peer unsloth internlm2-1_8b 4,8,16
+    EVERY="'memory_gb': 40, 'micro_batch': 16, 'activation_checkpointing': True"
+    stage "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA" internlm2-1_8b \
+      "{$PEERLORA, 'train': {$EVERY, 'offload_activations': True}}"
     stage "train stage, micro-batch 16, every layer checkpointed, peer LoRA" internlm2-1_8b "{$PEERLORA, 'train': {$EVERY}}" ;;
   *) echo "unknown suite $SUITE"; exit 2 ;;
 esac

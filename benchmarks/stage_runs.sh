@@ -149,9 +149,13 @@ case $SUITE in
     use_model internlm2-1_8b internlm2
     run "1.8B InternLM2 structure, default (24 GB budget)" "$DEFAULT"
     dag assistant "assistant recipe, InternLM2-1.8B structure, default GPU settings" ;;
-  speed-stage)  # ITERS NAME UPDATES, with STAGE_MODEL: the train stage on that folder, the defaults, then UPDATES
+  speed-stage)  # ITERS NAME UPDATES, with STAGE_MODEL: the train stage on that folder, the defaults, then UPDATES;
+    # each run from the committed params.yaml (an earlier run's updates would carry over otherwise) and with no
+    # scorer beside the trainer (select.during_training: its cost is measured by select-cost, not here)
+    git checkout -q -- params.yaml
     use_dir "${STAGE_MODEL:?set STAGE_MODEL}"
     set_params "$DEFAULT"
+    set_params "{'select': {'during_training': False}}"
     FORCE=1 run "$3" "$4" ;;
   speed-structures)  # train stage only, alternating, so that the spread between runs shows beside the difference
     for round in 1 2; do
