@@ -13,6 +13,8 @@ import importlib.util
 import logging
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -327,6 +329,7 @@ def run_trainer(config: Path, work_dir: Path, deepspeed: Path | None, resume: Pa
 
     _chat_hook_under_amp()
     _resume_randomness()
+    after_import("mmengine.runner.loops", _epoch_turn_without_pause)
     # Only a resume reads a checkpoint that needs more than weights (models/work/, written by this
     # pipeline's trainer); a fresh run loads its pretrained_pth (models/pretrain/projector.pth) with
     # weights only, though XTuner asks torch for full unpickling.
@@ -465,6 +468,49 @@ def _chat_hook_under_amp() -> None:
 
     _generate_samples._pipeline = True
     EvaluateChatHook._generate_samples = _generate_samples
+
+
+class _EpochTurn(threading.local):
+    """Whether the iterator in this thread turns an epoch over a loader without worker processes."""
+    inline = False
+
+
+_TURN = _EpochTurn()
+
+
+class _LoopsClock:
+    """mmengine.runner.loops' `time`, whose `sleep` skips the pause `_epoch_turn_without_pause` names."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        if not _TURN.inline:
+            time.sleep(seconds)
+
+
+def _epoch_turn_without_pause(loops) -> None:
+    """mmengine's iteration-based loop sleeps 2 s wherever its data loader runs out (`time.sleep(2)` in
+    `_InfiniteDataloaderIterator.__next__`, against a deadlock of worker processes restarting). The rendered
+    configs load data in the training process (`dataloader_num_workers = 0`): there is no worker to wait
+    for, and the pause was dead time at every epoch's turn, 6 s of the embedded default's training on the
+    CPU (4 epochs) and 2 s an epoch on a GPU. With worker processes (a config edited to use them) the pause
+    stays."""
+    step = loops._InfiniteDataloaderIterator.__next__
+    if getattr(step, "_pipeline", False):
+        return
+
+    def __next__(self):
+        _TURN.inline = getattr(self._dataloader, "num_workers", 1) == 0
+        try:
+            return step(self)
+        finally:
+            _TURN.inline = False
+
+    __next__._pipeline = True
+    loops._InfiniteDataloaderIterator.__next__ = __next__
+    loops.time = _LoopsClock()
 
 
 def free_port() -> int:

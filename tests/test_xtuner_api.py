@@ -352,6 +352,33 @@ def test_chat_hook_leaves_the_training_randomness_alone_and_chats_at_its_interva
     assert EvaluateChatHook._is_save_checkpoint(object.__new__(EvaluateChatHook), runner) is False
 
 
+class _Loader(list):
+    """What mmengine's infinite iterator reads of a data loader: iteration and `num_workers`."""
+
+    def __init__(self, items, num_workers):
+        super().__init__(items)
+        self.num_workers = num_workers
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_epoch_turns_without_mmengines_pause_unless_worker_processes_load_the_data(monkeypatch, workers):
+    """mmengine sleeps 2 s at every epoch's turn (against a deadlock of restarting worker processes); the
+    rendered configs load data in the training process, so the pause was dead time there, and only there."""
+    import time
+
+    from stages import xtuner_api
+
+    patch_stack()
+    xtuner_api.after_import("mmengine.runner.loops", xtuner_api._epoch_turn_without_pause)
+    from mmengine.runner import loops
+
+    pauses = []
+    monkeypatch.setattr(time, "sleep", pauses.append)
+    batches = loops._InfiniteDataloaderIterator(_Loader([[0, 1], [2]], workers))
+    assert [next(batches) for _ in range(5)] == [[0, 1], [2], [0, 1], [2], [0, 1]]  # two turns
+    assert pauses == ([] if workers == 0 else [2, 2])
+
+
 def _input_grad_after_eval_pass() -> float:
     """|d out / d x| of a 4-bit layer that first ran once in eval mode without grad, as XTuner's
     chat hook does before training."""
