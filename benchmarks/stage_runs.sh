@@ -150,9 +150,10 @@ case $SUITE in
     run "1.8B InternLM2 structure, default (24 GB budget)" "$DEFAULT"
     dag assistant "assistant recipe, InternLM2-1.8B structure, default GPU settings" ;;
   speed-stage)  # ITERS NAME UPDATES, with STAGE_MODEL: the train stage on that folder, the defaults, then UPDATES;
-    # each run from the committed params.yaml (an earlier run's updates would carry over otherwise) and with no
-    # scorer beside the trainer (select.during_training: its cost is measured by select-cost, not here)
-    git checkout -q -- params.yaml
+    # each run from params.yaml as the first run found it (kept in $OUT; an earlier run's updates would carry
+    # over otherwise) and with no scorer beside the trainer (select.during_training: select-cost measures that)
+    [ -f "$OUT/params.start.yaml" ] || cp params.yaml "$OUT/params.start.yaml"
+    cp "$OUT/params.start.yaml" params.yaml
     use_dir "${STAGE_MODEL:?set STAGE_MODEL}"
     set_params "$DEFAULT"
     set_params "{'select': {'during_training': False}}"
