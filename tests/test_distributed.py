@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -130,7 +131,9 @@ def test_a_signal_to_the_stage_leaves_no_process_behind_and_the_run_resumes(buil
     seen: dict[int, list[str]] = {}
     try:
         deadline = time.time() + 240
-        while not (last.exists() and "iter_" in last.read_text()):  # the first checkpoint: iter_5
+        # the first checkpoint (iter_5) on disk: mmengine names it in last_checkpoint when it queues the write
+        # (stages/background_save.py), and a signal before the rename loses it (the run then starts clean)
+        while not (last.exists() and "iter_" in last.read_text() and Path(last.read_text().strip()).is_file()):
             assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
             seen.update(_descendants(proc.pid))
             time.sleep(0.1)
