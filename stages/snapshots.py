@@ -32,7 +32,9 @@ class AdapterSnapshots(Hook):
             return
         ckpt = Path(runner.work_dir) / f"iter_{runner.iter + 1}.pth"
         out = self.folder / ckpt.name
-        if out.exists() or not (ckpt.exists() or background_save.pending(ckpt)):
+        # `pending` before `exists`: a write finishes (renamed, then done) between the two, and asked the other
+        # way round a checkpoint renamed just after `exists` looked absent and lost its snapshot
+        if out.exists() or not (background_save.pending(ckpt) or ckpt.exists()):
             return  # no checkpoint this iteration
         from stages.xtuner_api import adapter_file, save_adapter, save_weights
 

@@ -134,3 +134,25 @@ def test_a_resume_after_a_lost_write_takes_the_newest_whole_checkpoint(tmp_path,
     (work / "last_checkpoint").write_text(str(work / "iter_4.pth"))
     assert stage.prepare_work_dir(work, "same") == work / "iter_4.pth"
     assert stage.prepare_work_dir(work, "changed") is None and not (work / "iter_4.pth").exists()
+
+
+def test_a_checkpoint_written_while_the_snapshot_hook_looks_keeps_its_snapshot(tmp_path, monkeypatch):
+    """The writer renames a checkpoint, then marks its write done; the snapshot hook asks whether the write is
+    pending, then whether the file exists. Here every write finishes just as the hook asks (a slow writer, and
+    `pending` waiting for it): each checkpoint still gets its snapshot."""
+    write_file, pending = background_save._write_file, background_save.pending
+
+    def slow(obj, path):
+        import time
+
+        time.sleep(0.2)
+        write_file(obj, path)
+
+    def finished_as_asked(path):
+        background_save.wait()
+        return pending(path)
+
+    monkeypatch.setattr(background_save, "_write_file", slow)
+    monkeypatch.setattr(background_save, "pending", finished_as_asked)
+    snapshots = train(tmp_path, background=True)
+    assert sorted(p.name for p in snapshots.iterdir()) == ["iter_2.pth", "iter_4.pth", "iter_6.pth"]
