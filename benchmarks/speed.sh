@@ -65,6 +65,12 @@ levers() {  # shape, plan
   grep -h '^{' "$OUT/levers-$2.log" | cut -c1-400
 }
 PEERLORA="'lora': {'r': 64, 'alpha': 16, 'dropout': 0.0}"
+checkpointed16() {  # micro-batch 16, every layer checkpointed, without and with train.offload_activations
+  local every="'memory_gb': 40, 'micro_batch': 16, 'activation_checkpointing': True"
+  stage "train stage, micro-batch 16, every layer checkpointed, peer LoRA" internlm2-1_8b "{$PEERLORA, 'train': {$every}}"
+  stage "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA" internlm2-1_8b \
+    "{$PEERLORA, 'train': {$every, 'offload_activations': True}}"
+}
 case $SUITE in
   peers) peer unsloth internlm2-1_8b 8,16; peer liger internlm2-1_8b 8,16; peer hf internlm2-1_8b 4,8 ;;
   stage) stage "train stage, defaults at 24 GB, peer LoRA" internlm2-1_8b "{$PEERLORA}" ;;
@@ -127,20 +133,14 @@ case $SUITE in
       "{$PEERLORA, 'train': {'memory_gb': 8, 'optimizer': 'paged_adamw8bit', 'offload_activations': True, 'micro_batch': 2}}" ;;
   offload)  # train.offload_activations at Unsloth's setting (micro-batch 16, every layer checkpointed) beside it
     # and beside the same without offloading, on the 1.8B shape
-    EVERY="'memory_gb': 40, 'micro_batch': 16, 'activation_checkpointing': True"
-    stage "train stage, micro-batch 16, every layer checkpointed, peer LoRA" internlm2-1_8b "{$PEERLORA, 'train': {$EVERY}}"
-    stage "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA" internlm2-1_8b \
-      "{$PEERLORA, 'train': {$EVERY, 'offload_activations': True}}"
+    checkpointed16
     [ -n "${NO_PEER:-}" ] || peer unsloth internlm2-1_8b 16 ;;
   frontier)  # tokens/s against peak memory: the default at 24 GB (train.cuda_graphs), Unsloth at micro-batch 4, 8
     # and 16 (the default's micro-batch and the peers' two), then micro-batch 16 with every layer checkpointed,
-    # offloaded and not (the offload suite's two runs), all in one call
+    # without and with offloading (the offload suite's two runs), all in one call
     stage "train stage, defaults at 24 GB, peer LoRA (train.cuda_graphs)" internlm2-1_8b "{$PEERLORA}"
     peer unsloth internlm2-1_8b 4,8,16
-    EVERY="'memory_gb': 40, 'micro_batch': 16, 'activation_checkpointing': True"
-    stage "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA" internlm2-1_8b \
-      "{$PEERLORA, 'train': {$EVERY, 'offload_activations': True}}"
-    stage "train stage, micro-batch 16, every layer checkpointed, peer LoRA" internlm2-1_8b "{$PEERLORA, 'train': {$EVERY}}" ;;
+    checkpointed16 ;;
   *) echo "unknown suite $SUITE"; exit 2 ;;
 esac
 echo "done at +${SECONDS}s"
