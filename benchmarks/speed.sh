@@ -71,6 +71,11 @@ checkpointed16() {  # micro-batch 16, every layer checkpointed, without and with
   stage "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA" internlm2-1_8b \
     "{$PEERLORA, 'train': {$every, 'offload_activations': True}}"
 }
+lean7b_offloaded() {  # LEAN7B_MB: its micro-batch (2; a divisor of the global batch, 16)
+  local mb=${LEAN7B_MB:-2}
+  stage "train stage, lean (8 GB), peer LoRA, offloaded checkpoints, micro-batch $mb" 7b \
+    "{$PEERLORA, 'train': {'memory_gb': 8, 'optimizer': 'paged_adamw8bit', 'offload_activations': True, 'micro_batch': $mb}}"
+}
 case $SUITE in
   peers) peer unsloth internlm2-1_8b 8,16; peer liger internlm2-1_8b 8,16; peer hf internlm2-1_8b 4,8 ;;
   stage) stage "train stage, defaults at 24 GB, peer LoRA" internlm2-1_8b "{$PEERLORA}" ;;
@@ -126,11 +131,12 @@ case $SUITE in
       internlm2-1_8b "{$PEERLORA, 'train': {'cuda_graphs': True}}" ;;
   cudagraphs)  # levers.py's default at 24 GB with its compiled layers replayed as CUDA graphs, beside plain compiled
     levers internlm2-1_8b default; levers internlm2-1_8b cudagraphs ;;
-  lean7b)
-    peer unsloth 7b 1,2; peer liger 7b 1,2; peer hf 7b 1
+  lean7b)  # UNSLOTH_ONLY=1: Unsloth alone of the peers (the target's; the 7B model files take a minute each)
+    peer unsloth 7b 1,2; [ -n "${UNSLOTH_ONLY:-}" ] || { peer liger 7b 1,2; peer hf 7b 1; }
+    rm -rf /tmp/models/7b-llama-plain  # 15 GB: the train stage's preflight asks for 3x the model free (64 GB disk)
     stage "train stage, lean (8 GB), peer LoRA" 7b "{$PEERLORA, 'train': {'memory_gb': 8, 'optimizer': 'paged_adamw8bit'}}"
-    stage "train stage, lean (8 GB), peer LoRA, offloaded checkpoints, micro-batch 2" 7b \
-      "{$PEERLORA, 'train': {'memory_gb': 8, 'optimizer': 'paged_adamw8bit', 'offload_activations': True, 'micro_batch': 2}}" ;;
+    lean7b_offloaded ;;
+  lean7b-offloaded) lean7b_offloaded ;;  # that last run alone
   offload)  # train.offload_activations at Unsloth's setting (micro-batch 16, every layer checkpointed) beside it
     # and beside the same without offloading, on the 1.8B shape
     checkpointed16
