@@ -61,9 +61,11 @@ def clone_worktree(dest: Path) -> Path:
 #   1. the llava workspace's (group llava_built): the first builds `built`, then the workspace, the longest chain
 #   2. the tests that need no built project (the other process runs them meanwhile)
 #   3. the internvl workspace's (group internvl_built)
-#   4. the other e2e tests, LONGEST first (as `pytest --durations` measured them): what is left at the end is short
-#   5. the tests marked two_processes (group two_processes): they train in two processes, which take both cores,
-#      and next to another test each took three times as long; last, one at a time, the other process done
+#   4. the other e2e tests: first the tests marked two_processes (group two_processes, one process runs them all),
+#      then the LONGEST first (as `pytest --durations` measured them), so that what is left at the end is short.
+#      A two-process test trains in two processes, but most of its time is one process starting or finishing
+#      (the stage, torchrun, the workers' imports): run last and alone they kept one core of two busy on
+#      average (150 s of CPU in 146 s, AMD EPYC), so they now run beside the other process's tests
 WORKSPACES = ("llava_built", "internvl_built")
 LONGEST = ("test_killed_training_resumes_and_ends_where_an_uninterrupted_run_ends",
            "test_the_llama_format_case_runs_the_whole_pipeline", "test_rerun_gives_a_byte_identical_adapter",
@@ -91,7 +93,7 @@ def pytest_collection_modifyitems(config, items):
         def rank(item) -> tuple[int, int]:
             names = getattr(item, "fixturenames", ())
             if item.get_closest_marker("two_processes"):
-                return 5, 0
+                return 4, -1
             if WORKSPACES[0] in names:
                 return 1, 0
             if "built" not in names:

@@ -19,6 +19,7 @@ METRICS = ("identity_hit_rate_trained", "identity_hit_rate_heldout", "general_id
 
 
 def run(p: P.Params, pipeline: dict) -> tuple[dict, list[dict], list[dict], str]:
+    lean()
     ckpts = saved()
     start = time.time()
     memo = Memo(p, pipeline)
@@ -69,6 +70,7 @@ def follow(p: P.Params, pipeline: dict) -> str:
     checkpoint is saved (the trainer's memory has settled by then), the base model loaded when the GPU has room
     for it, then each checkpoint's adapter (stages/snapshots.py) scored as it is saved, into the Memo, until
     the train stage marks the training done; a summary line. It stops when the train stage is gone."""
+    lean()
     import torch
 
     parent = os.getppid()
@@ -103,6 +105,15 @@ def follow(p: P.Params, pipeline: dict) -> str:
     t = scorer.timing
     return (f"{len(done)} checkpoints and the base model scored beside the trainer (loading {t['load_base_s']:.1f} s, "
             f"answers {t['generate_s']:.1f} s, perplexity {t['perplexity_s']:.1f} s)")
+
+
+def lean() -> None:
+    """The scorer's base model is loaded unquantized (stages/generation.py TransformersChat), with no image:
+    neither bitsandbytes, DeepSpeed nor torchvision is imported (as evaluate's transformers backend; a
+    DeepSpeed checkpoint folder is still read, stages/xtuner_api.py load_checkpoint_weights)."""
+    from stages.xtuner_api import lean_imports
+
+    lean_imports(images=False)
 
 
 class Scorer:
