@@ -208,11 +208,17 @@ def recipe_experiment(built: Path, dest: Path, recipe: str) -> tuple[Path, str]:
     return dest, sh("dvc", "exp", "run", "-S", f"recipe={recipe}", *small, "-n", recipe, cwd=dest).stdout
 
 
+def copy_project(built: Path, dest: Path, leave_out: tuple[str, ...] = ()) -> Path:
+    """A copy of the built project at `dest`, without the paths (relative to it) in `leave_out`."""
+    left = {built / name for name in leave_out}
+    shutil.copytree(built, dest, symlinks=True, ignore=lambda d, names: [n for n in names if Path(d) / n in left])
+    return dest
+
+
 @pytest.fixture
 def project(built: Path, tmp_path: Path, monkeypatch) -> Path:
     """A private copy of the built project, made the working directory."""
-    dest = tmp_path / "project"
-    shutil.copytree(built, dest, symlinks=True)
+    dest = copy_project(built, tmp_path / "project")
     monkeypatch.chdir(dest)
     return dest
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 import json
 import re
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from typing import Callable
 
 import pytest
 
-from tests.conftest import assert_one_line_error, env, tree_digest
+from tests.conftest import assert_one_line_error, copy_project, env, tree_digest
 
 pytestmark = pytest.mark.e2e
 
@@ -392,9 +391,7 @@ LATER = (".dvc/cache", "models/work", "models/checkpoints", "models/merged")
 @pytest.fixture
 def project(built: Path, tmp_path: Path, monkeypatch) -> Path:
     """A private copy of the built project without LATER, made the working directory."""
-    later = {built / name for name in LATER}
-    dest = tmp_path / "project"
-    shutil.copytree(built, dest, symlinks=True, ignore=lambda d, names: [n for n in names if Path(d) / n in later])
+    dest = copy_project(built, tmp_path / "project", leave_out=LATER)
     monkeypatch.chdir(dest)
     return dest
 
