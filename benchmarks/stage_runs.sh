@@ -266,8 +266,11 @@ vision.build(P.TinyVision(image_size=336, patch_size=14, hidden_size=1024, num_l
       python -m dvc repro render >/dev/null 2>&1
       rm -rf models/work  # a whole training run each time (the same config would resume), no scores kept
       local t0=$(date +%s) t1 t2 status=ok
+      vmstat -t 1 >"$OUT/select-cost-vmstat-$3.log" 2>&1 & local vm=$!  # the host's CPU, I/O wait and disk traffic
       python -m dvc repro -f -s train >"$OUT/select-cost-train-$2-$3.log" 2>&1 || status=failed
       t1=$(date +%s)
+      kill $vm 2>/dev/null || true
+      cp models/work/scores/scorer.log "$OUT/select-cost-scorer-$3.log" 2>/dev/null || true
       [ "$2" -gt "$ITERS" ] || python -m dvc repro -s select >"$OUT/select-cost-select-$3.log" 2>&1 || status=failed
       t2=$(date +%s)
       python - "$OUT/stage.jsonl" "$1" "$status" $((t1 - t0)) $((t2 - t1)) "$2" "$3" <<'PY'
