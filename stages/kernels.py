@@ -204,6 +204,29 @@ def compile_layers(model, mode: str | None = None) -> int:
     return len(layers)
 
 
+def full_batches(instances, micro_batch: int, max_length: int | None = None, **kwargs):
+    """XTuner's `default_collate_fn`, with every batch `micro_batch` rows (and, for packed data, `max_length`
+    tokens), for compiled layers (`train.compile_layers`): they compile for one shape, and the epoch's last,
+    short batch made them compile again in the middle of the run (about 13 s at micro-batch 16 on an H200,
+    benchmarks/README.md). A row added repeats the first row's tokens with every label ignored (-100), and a
+    short pack is padded at its end (pad tokens, labels ignored): the loss is the mean over the same labelled
+    tokens, no real token attends to padding (causal attention), and the rows added get no gradient, so the
+    step is the short batch's. Nothing changes for a full batch."""
+    from xtuner.dataset.collate_fns import default_collate_fn
+    from xtuner.utils import DEFAULT_PAD_TOKEN_INDEX
+
+    rows = list(instances)
+    if rows and len(rows) < micro_batch:
+        blank = {**rows[0], "labels": [IGNORE] * len(rows[0]["labels"])}
+        rows += [blank] * (micro_batch - len(rows))
+    if max_length:
+        pad = kwargs.get("pad_index", DEFAULT_PAD_TOKEN_INDEX)
+        rows = [row if len(row["input_ids"]) >= max_length else
+                {**row, "input_ids": list(row["input_ids"]) + [pad] * (max_length - len(row["input_ids"])),
+                 "labels": list(row["labels"]) + [IGNORE] * (max_length - len(row["labels"]))} for row in rows]
+    return default_collate_fn(rows, **kwargs)
+
+
 def _to_host(tensor):
     """A saved tensor's copy in pinned host memory, queued on the GPU's stream (no wait)."""
     import torch

@@ -163,3 +163,39 @@ def test_out_of_memory_message_names_what_to_change():
     checkpointed = out_of_memory_message({"micro_batch": 1, "checkpointing": True, "estimate_gb": 8.1, "memory_gb": 8,
                                           "fused_loss": True, "upcast_frozen": False, "deepspeed": "none"})
     assert "train.offload_activations: true" in checkpointed and "activation_checkpointing" not in checkpointed
+
+
+def test_full_batches_pad_the_short_batch_without_changing_its_loss_or_gradients(xtuner_builds_with_apply, tmp_path):
+    """The epoch's last, short batch made `micro_batch` rows of `max_length` tokens for compiled layers: the loss
+    and every LoRA gradient are the short batch's (XTuner's model, the fused loss, float32 on the CPU)."""
+    from xtuner.dataset.collate_fns import default_collate_fn
+
+    sft = xtuner_builds_with_apply
+    kernels.apply({"fused_loss": True, "compute_dtype": "float32"})
+    model = xtuner_lora_model(sft, tmp_path).train()
+    torch.manual_seed(1)
+    rows = [{"input_ids": torch.randint(1, 1000, (n,)).tolist()} for n in (64, 40, 64)]  # a short pack among them
+    for row in rows:
+        row["labels"] = list(row["input_ids"])
+        row["labels"][:5] = [-100] * 5
+
+    def step(batch):
+        model.zero_grad()
+        loss = model(batch["data"], mode="loss")["loss"]
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    short = default_collate_fn(rows, use_varlen_attn=False)
+    full = kernels.full_batches(rows, micro_batch=4, max_length=64, use_varlen_attn=False)
+    assert short["data"]["input_ids"].shape == (3, 64) and full["data"]["input_ids"].shape == (4, 64)
+    assert (full["data"]["labels"][3] == -100).all()
+    (loss, grads), (padded_loss, padded_grads) = step(short), step(full)
+    assert torch.allclose(padded_loss, loss, atol=1e-6)
+    assert grads and grads.keys() == padded_grads.keys()
+    for name, grad in grads.items():
+        assert torch.allclose(padded_grads[name], grad, atol=1e-6), name
+    one = [{**rows[1]}]  # one short pack alone: padded to max_length too
+    assert kernels.full_batches(one, micro_batch=1, max_length=64)["data"]["input_ids"].shape == (1, 64)
+    same = kernels.full_batches(rows[:1] * 4, micro_batch=4, max_length=64)  # a full batch: as XTuner collates it
+    for key, value in default_collate_fn(rows[:1] * 4)["data"].items():
+        assert torch.equal(same["data"][key], value), key

@@ -23,6 +23,7 @@ from xtuner.dataset.collate_fns import default_collate_fn
 from xtuner.dataset.map_fns import openai_map_fn, template_map_fn_factory
 from xtuner.engine.hooks import DatasetInfoHook, EvaluateChatHook, ThroughputHook
 from stages.background_save import BackgroundCheckpoints
+from stages.kernels import full_batches
 from stages.snapshots import AdapterSnapshots
 from stages.throughput import RunThroughput
 from stages.overlap import Overlap
@@ -114,7 +115,9 @@ train_dataloader = dict(
     pin_memory=True,  # copied to the GPU without blocking (stages/overlap.py)
     dataset=train_dataset,
     sampler=dict(type=DefaultSampler, shuffle=True, seed=0),
-    collate_fn=dict(type=default_collate_fn, use_varlen_attn=False))
+    # every batch of one shape, the epoch's last too: compiled layers do not compile again (stages/kernels.py)
+    collate_fn=dict(type=full_batches, micro_batch=batch_size, max_length=256,
+                    use_varlen_attn=False))
 
 #######################################################################
 #                    PART 4  Scheduler & Optimizer                    #

@@ -27,6 +27,7 @@ def context(p: P.Params, resolved: dict, out: Path = CONFIG_DIR) -> dict:
         "model_path": str(llm_dir(p.recipe)), "data_path": str(VALIDATED_ASSISTANT),
         "prompt_template": t.prompt_template, "max_length": p.data.max_length, "pack": t.pack,
         "micro_batch": resolved["micro_batch"], "grad_accum": resolved["grad_accum"], "gpus": t.gpus,
+        "compile_layers": bool(resolved.get("compile_layers")),
         "tokens_per_step": t.global_batch * p.data.max_length, "checkpointing": resolved["checkpointing"],
         "optimizer": {"adamw": "AdamW", "adamw8bit": "AdamW8bit", "paged_adamw8bit": "PagedAdamW8bit"}[t.optimizer],
         "lr": t.lr, "betas": tuple(t.betas), "weight_decay": t.weight_decay, "max_norm": t.max_norm,
