@@ -17,6 +17,7 @@ import argparse
 import json
 import multiprocessing as mp
 import time
+from pathlib import Path
 
 
 def trainer(ready, go, out, seconds: float) -> None:
@@ -109,6 +110,8 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
+    from benchmarks.measure import append
+
     ctx = mp.get_context("spawn")
     shape = (args.layers, args.batch, args.width)
     rec = {"device": torch.cuda.get_device_name(0), "seconds": args.seconds,
@@ -129,11 +132,7 @@ def main() -> None:
         scorer_busy = beside[f"scorer_{mode}"] / p[f"{mode} scorer alone"][f"scorer_{mode}"]  # its share of its own pace
         rec[f"trainer_slowdown_{mode}"] = round(1 - beside["trainer"] / alone, 3)
         rec[f"scorer_pace_beside_{mode}"] = round(scorer_busy, 3)
-    line = json.dumps(rec)
-    print(line, flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(line + "\n")
+    append(Path(args.out) if args.out else None, rec)
 
 
 if __name__ == "__main__":

@@ -60,9 +60,11 @@ def measure(step: Callable[[], None], tokens_per_step: int, warmup: int = 2, ste
             "reserved_gb": round(torch.cuda.max_memory_reserved() / 1e9, 2)}
 
 
-def append(path: Path, record: dict) -> None:
-    """One JSON line per measurement, flushed at once: a run cut off keeps what it measured."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+def append(path: Path | None, record: dict) -> None:
+    """One JSON line per measurement, flushed at once: a run cut off keeps what it measured. To stdout, and to
+    `path` when there is one."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
     print(json.dumps(record), flush=True)

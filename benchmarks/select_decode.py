@@ -23,6 +23,7 @@ def main() -> None:
     ap.add_argument("--conversations", type=int, default=20)
     ap.add_argument("--out")
     args = ap.parse_args()
+    from benchmarks.measure import append
     from stages.xtuner_api import patch_stack
 
     patch_stack()
@@ -68,11 +69,7 @@ def main() -> None:
                          "perplexity_s": round(time.time() - t, 3), "perplexity": ppl, "merge_s": round(swap, 3),
                          "answers_head": answers[0][:60]}
         print(json.dumps({mode: rec[mode]}), flush=True)
-    line = json.dumps(rec)
-    print(line, flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(line + "\n")
+    append(Path(args.out) if args.out else None, rec)
 
 
 if __name__ == "__main__":
