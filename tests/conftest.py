@@ -169,16 +169,21 @@ def built(tmp_path_factory) -> Path:
 
     def build(folder: Path) -> None:
         project = clone_worktree(folder)
-        # The stages' bytecode, as Python leaves it after a user's first run (DVC ignores it: .dvcignore). Where
-        # PYTHONDONTWRITEBYTECODE is set (this suite's CI machine) no process would write it, and each of the
+        # Where PYTHONDONTWRITEBYTECODE is set (this suite's CI machine) no process would write it, and each of the
         # suite's ~250 stage processes compiled the stages it imports again (0.1-0.2 s of CPU each)
-        compile_env = {k: v for k, v in env().items() if k != "PYTHONDONTWRITEBYTECODE"}
-        subprocess.run([sys.executable, "-m", "compileall", "-q", "stages"], cwd=project, env=compile_env, check=True,
-                       capture_output=True)
+        compile_stages(project)
         proc = sh("dvc", "repro", cwd=project)
         repro_output(project).write_text(proc.stdout + proc.stderr, encoding="utf-8")
 
     return built_once(tmp_path_factory, "built", build)
+
+
+def compile_stages(project: Path) -> None:
+    """The bytecode of `project`'s stages/, as Python writes it beside the modules a run imports (DVC ignores it:
+    .dvcignore), whether or not this environment sets PYTHONDONTWRITEBYTECODE."""
+    bytecode = {k: v for k, v in env().items() if k != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "stages"], cwd=project, env=bytecode, check=True,
+                   capture_output=True)
 
 
 def repro_output(project: Path) -> Path:

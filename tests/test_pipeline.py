@@ -1,11 +1,9 @@
 """End to end with the real DVC: a clean clone, `dvc repro`, then what reruns when."""
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import env, ran, sh
+from tests.conftest import compile_stages, ran, sh
 
 pytestmark = pytest.mark.e2e
 
@@ -78,9 +76,7 @@ def test_second_repro_runs_nothing(project):
     # Where Python writes bytecode (the usual setting; this suite's machine sets PYTHONDONTWRITEBYTECODE), the stages
     # leave __pycache__ folders in stages/, whose folders several stages depend on: DVC must not see a change
     # there (.dvcignore), or the next `dvc repro` reruns the pipeline. compileall writes what Python writes.
-    bytecode = {k: v for k, v in env().items() if k != "PYTHONDONTWRITEBYTECODE"}
-    subprocess.run([sys.executable, "-m", "compileall", "-q", "stages"], cwd=project, env=bytecode, check=True,
-                   capture_output=True)
+    compile_stages(project)
     assert any(project.glob("stages/recipes/assistant/__pycache__/*.pyc"))
     assert sh("dvc", "status", "--json", cwd=project).stdout.strip() == "{}"
 
