@@ -77,6 +77,7 @@ GENERATIONS = EVAL / "generations.jsonl"  # prompt, kind, base answer, tuned ans
 EVAL_METRICS = EVAL / "metrics.json"
 REPORT = REPORTS / "report.md"  # stage report
 LOSS_PNG = REPORTS / "loss.png"
+CURVES_PNG = REPORTS / "curves.png"  # the report's picture of select's scores (recipe assistant)
 STAGE_TIMES = REPORTS / "stages"  # every stage: <name>.json with wall time and peak memory
 
 SELECT = REPORTS / "select"  # stage select: scores.json (a plot over the step), choice.json, answers.jsonl

@@ -20,10 +20,9 @@ everything its score depends on; any other checkpoint is scored here). `select.r
 
 Outputs: models/adapter.pth (the chosen checkpoint's adapter weights, read by convert, merge and
 evaluate), reports/select/scores.json (a DVC plot over the step: `dvc plots diff` overlays two
-experiments' curves), reports/select/choice.json (a DVC metric), reports/select/answers.jsonl (every
-checkpoint's answers: the report shows the chosen one's beside the last one's) and
-reports/select/curves.png (kept in git; not a DVC output, as the image recipes, which keep their last
-checkpoint unscored, draw none).
+experiments' curves), reports/select/choice.json (a DVC metric) and reports/select/answers.jsonl (every
+checkpoint's answers). The report stage draws the scores (reports/curves.png) and shows the chosen
+checkpoint's answers beside the last one's.
 
     python -m stages.select
 """

@@ -56,7 +56,10 @@ def test_every_checkpoint_is_scored_and_the_choice_is_what_evaluate_measured(bui
                                       for k in mine if k != "step"}}
     report = (built / "reports/report.md").read_text()
     assert "## Which checkpoint (stage select)" in report and f"Chosen: **iter_{chosen}**" in report
-    assert (built / "reports/select/curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "![scores per checkpoint](curves.png)" in report
+    curves = built / "reports/curves.png"  # drawn by the report stage in this run, after select wrote the scores
+    assert curves.read_bytes()[:4] == b"\x89PNG"
+    assert curves.stat().st_mtime >= (built / "reports/select/scores.json").stat().st_mtime
 
 
 @pytest.mark.e2e

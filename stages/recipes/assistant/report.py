@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from stages import params as P
 from stages.io import read_json, read_jsonl
-from stages.paths import LOSS_PNG, REPORTS, SELECT, llm_dir
+from stages.paths import CURVES_PNG, LOSS_PNG, REPORTS, SELECT, llm_dir
 from stages.reporting import headline, inputs, params_rows, stage_rows, table
 
 
@@ -56,6 +56,7 @@ def select_section(p: P.Params) -> list[str]:
     scores = read_json(SELECT / "scores.json", "reports/select/scores.json")
     answers = read_jsonl(SELECT / "answers.jsonl", "reports/select/answers.jsonl")
     chosen, last = choice["chosen_step"], choice["last_step"]
+    plot_scores(scores, choice)
     rule = ("the highest held-out identity hit rate among checkpoints whose general leak is at most "
             f"{choice['max_leak']} and perplexity at most {1 + choice['max_perplexity_rise']:g} x the base model's"
             if choice["rule"] == "best" else "the last checkpoint")
@@ -64,7 +65,7 @@ def select_section(p: P.Params) -> list[str]:
           f"checkpoints (the last is iter_{last})"
           + ("." if choice.get("within_limits", True) else "; no checkpoint was within the limits.")
           + " Step 0 is the base model; convert, merge and evaluate use the chosen one.", "",
-          f"![scores per checkpoint]({(SELECT / 'curves.png').relative_to(REPORTS)})", "",
+          f"![scores per checkpoint]({CURVES_PNG.relative_to(REPORTS)})", "",
           table(["step", "identity, trained", "identity, held-out", "general leak", "perplexity"],
                 [[("**%d**" % r["step"]) if r["step"] == chosen else r["step"], r["identity_hit_rate_trained"],
                   r["identity_hit_rate_heldout"], r["general_identity_leak"], r["perplexity_general"]]
@@ -76,3 +77,34 @@ def select_section(p: P.Params) -> list[str]:
         md += [f"### Answers: iter_{chosen} (chosen) beside iter_{last} (last)", "",
                table(["kind", "prompt", f"iter_{chosen}", f"iter_{last}"], pairs), ""]
     return md
+
+
+def plot_scores(rows: list[dict], choice: dict) -> None:
+    """reports/curves.png: select's four scores over the step (0: the base model), its limits dotted and its
+    choice marked. Drawn here, beside the loss curve, not in the select stage: matplotlib's import and one
+    figure were 1 s of the 1.6 s that select takes when it reads back the scores kept beside the trainer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key, label in (("identity_hit_rate_trained", "identity, trained questions"),
+                       ("identity_hit_rate_heldout", "identity, held-out questions"),
+                       ("general_identity_leak", "general answers naming it")):
+        left.plot(steps, [r[key] for r in rows], marker="o", label=label)
+    right.plot(steps, [r["perplexity_general"] for r in rows], marker="o", color="tab:red")
+    if choice["rule"] == "best":  # the limits the rule applied
+        left.axhline(choice["max_leak"], color="grey", linestyle=":", linewidth=1)
+        right.axhline(rows[0]["perplexity_general"] * (1 + choice["max_perplexity_rise"]), color="grey",
+                      linestyle=":", linewidth=1)
+    for ax, title in ((left, "share of answers"), (right, "perplexity, held-out general chats")):
+        ax.axvline(choice["chosen_step"], color="black", linewidth=1)
+        ax.set_xlabel("step (0: base model)")
+        ax.set_title(title, fontsize=10)
+    left.legend(fontsize=8)
+    fig.tight_layout()
+    CURVES_PNG.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(CURVES_PNG, dpi=110, metadata={"Software": None})
+    plt.close(fig)

@@ -11,7 +11,7 @@ from stages import params as P
 from stages.checkpoints import adopt, saved, step_of
 from stages.errors import fail
 from stages.io import read_jsonl, write_json
-from stages.paths import ADAPTER_PTH, CHECKPOINTS, SCORED, SELECT, SNAPSHOTS, TRAINED, llm_dir
+from stages.paths import ADAPTER_PTH, CHECKPOINTS, SCORED, SNAPSHOTS, TRAINED, llm_dir
 from stages.quiet import progress_bar
 from stages.recipes.assistant.evaluate import load_prompts, score
 
@@ -46,7 +46,6 @@ def run(p: P.Params, pipeline: dict) -> tuple[dict, list[dict], list[dict], str]
     base, checkpoints = rows[0], rows[1:]
     chosen, within = choose(checkpoints, p.select, base["perplexity_general"])
     adopt(next(c for c in ckpts if step_of(c) == chosen["step"]))
-    plot_curves(rows, chosen["step"], p.select)
     timing = dict.fromkeys(("load_base_s", "swap_adapter_s", "generate_s", "perplexity_s"), 0.0)
     if scorer is not None:
         timing = scorer.timing
@@ -313,31 +312,3 @@ def load_adapter(model, weights: dict, where: Path) -> None:
         fail(f"{where}: not an adapter of this model and lora settings ({len(missing)} LoRA weights missing, "
              f"{len(unknown)} unknown, e.g. {(missing + unknown)[0]}); rerun `dvc repro train`")
     model.load_state_dict(weights, strict=False)
-
-
-def plot_curves(rows: list[dict], chosen: int, select: P.Select) -> None:
-    """reports/select/curves.png: the four scores over the step (0: the base model), the choice marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r["step"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for key, label in (("identity_hit_rate_trained", "identity, trained questions"),
-                       ("identity_hit_rate_heldout", "identity, held-out questions"),
-                       ("general_identity_leak", "general answers naming it")):
-        left.plot(steps, [r[key] for r in rows], marker="o", label=label)
-    left.axhline(select.max_leak, color="grey", linestyle=":", linewidth=1)
-    right.plot(steps, [r["perplexity_general"] for r in rows], marker="o", color="tab:red")
-    right.axhline(rows[0]["perplexity_general"] * (1 + select.max_perplexity_rise), color="grey", linestyle=":",
-                  linewidth=1)
-    for ax, title in ((left, "share of answers"), (right, "perplexity, held-out general chats")):
-        ax.axvline(chosen, color="black", linewidth=1)
-        ax.set_xlabel("step (0: base model)")
-        ax.set_title(title, fontsize=10)
-    left.legend(fontsize=8)
-    fig.tight_layout()
-    SELECT.mkdir(parents=True, exist_ok=True)
-    fig.savefig(SELECT / "curves.png", dpi=110)
-    plt.close(fig)
