@@ -23,13 +23,18 @@ pip() {
 # The installer: uv where it can be had (SETUP_INSTALLER=pip: pip alone). uv resolves and installs the same
 # pins several times faster; it lives in .venv/uv, beside the environment, not in it (no stage imports it).
 # uv reads no pip.conf, so pip's configured sources (find-links, extra indexes, constraints: a machine's
-# local wheels) are handed to it; it picks the best match over all indexes and compiles bytecode, as pip does.
+# local wheels) are handed to it; it picks the best match over all indexes.
 installer=pip
 if [ "${SETUP_INSTALLER:-uv}" = uv ]; then
   [ -x .venv/uv/bin/uv ] || pip install --target .venv/uv uv >/dev/null 2>&1 || rm -rf .venv/uv
   if [ -x .venv/uv/bin/uv ]; then
     installer=uv
-    uv_args=(--python .venv/bin/python --index-strategy unsafe-best-match --compile-bytecode)
+    uv_args=(--python .venv/bin/python --index-strategy unsafe-best-match)
+    # Bytecode for every installed module (as pip writes it) for `make repro`: where PYTHONDONTWRITEBYTECODE is
+    # set (the CI machine), Python never writes it, and each stage would compile its imports again. `make test`
+    # (--test) skips it: the suite lets Python write the bytecode of what its processes import, on first import
+    # (tests/conftest.py), which is a fraction of what is installed (26 s of the 47 s setup on a 2-core AMD EPYC).
+    [ "${1:-}" = --test ] || uv_args+=(--compile-bytecode)
     while IFS= read -r line; do  # pip config list: scope.key='value', the environment's last
       key=${line%%=*}; key=${key##*.}; value=${line#*=}; value=${value#\'}; value=${value%\'}
       for v in $value; do

@@ -73,7 +73,7 @@ def test_second_repro_runs_nothing(project):
     out = sh("dvc", "repro", cwd=project).stdout
     assert ran(out) == [] and "Data and pipelines are up to date" in out
     assert sh("dvc", "status", "--json", cwd=project).stdout.strip() == "{}"
-    # Where Python writes bytecode (the usual setting; this suite's machine sets PYTHONDONTWRITEBYTECODE), the stages
+    # Where Python writes bytecode (the usual setting, and this suite's: tests/conftest.py), the stages
     # leave __pycache__ folders in stages/, whose folders several stages depend on: DVC must not see a change
     # there (.dvcignore), or the next `dvc repro` reruns the pipeline. compileall writes what Python writes.
     compile_stages(project)
