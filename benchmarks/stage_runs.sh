@@ -43,6 +43,10 @@ merge(p, ast.literal_eval(sys.argv[1]))
 yaml.dump(p, open("params.yaml", "w"))
 PY
 }
+stamp() {  # each line of stdin with the time it came (seconds since the epoch), as DVC writes them
+  python -u -c 'import sys, time
+for line in sys.stdin: sys.stdout.write(f"{time.time():.2f} {line}")'
+}
 TOKENIZER=${TOKENIZER:-models/assistant/llm}  # the stand-in's tokenizer (`dvc repro stand_in@tiny` here, carried)
 TINY_TEXT=$(mktemp -d)/tokenizer && cp -r "$TOKENIZER" "$TINY_TEXT"  # before a link replaces models/assistant/llm
 link() {  # role, folder, [recipe]: a real-model run (`stand_in: {}`), the folder linked into models/<recipe>/<role>
@@ -265,29 +269,50 @@ vision.build(P.TinyVision(image_size=336, patch_size=14, hidden_size=1024, num_l
       set_params "{'train': {'save_interval': $2}, 'select': {'during_training': $3}}"
       python -m dvc repro render >/dev/null 2>&1
       rm -rf models/work  # a whole training run each time (the same config would resume), no scores kept
-      local t0=$(date +%s) t1 t2 status=ok
+      local t0=$(date +%s.%N) t1 t2 status=ok
       vmstat -t 1 >"$OUT/select-cost-vmstat-$3.log" 2>&1 & local vm=$!  # the host's CPU, I/O wait and disk traffic
-      python -m dvc repro -f -s train >"$OUT/select-cost-train-$2-$3.log" 2>&1 || status=failed
-      t1=$(date +%s)
-      kill $vm 2>/dev/null || true
+      # the GPU's clocks, power and load twice a second (does the scorer's work lower the trainer's clocks?)
+      nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,utilization.gpu,temperature.gpu \
+        --format=csv,noheader -lms 500 >"$OUT/select-cost-gpu-$3.log" 2>&1 & local smi=$!
+      python -m dvc repro -f -s train 2>&1 | stamp >"$OUT/select-cost-train-$2-$3.log" \
+        || status=failed
+      t1=$(date +%s.%N)
+      kill $vm $smi 2>/dev/null || true
       cp models/work/scores/scorer.log "$OUT/select-cost-scorer-$3.log" 2>/dev/null || true
-      [ "$2" -gt "$ITERS" ] || python -m dvc repro -s select >"$OUT/select-cost-select-$3.log" 2>&1 || status=failed
-      t2=$(date +%s)
-      python - "$OUT/stage.jsonl" "$1" "$status" $((t1 - t0)) $((t2 - t1)) "$2" "$3" <<'PY'
+      [ "$2" -gt "$ITERS" ] || python -m dvc repro -s select 2>&1 | stamp \
+        >"$OUT/select-cost-select-$3.log" || status=failed
+      t2=$(date +%s.%N)
+      python - "$OUT/stage.jsonl" "$1" "$status" "$t0" "$t1" "$t2" "$2" "$3" <<'PY'
 import json, sys
 from pathlib import Path
-out, name, status, train_s, select_s, interval, during = sys.argv[1:]
+out, name, status, t0, t1, t2, interval, during = sys.argv[1:]
+train_s, select_s = float(t1) - float(t0), float(t2) - float(t1)
 rec = {"run": name, "status": status, "save_interval": int(interval), "during_training": during == "True",
-       "train_stage_wall_s": int(train_s), "select_stage_wall_s": int(select_s)}
+       "train_stage_wall_s": round(train_s, 1), "select_stage_wall_s": round(select_s, 1)}
+starts = {"train": float(t0), "select": float(t1)}
+rec["stamps"] = {}  # seconds from the command's start to DVC's lines (the `stamp` prefix), per stage's log
+for stage, log in (("train", f"select-cost-train-{interval}-{during}"), ("select", f"select-cost-select-{during}")):
+    path = Path(out).parent / (log + ".log")
+    if path.is_file():
+        lines = [l.split(" ", 1) for l in path.read_text(errors="replace").splitlines() if l[:1].isdigit()]
+        marks = {"first line": 0} if lines else {}
+        for i, (t, text) in enumerate(lines):
+            if text.startswith("Running stage"):
+                marks["stage started"] = i
+            elif text.startswith("Updating lock file"):
+                marks["lock file"] = i
+        rec["stamps"][stage] = {k: round(float(lines[i][0]) - starts[stage], 2) for k, i in marks.items()} | (
+            {"last line": round(float(lines[-1][0]) - starts[stage], 2)} if lines else {})
 for key, path in (("train", "reports/stages/train.json"), ("select", "reports/stages/select.json"),
                   ("choice", "reports/select/choice.json"), ("metrics", "reports/train/metrics.json")):
-    if Path(path).is_file() and (key != "select" and key != "choice" or int(select_s) > 0):
+    if Path(path).is_file() and (key != "select" and key != "choice" or select_s > 0.5):
         rec[key] = json.loads(Path(path).read_text())
 if "select" in rec:
-    rec["select_share_of_train"] = round(int(select_s) / max(1, int(train_s)), 3)
+    rec["select_share_of_train"] = round(select_s / max(1.0, train_s), 3)
 open(out, "a").write(json.dumps(rec) + "\n"); print(json.dumps(rec)[:1500], flush=True)
 PY
-      grep -hE "^\[(train|select)\]|^error" "$OUT/select-cost-train-$2-$3.log" "$OUT/select-cost-select-$3.log" 2>/dev/null | tail -n 8 || true
+      grep -hE "^[0-9.]+ (\[(train|select)\]|error)" "$OUT/select-cost-train-$2-$3.log" \
+        "$OUT/select-cost-select-$3.log" 2>/dev/null | tail -n 8 || true
       cp reports/select/scores.json "$OUT/select-cost-scores-$3.json" 2>/dev/null || true
       cp reports/train/xtuner.log "$OUT/select-cost-xtuner-$2-$3.log" 2>/dev/null || true  # its 10-iteration windows
     }
