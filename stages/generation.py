@@ -85,24 +85,32 @@ class TransformersChat:
         """Token-weighted perplexity of whole chat-formatted conversations, `batch` at a time (right
         padding, padded positions neither attended to nor scored); default 8 on a GPU, where one
         forward of 8 costs about what one of 1 does, and 1 on the CPU, where padding is paid in full."""
+        return self.perplexities(conversations, 1, batch)[0]
+
+    def perplexities(self, conversations: list[list[dict]], copies: int, batch: int | None = None) -> list[float]:
+        """perplexity's figure `copies` times over: each forward holds `batch` conversations `copies` times, one
+        block of rows after another (stages/recipes/assistant/select.py Adapters gives each block its own
+        checkpoint's adapter); one figure per block."""
         import torch
 
         batch = batch or (8 if self.device == "cuda" else 1)
         seqs = [self.tok.apply_chat_template(m) if getattr(self.tok, "chat_template", None) else
                 self.tok("\n".join(x["content"] for x in m))["input_ids"] for m in conversations]
-        nll, count = 0.0, 0
+        nll, count = torch.zeros(copies, dtype=torch.float64), 0
         with torch.no_grad():
             for at in range(0, len(seqs), batch):
                 part = seqs[at:at + batch]
                 width = max(map(len, part))
-                ids = torch.tensor([x + [self.tok.pad_token_id] * (width - len(x)) for x in part], device=self.device)
-                mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in part], device=self.device)
+                ids = torch.tensor([x + [self.tok.pad_token_id] * (width - len(x)) for x in part] * copies,
+                                   device=self.device)
+                mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in part] * copies, device=self.device)
                 logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
                 labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-                nll += torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100,
-                                                         reduction="sum").item()
-                count += int((labels != -100).sum())
-        return round(math.exp(nll / count), 3)
+                rows = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100,
+                                                         reduction="none").sum(1)
+                nll += rows.view(copies, len(part)).sum(1).double().cpu()
+                count += int((labels[:len(part)] != -100).sum())
+        return [round(math.exp(v / count), 3) for v in nll.tolist()]
 
 
 # LMDeploy, in an interpreter of its own: each model in turn, one warm-up generation, then the prompts

@@ -206,8 +206,9 @@ class Select:
         "best: how far perplexity on held-out general conversations may rise above the base model's, as a "
         "fraction of it (0.2: 20%)", minimum=0)
     during_training: Union[Literal["auto"], bool] = spec(
-        "score each checkpoint as it is saved, in a process the train stage starts beside the trainer (the "
-        "select stage then reads the scores back instead of loading the model again); auto: on one CUDA GPU, "
+        "score the checkpoints as they are saved (three at a time), in a process the train stage starts beside "
+        "the trainer (the select stage then reads the scores back instead of loading the model again); auto: "
+        "on one CUDA GPU, "
         "when the GPU has room for the base model beside the training")
 
 

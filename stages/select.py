@@ -4,12 +4,13 @@ The self-cognition tutorial trains an assistant that learns its name, then answe
 ("很明显，出现了过拟合"); its remedy is to save checkpoints often, chat with each, and keep the one that
 learned the identity without losing its general knowledge. This stage does that by rule. Every
 checkpoint the train stage kept (models/checkpoints/iter_N.pth, each train.save_interval
-iterations, and the last) is asked the evaluate stage's prompts with one loaded base model, each
-adapter merged into its weights in turn (recipe assistant), and scored as evaluate scores the merged model:
-identity hit rate on trained and held-out questions, the share of general answers naming the
-identity, perplexity of held-out general conversations. With `select.during_training` (auto: on one
-GPU with room), the train stage runs that scoring beside its trainer as each checkpoint is saved, and
-this stage reads those scores back (models/work/scores/, each under a digest of the checkpoint and of
+iterations, and the last) is asked the evaluate stage's prompts with one loaded base model, several
+checkpoints at a time in one batch, each row with its checkpoint's LoRA adapter beside the base weights
+(recipe assistant), and scored as evaluate scores the merged model: identity hit rate on trained and
+held-out questions, the share of general answers naming the identity, perplexity of held-out general
+conversations. With `select.during_training` (auto: on one GPU with room), the train stage runs that
+scoring beside its trainer as the checkpoints are saved, three at a time, and this stage reads those
+scores back (models/work/scores/, each under a digest of the checkpoint and of
 everything its score depends on; any other checkpoint is scored here). `select.rule` picks one:
 
   best   the highest held-out identity hit rate among checkpoints whose general leak is at most

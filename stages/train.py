@@ -21,7 +21,7 @@ remembers a fingerprint of them. Outputs at fixed paths:
   reports/train/              DVCLive: per-step loss, lr, grad norm, tokens/s, memory; metrics.json
 
 With `select.during_training` (auto: on one GPU), the select stage's scorer runs beside the trainer
-and scores each checkpoint as it is saved (models/work/scores/, read back by the select stage).
+and scores the checkpoints as they are saved, three at a time (models/work/scores/, read back by the select stage).
 
     python -m stages.train
 """

@@ -1,5 +1,5 @@
-"""Stage select, recipe assistant: each checkpoint's adapter on one loaded base model, asked the evaluate
-stage's prompts and scored as evaluate scores (stages/select.py says the rule)."""
+"""Stage select, recipe assistant: the checkpoints' adapters on one loaded base model, several at a time, asked the
+evaluate stage's prompts and scored as evaluate scores (stages/select.py says the rule)."""
 from __future__ import annotations
 
 import json
@@ -33,20 +33,28 @@ def run(p: P.Params, pipeline: dict) -> tuple[dict, list[dict], list[dict], str]
     rows, answers, beside, earlier = [], [], 0, 0
     memo.digest(ckpts)
     states = [(0, None)] + [(step_of(c), c) for c in ckpts]
+    found = {step: memo.get(step, memo.key(path)) for step, path in states}
+    missing = [(step, path) for step, path in states if found[step] is None]
     bar = progress_bar(len(states), "[select]", unit="checkpoint")
-    for step, path in states:
-        bar.set_postfix_str("base model" if path is None else f"iter_{step}", refresh=False)
-        (row, said), kept = memo.scored(step, path, load)
+    bar.update(len(states) - len(missing))
+    for at in range(0, len(missing), GROUP):  # the checkpoints no valid entry was kept for, GROUP at a time
+        group = missing[at:at + GROUP]
+        bar.set_postfix_str(", ".join("base model" if path is None else f"iter_{step}" for step, path in group),
+                            refresh=False)
+        for (step, _), scored in zip(group, memo.score(group, load())):
+            found[step] = scored
+        bar.update(len(group))
+    bar.close()
+    for step, _ in states:
+        (row, said), kept = found[step]
         beside += kept == "during training"
         earlier += kept == "earlier"
         rows.append(row)
         answers += [{"step": step, **r} for r in said]
-        bar.update(1)
-    bar.close()
     base, checkpoints = rows[0], rows[1:]
     chosen, within = choose(checkpoints, p.select, base["perplexity_general"])
     adopt(next(c for c in ckpts if step_of(c) == chosen["step"]))
-    timing = dict.fromkeys(("load_base_s", "swap_adapter_s", "generate_s", "perplexity_s"), 0.0)
+    timing = dict.fromkeys(("load_base_s", "swap_adapter_s", "generate_s", "perplexity_s", "groups"), 0.0)
     if scorer is not None:
         timing = scorer.timing
     choice = {"rule": p.select.rule, "chosen_step": chosen["step"], "last_step": checkpoints[-1]["step"],
@@ -67,8 +75,9 @@ def run(p: P.Params, pipeline: dict) -> tuple[dict, list[dict], list[dict], str]
 def follow(p: P.Params, pipeline: dict) -> str:
     """Beside the trainer (the train stage starts `python -m stages.select --during-training`): once the first
     checkpoint is saved (the trainer's memory has settled by then), the base model loaded when the GPU has room
-    for it, then each checkpoint's adapter (stages/snapshots.py) scored as it is saved, into the Memo, until
-    the train stage marks the training done; a summary line. It stops when the train stage is gone."""
+    for it, then the checkpoints' adapters (stages/snapshots.py) scored as they are saved, BESIDE_GROUP at a time
+    (the base model with the first), into the Memo, until the train stage marks the training done, then what
+    is left; a summary line. It stops when the train stage is gone."""
     lean()
     import torch
 
@@ -89,21 +98,23 @@ def follow(p: P.Params, pipeline: dict) -> str:
             return (f"{free / 1e9:.1f} GB free on the GPU beside the trainer, {need / 1e9:.1f} GB needed: "
                     "the select stage scores the checkpoints after training")
     scorer = Scorer(p, pipeline)
-    memo.scored(0, None, lambda: scorer)
+    pending: list[tuple[int, Path | None]] = [(0, None)]  # the base model, scored with the first checkpoints
     done: set[str] = set()
     while True:
         finished = TRAINED.exists()  # read before the listing: every snapshot of a finished run is listed below
         for path in sorted(SNAPSHOTS.glob("iter_*.pth"), key=step_of):
-            if path.name in done:
-                continue
-            memo.scored(step_of(path), path, lambda: scorer)
-            done.add(path.name)
+            if path.name not in done:
+                pending.append((step_of(path), path))
+                done.add(path.name)
+        while len(pending) >= BESIDE_GROUP or (finished and pending):
+            group, pending = pending[:BESIDE_GROUP], pending[BESIDE_GROUP:]
+            memo.score(group, scorer)
         if finished:
             break
         wait()
     t = scorer.timing
-    return (f"{len(done)} checkpoints and the base model scored beside the trainer (loading {t['load_base_s']:.1f} s, "
-            f"answers {t['generate_s']:.1f} s, perplexity {t['perplexity_s']:.1f} s)")
+    return (f"{len(done)} checkpoints and the base model scored beside the trainer, in {t['groups']} groups "
+            f"(loading {t['load_base_s']:.1f} s, answers {t['generate_s']:.1f} s, perplexity {t['perplexity_s']:.1f} s)")
 
 
 def lean() -> None:
@@ -115,43 +126,120 @@ def lean() -> None:
     lean_imports(images=False)
 
 
+# How many checkpoints are scored in one pass (their answers decoded in one batch): the base weights are read
+# once a decoding step for all of them. Beside the trainer the scorer scores BESIDE_GROUP at a time: two processes on
+# one GPU take turns, and the trainer loses about as much per decoding step whatever the step's rows (a third to
+# an eighth of the loss per answer token at 3 and 9 checkpoints a step, benchmarks/gpu_sharing.py).
+GROUP = 9
+BESIDE_GROUP = 3
+
+
 class Scorer:
-    """The base model loaded once, each checkpoint's adapter merged into it in turn (MergedWeights), asked the
-    evaluate stage's prompts and scored as evaluate scores the merged model."""
+    """The base model loaded once, unchanged; a group of checkpoints scored in one pass: each of evaluate's
+    prompts asked once per checkpoint in one batch, every row with its own checkpoint's adapter applied beside
+    the shared base weights (Adapters), and scored as evaluate scores."""
 
     def __init__(self, p: P.Params, pipeline: dict) -> None:
         import torch
+
+        from stages.generation import TransformersChat
 
         self.p = p
         self.prompts = load_prompts(p)
         self.conversations = [r["messages"] for r in read_jsonl(Path(p.assistant.perplexity_data),
                                                                 "assistant.perplexity_data")]
         start = time.time()
-        self.chat, self.model = adapter_chat(p, pipeline, "cuda" if torch.cuda.is_available() else "cpu")
-        self.merged = MergedWeights(self.model)
+        self.chat = TransformersChat(llm_dir(p.recipe), "cuda" if torch.cuda.is_available() else "cpu",
+                                     p.eval.system, p.train.prompt_template)
+        self.adapters = Adapters(self.chat.model, pipeline["lora_targets"], p.lora.alpha)
         self.timing = {"load_base_s": time.time() - start, "swap_adapter_s": 0.0, "generate_s": 0.0,
-                       "perplexity_s": 0.0}
+                       "perplexity_s": 0.0, "groups": 0}
 
-    def score(self, step: int, weights: dict | None) -> tuple[dict, list[dict]]:
-        """(the step's scores, its answers); `weights`: a checkpoint's adapter weights, None for the base model."""
-        p = self.p
-        with self.model.disable_adapter():  # the adapter merged into the weights: a plain model's decoding steps
-            t0 = time.time()
-            if weights is not None:
-                load_adapter(self.model, weights, CHECKPOINTS / f"iter_{step}.pth")
-            self.merged.set(weights is not None)
+    def score(self, group: list[tuple[int, dict | None]]) -> list[tuple[dict, list[dict]]]:
+        """[(the step's scores, its answers)] for `group`: [(step, a checkpoint's adapter weights, None for the
+        base model)]."""
+        p, n = self.p, len(group)
+        t0 = time.time()
+        self.adapters.set([(w, CHECKPOINTS / f"iter_{step}.pth") for step, w in group])
+        try:
             t1 = time.time()
-            said, _, _ = self.chat.generate([q for _, q in self.prompts], p.eval.max_new_tokens, p.eval.seed,
-                                            warm_up=False)
+            said, _, _ = self.chat.generate([q for _, q in self.prompts] * n, p.eval.max_new_tokens, p.eval.seed,
+                                            warm_up=False)  # checkpoint after checkpoint, as Adapters reads the rows
             t2 = time.time()
-            ppl = self.chat.perplexity(self.conversations)
-            self.timing["swap_adapter_s"] += t1 - t0
-            self.timing["generate_s"] += t2 - t1
-            self.timing["perplexity_s"] += time.time() - t2
-        scored = [{"prompt": q, "kind": kind, "answer": a} for (kind, q), a in zip(self.prompts, said)]
-        row = {"step": step, **score(scored, "answer", p.data.assistant.name, p.data.assistant.author),
-               "perplexity_general": ppl}
-        return row, scored
+            ppl = self.chat.perplexities(self.conversations, copies=n)
+        finally:
+            self.adapters.set([])
+        self.timing["swap_adapter_s"] += t1 - t0
+        self.timing["generate_s"] += t2 - t1
+        self.timing["perplexity_s"] += time.time() - t2
+        self.timing["groups"] += 1
+        out, k = [], len(self.prompts)
+        for i, (step, _) in enumerate(group):
+            scored = [{"prompt": q, "kind": kind, "answer": a}
+                      for (kind, q), a in zip(self.prompts, said[i * k:(i + 1) * k])]
+            out.append(({"step": step, **score(scored, "answer", p.data.assistant.name, p.data.assistant.author),
+                         "perplexity_general": ppl[i]}, scored))
+        return out
+
+
+class Adapters:
+    """Several checkpoints' LoRA adapters on one base model at once, one per block of rows: a forward hook on
+    every adapted linear adds `alpha / r * (x @ A.T) @ B.T`, with the A and B of the checkpoint whose rows these
+    are (the batch holds the checkpoints' rows one checkpoint after another, the same number each; the base
+    model's rows get nothing). Computed in the adapter weights' dtype, as peft computes its LoRA branch; the
+    base weights are never changed. On one H200 (1.8B, 31 prompts) the LoRA branch made a decoding step 40 ms
+    against 26 ms with the adapter merged into the weights, for one checkpoint (benchmarks/select_decode.py);
+    here the step serves several."""
+
+    def __init__(self, model, targets: list[str], alpha: float) -> None:
+        import torch
+
+        self.alpha = alpha
+        self.layers = {name: m for name, m in model.named_modules()
+                       if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in set(targets)}
+        self.stacks: dict[str, tuple] = {}
+        for name, module in self.layers.items():
+            module.register_forward_hook(self._hook(name))
+
+    def _hook(self, name: str):
+        import torch
+
+        def add_lora(module, args, out):
+            stack = self.stacks.get(name)
+            if stack is None:
+                return out
+            a, b, scale = stack  # (checkpoints, r, in), (checkpoints, out, r)
+            x = args[0].reshape(a.shape[0], -1, a.shape[2]).to(a.dtype)
+            return out + (torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2)) * scale).reshape(
+                out.shape).to(out.dtype)
+
+        return add_lora
+
+    def set(self, adapters: list[tuple[dict | None, Path]]) -> None:
+        """[(a checkpoint's adapter weights under peft's names, or None: the base model; its file, for errors)];
+        []: none (the plain base model)."""
+        import torch
+
+        self.stacks = {}
+        if all(w is None for w, _ in adapters):
+            return
+        for weights, where in adapters:
+            if weights is None:
+                continue
+            names = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in weights if ".lora_" in k}
+            missing, unknown = sorted(set(self.layers) - names), sorted(names - set(self.layers))
+            if missing or unknown or len(weights) != 2 * len(names):
+                fail(f"{where}: not an adapter of this model and lora settings ({len(missing)} adapted layers "
+                     f"missing, {len(unknown)} unknown, e.g. {(missing + unknown + [''])[0]}); rerun "
+                     "`dvc repro train`")
+        some = next(w for w, _ in adapters if w is not None)
+        for name, module in self.layers.items():
+            stacked = []
+            for part in ("lora_A", "lora_B"):
+                key = f"base_model.model.{name}.{part}.default.weight"
+                zero = torch.zeros_like(some[key])  # the base model's rows: no adapter
+                stacked.append(torch.stack([zero if w is None else w[key] for w, _ in adapters]).to(module.weight.device))
+            self.stacks[name] = (*stacked, self.alpha / stacked[0].shape[1])
 
 
 class Memo:
@@ -225,16 +313,14 @@ class Memo:
         write_json(self.path(step), {"key": key, "row": row, "answers": answers,
                                      "during_training": self.during_training}, indent=None)
 
-    def scored(self, step: int, checkpoint: Path | None, scorer) -> tuple[tuple[dict, list[dict]], str | None]:
-        """((scores, answers), who scored them: "during training", "earlier" (a select run before), None: now) of
-        `checkpoint` (None: the base model): the valid entry, else `scorer()`'s, kept."""
-        key = self.key(checkpoint)
-        found = self.get(step, key)
-        if found is not None:
-            return found
-        scored = scorer().score(step, None if checkpoint is None else checkpoint_weights(checkpoint))
-        self.put(step, key, *scored)
-        return scored, None
+    def score(self, group: list[tuple[int, Path | None]], scorer: Scorer) -> list[tuple[tuple[dict, list[dict]], None]]:
+        """`group` ([(step, checkpoint or None: the base model)]) scored by `scorer` in one pass, each kept under
+        its key; [((scores, answers), None)]."""
+        keys = [self.key(path) for _, path in group]
+        scored = scorer.score([(step, None if path is None else checkpoint_weights(path)) for step, path in group])
+        for (step, _), key, (row, answers) in zip(group, keys, scored):
+            self.put(step, key, row, answers)
+        return [(s, None) for s in scored]
 
 
 def checkpoint_weights(path: Path) -> dict:
@@ -254,61 +340,3 @@ def choose(rows: list[dict], select: P.Select, base_perplexity: float) -> tuple[
         return max(ok, key=lambda r: (r["identity_hit_rate_heldout"], r["identity_hit_rate_trained"],
                                       -r["general_identity_leak"], -r["step"])), True
     return max(rows, key=lambda r: (r["identity_hit_rate_heldout"] - r["general_identity_leak"], -r["step"])), False
-
-
-def adapter_chat(p: P.Params, pipeline: dict, device: str):
-    """The base model loaded once for chat, with an empty LoRA adapter of the trained shape on it."""
-    from stages.xtuner_api import patch_stack
-
-    patch_stack()  # before peft imports transformers' models (torchvision's ops on a CPU torch)
-    from peft import LoraConfig, get_peft_model
-
-    from stages.generation import TransformersChat
-
-    chat = TransformersChat(llm_dir(p.recipe), device, p.eval.system, p.train.prompt_template)
-    config = LoraConfig(r=p.lora.r, lora_alpha=p.lora.alpha, lora_dropout=0.0, bias="none",
-                        target_modules=list(pipeline["lora_targets"]), task_type="CAUSAL_LM")
-    chat.model = get_peft_model(chat.model, config).eval()
-    return chat, chat.model
-
-
-class MergedWeights:
-    """Each checkpoint scored as the merged model it would become: its adapter added into the base weights of
-    the layers it adapts (as peft's merge, which the merge stage runs), the LoRA branch bypassed, so that
-    every decoding step runs the plain model's kernels, not LoRA's extra products besides (on one H200, 1.8B:
-    40 -> 26 ms a decoding step for 31 prompts, benchmarks/select_decode.py); the base weights kept apart
-    and put back before the next checkpoint, so nothing accumulates."""
-
-    def __init__(self, model) -> None:
-        import torch
-        from peft.tuners.lora import LoraLayer
-
-        self.layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-        weights = [m.get_base_layer().weight for m in self.layers]
-        size = sum(w.numel() * w.element_size() for w in weights)
-        # on the GPU when twice their size is free there (copying back from the host took 0.36 s a
-        # checkpoint for 1.8B), else in host memory
-        here = weights and weights[0].is_cuda and torch.cuda.mem_get_info(weights[0].device)[0] > 2 * size
-        self.base = [w.detach().clone() if here else w.detach().to("cpu", copy=True) for w in weights]
-
-    def set(self, adapted: bool) -> None:
-        """The base weights, plus the loaded adapter's when `adapted`."""
-        import torch
-
-        with torch.no_grad():
-            for layer, base in zip(self.layers, self.base):
-                weight = layer.get_base_layer().weight
-                weight.copy_(base)
-                if adapted:
-                    weight += layer.get_delta_weight("default")
-
-
-def load_adapter(model, weights: dict, where: Path) -> None:
-    """A checkpoint's adapter weights (checkpoint_weights) into the peft model."""
-    own = model.state_dict()
-    missing = [k for k in own if "lora_" in k and k not in weights]
-    unknown = [k for k in weights if k not in own]
-    if missing or unknown:
-        fail(f"{where}: not an adapter of this model and lora settings ({len(missing)} LoRA weights missing, "
-             f"{len(unknown)} unknown, e.g. {(missing + unknown)[0]}); rerun `dvc repro train`")
-    model.load_state_dict(weights, strict=False)
