@@ -4,8 +4,10 @@ import json
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from stages import params as P
@@ -34,6 +36,69 @@ def test_last_is_the_last_and_none_within_the_limits_is_said():
     chosen, within = choose(rows, SELECT, 100.0)
     assert (chosen["step"], within) == (30, False)  # the best held-out rate minus leak
 
+
+
+class Block(torch.nn.Module):
+    """Two adapted linears and one that is not, named as InternLM2's."""
+
+    def __init__(self):
+        super().__init__()
+        self.wqkv, self.wo, self.head = torch.nn.Linear(6, 6), torch.nn.Linear(6, 6), torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.wo(self.wqkv(x)))
+
+
+def lora(model, r, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {f"base_model.model.{name}.lora_{part}.default.weight": torch.randn(shape, generator=g)
+            for name in ("wqkv", "wo") for part, shape in (("A", (r, 6)), ("B", (6, r)))}
+
+
+def test_each_block_of_rows_gets_its_own_checkpoints_adapter():
+    """Adapters: the batch holds the checkpoints' rows one checkpoint after another; each block computes as
+    peft's LoRA model of that checkpoint alone would (alpha / r scaling), the base model's block as the base."""
+    from stages.recipes.assistant.select import Adapters
+
+    torch.manual_seed(0)
+    model, x = Block(), torch.randn(2, 4, 6)  # 2 rows of 4 tokens a checkpoint
+    first, second = lora(model, 2, 1), lora(model, 2, 2)
+
+    def alone(weights):  # the adapter added to each adapted linear's output, as peft's LoRA layer does
+        hooks = [getattr(model, n).register_forward_hook(
+            lambda m, a, out, n=n: out + (a[0] @ weights[f"base_model.model.{n}.lora_A.default.weight"].T
+                                          @ weights[f"base_model.model.{n}.lora_B.default.weight"].T) * 8 / 2)
+            for n in ("wqkv", "wo")] if weights else []
+        try:
+            return model(x)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    expected = torch.cat([alone(first), alone(None), alone(second)])
+    adapters = Adapters(model, ["wqkv", "wo"], alpha=8)
+    where = Path("models/checkpoints/iter_1.pth")
+    adapters.set([(first, where), (None, where), (second, where)])
+    torch.testing.assert_close(model(torch.cat([x, x, x])), expected)
+    adapters.set([])
+    torch.testing.assert_close(model(x), alone(None))
+
+
+def test_an_adapter_of_another_model_is_one_line_naming_its_file(capsys):
+    from stages.errors import run
+    from stages.recipes.assistant.select import Adapters
+
+    model = Block()
+    weights = {k: v for k, v in lora(model, 2, 1).items() if ".wo." not in k}  # one adapted layer short
+
+    def main(argv):
+        Adapters(model, ["wqkv", "wo"], alpha=8).set([(weights, Path("models/checkpoints/iter_7.pth"))])
+
+    with pytest.raises(SystemExit) as exc:
+        run(main, [])
+    err = capsys.readouterr().err
+    assert exc.value.code != 0 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "models/checkpoints/iter_7.pth: not an adapter of this model" in err and "1 adapted layers missing" in err
 
 
 @pytest.mark.e2e
