@@ -260,8 +260,8 @@ vision.build(P.TinyVision(image_size=336, patch_size=14, hidden_size=1024, num_l
   select-cost)  # issue: scoring every checkpoint costs <= 10% of the run. 1.8B default, ITERS iterations,
     # a checkpoint every ITERS/8 with the evaluate prompts' defaults; train, then select: once scored by the select
     # stage after training, once by the scorer beside the trainer (select.during_training), both after a warm-up
-    # run; with BASELINE=1 first the same training without checkpoints (what saving them costs); BESIDE_ONLY=1: the
-    # second alone
+    # run (RUNS below says which, in what order); with BASELINE=1 first the same training without checkpoints (what
+    # saving them costs)
     use_model internlm2-1_8b
     set_params "$DEFAULT"
     set_params "{'eval': {'interval': 50, 'max_new_tokens': 48}}"
@@ -270,28 +270,28 @@ vision.build(P.TinyVision(image_size=336, patch_size=14, hidden_size=1024, num_l
       python -m dvc repro render >/dev/null 2>&1
       rm -rf models/work  # a whole training run each time (the same config would resume), no scores kept
       local t0=$(date +%s.%N) t1 t2 status=ok
-      vmstat -t 1 >"$OUT/select-cost-vmstat-$3.log" 2>&1 & local vm=$!  # the host's CPU, I/O wait and disk traffic
+      vmstat -t 1 >"$OUT/select-cost-vmstat-$3${TAG:-}.log" 2>&1 & local vm=$!  # the host's CPU, I/O wait and disk traffic
       # the GPU's clocks, power and load twice a second (does the scorer's work lower the trainer's clocks?)
       nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,utilization.gpu,temperature.gpu \
-        --format=csv,noheader -lms 500 >"$OUT/select-cost-gpu-$3.log" 2>&1 & local smi=$!
-      python -m dvc repro -f -s train 2>&1 | stamp >"$OUT/select-cost-train-$2-$3.log" \
+        --format=csv,noheader -lms 500 >"$OUT/select-cost-gpu-$3${TAG:-}.log" 2>&1 & local smi=$!
+      python -m dvc repro -f -s train 2>&1 | stamp >"$OUT/select-cost-train-$2-$3${TAG:-}.log" \
         || status=failed
       t1=$(date +%s.%N)
       kill $vm $smi 2>/dev/null || true
-      cp models/work/scores/scorer.log "$OUT/select-cost-scorer-$3.log" 2>/dev/null || true
+      cp models/work/scores/scorer.log "$OUT/select-cost-scorer-$3${TAG:-}.log" 2>/dev/null || true
       [ "$2" -gt "$ITERS" ] || python -m dvc repro -s select 2>&1 | stamp \
-        >"$OUT/select-cost-select-$3.log" || status=failed
+        >"$OUT/select-cost-select-$3${TAG:-}.log" || status=failed
       t2=$(date +%s.%N)
-      python - "$OUT/stage.jsonl" "$1" "$status" "$t0" "$t1" "$t2" "$2" "$3" <<'PY'
+      python - "$OUT/stage.jsonl" "$1" "$status" "$t0" "$t1" "$t2" "$2" "$3" "${TAG:-}" <<'PY'
 import json, sys
 from pathlib import Path
-out, name, status, t0, t1, t2, interval, during = sys.argv[1:]
+out, name, status, t0, t1, t2, interval, during, tag = sys.argv[1:]
 train_s, select_s = float(t1) - float(t0), float(t2) - float(t1)
 rec = {"run": name, "status": status, "save_interval": int(interval), "during_training": during == "True",
        "train_stage_wall_s": round(train_s, 1), "select_stage_wall_s": round(select_s, 1)}
 starts = {"train": float(t0), "select": float(t1)}
 rec["stamps"] = {}  # seconds from the command's start to DVC's lines (the `stamp` prefix), per stage's log
-for stage, log in (("train", f"select-cost-train-{interval}-{during}"), ("select", f"select-cost-select-{during}")):
+for stage, log in (("train", f"select-cost-train-{interval}-{during}{tag}"), ("select", f"select-cost-select-{during}{tag}")):
     path = Path(out).parent / (log + ".log")
     if path.is_file():
         lines = [l.split(" ", 1) for l in path.read_text(errors="replace").splitlines() if l[:1].isdigit()]
@@ -311,18 +311,28 @@ if "select" in rec:
     rec["select_share_of_train"] = round(select_s / max(1.0, train_s), 3)
 open(out, "a").write(json.dumps(rec) + "\n"); print(json.dumps(rec)[:1500], flush=True)
 PY
-      grep -hE "^[0-9.]+ (\[(train|select)\]|error)" "$OUT/select-cost-train-$2-$3.log" \
-        "$OUT/select-cost-select-$3.log" 2>/dev/null | tail -n 8 || true
-      cp reports/select/scores.json "$OUT/select-cost-scores-$3.json" 2>/dev/null || true
-      cp reports/train/xtuner.log "$OUT/select-cost-xtuner-$2-$3.log" 2>/dev/null || true  # its 10-iteration windows
+      grep -hE "^[0-9.]+ (\[(train|select)\]|error)" "$OUT/select-cost-train-$2-$3${TAG:-}.log" \
+        "$OUT/select-cost-select-$3${TAG:-}.log" 2>/dev/null | tail -n 8 || true
+      cp reports/select/scores.json "$OUT/select-cost-scores-$3${TAG:-}.json" 2>/dev/null || true
+      cp reports/train/xtuner.log "$OUT/select-cost-xtuner-$2-$3${TAG:-}.log" 2>/dev/null || true  # its 10-iteration windows
     }
     [ -n "${ONLY_CHECKPOINTS:-}" ] || set_params "{'train': {'max_iters': 10, 'save_interval': 100000000}, 'select': {'during_training': False}}"
     [ -n "${ONLY_CHECKPOINTS:-}" ] || { python -m dvc repro render && python -m dvc repro -f -s train; } >"$OUT/select-cost-warm-up.log" 2>&1 \
       || echo "warm-up failed"  # warm torch.compile's cache first, so that no run below pays it
     set_params "{'train': {'max_iters': $ITERS}}"
     [ -z "${BASELINE:-}" ] || select_cost "1.8B default, $ITERS iterations, no checkpoints" 100000000 False
-    [ -n "${BESIDE_ONLY:-}" ] || select_cost "1.8B default, $ITERS iterations, 8 checkpoints, then select" $((ITERS / 8)) False
-    select_cost "1.8B default, $ITERS iterations, 8 checkpoints scored beside the trainer, then select" $((ITERS / 8)) True ;;
+    # RUNS: the runs in order (default "after beside"): `after` trains with no scorer, then the select stage scores;
+    # `beside` scores beside the trainer; `besideN` does with N checkpoints a batch (stages/recipes/assistant/select.py
+    # BESIDE_GROUP, the source edited here); "after beside after" brackets a beside run between two without
+    n=0
+    for what in ${RUNS:-after beside}; do
+      n=$((n + 1)); TAG=-run$n; group=${what#beside}
+      case $what in
+        after) select_cost "1.8B default, $ITERS iterations, 8 checkpoints, then select (run $n)" $((ITERS / 8)) False ;;
+        beside*) [ -z "$group" ] || sed -i "s/^BESIDE_GROUP = .*/BESIDE_GROUP = $group/" stages/recipes/assistant/select.py
+          select_cost "1.8B default, $ITERS iterations, 8 checkpoints scored beside the trainer${group:+ ($group at a time)}, then select (run $n)" $((ITERS / 8)) True ;;
+      esac
+    done ;;
   internvl)  # the internvl recipe's tiny stand-in on a GPU: bf16, 4-bit on CUDA, every stage
     dag internvl "internvl recipe, the tiny stand-in on the GPU" ;;
 esac
