@@ -96,7 +96,8 @@ def lean_imports(images: bool = True) -> None:
     (`images=False`: the text recipe). Call it before anything imports them; a module already imported
     stays."""
     hidden = [name for name in LEAN + OPTIONAL + UNUSED + (() if images else ("torchvision",))
-              if name not in sys.modules]
+              if name not in sys.modules and not (name == "scipy" and "transformers" in sys.modules)]
+    # (transformers notes at its import whether scipy is installed, and would then import it unguarded)
     for name in hidden:
         sys.modules[name] = None
     _einops_torch_first(hidden)
