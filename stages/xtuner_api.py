@@ -80,11 +80,13 @@ LEAN = ("bitsandbytes", "deepspeed")
 # generation, jax/flax for image transforms), and neither converting nor merging uses them; on the
 # GPU host sklearn (with scipy and pandas) costs 1.1 s a process and jax 0.7 s, with bytecode cached
 OPTIONAL = ("sklearn", "jax", "flax", "tensorflow")
-# Nor does any of them build an optimizer or find an assignment: mmengine's optimizer package imports
-# PyTorch's distributed optimizers (behind an ImportError guard, for ZeroRedundancyOptimizer) and with them
-# FSDP's and DTensor's modules, and transformers' object-detection losses import scipy where it is
-# installed (an is_scipy_available guard): 1.4 s of CPU in convert's imports here (benchmarks/import_times.py)
-UNUSED = ("scipy", "torch.distributed.optim")
+# Nor does any of them build an optimizer: mmengine's optimizer package imports PyTorch's distributed
+# optimizers (behind an ImportError guard, for ZeroRedundancyOptimizer) and with them FSDP's and DTensor's
+# modules. Where no image is involved, scipy goes too: transformers' object-detection losses import it where
+# it is installed (an is_scipy_available guard); XTuner's image datasets need it (through scikit-image).
+# Both: 1.4 s of CPU in convert's imports here (benchmarks/import_times.py)
+UNUSED = ("torch.distributed.optim",)
+TEXT_ONLY = ("torchvision", "scipy")
 
 
 def lean_imports(images: bool = True) -> None:
@@ -92,10 +94,10 @@ def lean_imports(images: bool = True) -> None:
     weights or DeepSpeed: both are made unimportable in this process, and peft, transformers and
     XTuner take their paths without them. On the GPU host their imports alone take 12 s and 14-19 s
     (benchmarks/import_times.py), most of what those stages took. transformers' optional
-    integrations go too (OPTIONAL, UNUSED), and torchvision (0.9 s) where no image is involved
+    integrations go too (OPTIONAL, UNUSED), and torchvision (0.9 s) and scipy where no image is involved
     (`images=False`: the text recipe). Call it before anything imports them; a module already imported
     stays."""
-    hidden = [name for name in LEAN + OPTIONAL + UNUSED + (() if images else ("torchvision",))
+    hidden = [name for name in LEAN + OPTIONAL + UNUSED + (() if images else TEXT_ONLY)
               if name not in sys.modules and not (name == "scipy" and "transformers" in sys.modules)]
     # (transformers notes at its import whether scipy is installed, and would then import it unguarded)
     for name in hidden:

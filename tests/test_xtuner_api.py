@@ -457,12 +457,17 @@ def test_convert_skips_the_quantized_base_and_writes_the_same_adapter(built, tmp
 
 @pytest.mark.parametrize("images", [False, True])
 def test_lean_imports_keep_peft_transformers_and_xtuner_working_without_bnb_and_deepspeed(images):
+    """With images, XTuner's image helpers too (the image recipes' merge and evaluate read images with them; they
+    import scipy through scikit-image), and the transformers loss that imports scipy where it is found."""
+    images_too = "from xtuner.dataset.utils import expand2square, load_image; " if images else ""
     proc = python(f"from stages.xtuner_api import lean_imports, patch_stack; lean_imports(images={images}); "
                   "patch_stack(); from peft import PeftModel; from transformers import AutoModelForCausalLM; "
-                  "from xtuner.tools.model_converters import pth_to_hf, merge; import sys; "
-                  "print([sys.modules.get(m) is None for m in ('bitsandbytes', 'deepspeed', 'sklearn', 'torchvision')])")
+                  "from transformers.loss.loss_utils import LOSS_MAPPING; "
+                  f"from xtuner.tools.model_converters import pth_to_hf, merge; {images_too}import sys; "
+                  "print([sys.modules.get(m) is None for m in ('bitsandbytes', 'deepspeed', 'sklearn', 'torchvision', "
+                  "'scipy', 'torch.distributed.optim')])")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1] == f"[True, True, True, {not images}]"
+    assert proc.stdout.strip().splitlines()[-1] == f"[True, True, True, {not images}, {not images}, True]"
 
 
 def test_lean_imports_import_no_torch_until_einops_is_imported():
