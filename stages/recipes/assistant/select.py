@@ -81,8 +81,6 @@ def follow(p: P.Params, pipeline: dict) -> str:
     lean()
     import torch
 
-    if torch.cuda.is_available():  # one CPU thread: the trainer's pace is its host's, and a scorer loading the
-        torch.set_num_threads(1)   # base model on every core slowed its loop (benchmarks/README.md, call 11)
     parent = os.getppid()
 
     def wait() -> None:  # the train stage gone (killed): so is this
