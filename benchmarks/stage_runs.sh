@@ -269,29 +269,29 @@ vision.build(P.TinyVision(image_size=336, patch_size=14, hidden_size=1024, num_l
       set_params "{'train': {'save_interval': $2}, 'select': {'during_training': $3}}"
       python -m dvc repro render >/dev/null 2>&1
       rm -rf models/work  # a whole training run each time (the same config would resume), no scores kept
-      local t0=$(date +%s.%N) t1 t2 status=ok
-      vmstat -t 1 >"$OUT/select-cost-vmstat-$3${TAG:-}.log" 2>&1 & local vm=$!  # the host's CPU, I/O wait and disk traffic
+      local t0=$(date +%s.%N) t1 t2 status=ok at="$3${TAG:-}"  # the logs' names: during, and the run's tag
+      vmstat -t 1 >"$OUT/select-cost-vmstat-$at.log" 2>&1 & local vm=$!  # the host's CPU, I/O wait and disk traffic
       # the GPU's clocks, power and load twice a second (does the scorer's work lower the trainer's clocks?)
       nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,utilization.gpu,temperature.gpu \
-        --format=csv,noheader -lms 500 >"$OUT/select-cost-gpu-$3${TAG:-}.log" 2>&1 & local smi=$!
-      python -m dvc repro -f -s train 2>&1 | stamp >"$OUT/select-cost-train-$2-$3${TAG:-}.log" \
+        --format=csv,noheader -lms 500 >"$OUT/select-cost-gpu-$at.log" 2>&1 & local smi=$!
+      python -m dvc repro -f -s train 2>&1 | stamp >"$OUT/select-cost-train-$2-$at.log" \
         || status=failed
       t1=$(date +%s.%N)
       kill $vm $smi 2>/dev/null || true
-      cp models/work/scores/scorer.log "$OUT/select-cost-scorer-$3${TAG:-}.log" 2>/dev/null || true
+      cp models/work/scores/scorer.log "$OUT/select-cost-scorer-$at.log" 2>/dev/null || true
       [ "$2" -gt "$ITERS" ] || python -m dvc repro -s select 2>&1 | stamp \
-        >"$OUT/select-cost-select-$3${TAG:-}.log" || status=failed
+        >"$OUT/select-cost-select-$at.log" || status=failed
       t2=$(date +%s.%N)
-      python - "$OUT/stage.jsonl" "$1" "$status" "$t0" "$t1" "$t2" "$2" "$3" "${TAG:-}" <<'PY'
+      python - "$OUT/stage.jsonl" "$1" "$status" "$t0" "$t1" "$t2" "$2" "$3" "$at" <<'PY'
 import json, sys
 from pathlib import Path
-out, name, status, t0, t1, t2, interval, during, tag = sys.argv[1:]
+out, name, status, t0, t1, t2, interval, during, at = sys.argv[1:]
 train_s, select_s = float(t1) - float(t0), float(t2) - float(t1)
 rec = {"run": name, "status": status, "save_interval": int(interval), "during_training": during == "True",
        "train_stage_wall_s": round(train_s, 1), "select_stage_wall_s": round(select_s, 1)}
 starts = {"train": float(t0), "select": float(t1)}
 rec["stamps"] = {}  # seconds from the command's start to DVC's lines (the `stamp` prefix), per stage's log
-for stage, log in (("train", f"select-cost-train-{interval}-{during}{tag}"), ("select", f"select-cost-select-{during}{tag}")):
+for stage, log in (("train", f"select-cost-train-{interval}-{at}"), ("select", f"select-cost-select-{at}")):
     path = Path(out).parent / (log + ".log")
     if path.is_file():
         lines = [l.split(" ", 1) for l in path.read_text(errors="replace").splitlines() if l[:1].isdigit()]
@@ -311,10 +311,10 @@ if "select" in rec:
     rec["select_share_of_train"] = round(select_s / max(1.0, train_s), 3)
 open(out, "a").write(json.dumps(rec) + "\n"); print(json.dumps(rec)[:1500], flush=True)
 PY
-      grep -hE "^[0-9.]+ (\[(train|select)\]|error)" "$OUT/select-cost-train-$2-$3${TAG:-}.log" \
-        "$OUT/select-cost-select-$3${TAG:-}.log" 2>/dev/null | tail -n 8 || true
-      cp reports/select/scores.json "$OUT/select-cost-scores-$3${TAG:-}.json" 2>/dev/null || true
-      cp reports/train/xtuner.log "$OUT/select-cost-xtuner-$2-$3${TAG:-}.log" 2>/dev/null || true  # its 10-iteration windows
+      grep -hE "^[0-9.]+ (\[(train|select)\]|error)" "$OUT/select-cost-train-$2-$at.log" \
+        "$OUT/select-cost-select-$at.log" 2>/dev/null | tail -n 8 || true
+      cp reports/select/scores.json "$OUT/select-cost-scores-$at.json" 2>/dev/null || true
+      cp reports/train/xtuner.log "$OUT/select-cost-xtuner-$2-$at.log" 2>/dev/null || true  # its 10-iteration windows
     }
     [ -n "${ONLY_CHECKPOINTS:-}" ] || set_params "{'train': {'max_iters': 10, 'save_interval': 100000000}, 'select': {'during_training': False}}"
     [ -n "${ONLY_CHECKPOINTS:-}" ] || { python -m dvc repro render && python -m dvc repro -f -s train; } >"$OUT/select-cost-warm-up.log" 2>&1 \
@@ -324,12 +324,14 @@ PY
     # RUNS: the runs in order (default "after beside"): `after` trains with no scorer, then the select stage scores;
     # `beside` scores beside the trainer; `besideN` does with N checkpoints a batch (stages/recipes/assistant/select.py
     # BESIDE_GROUP, the source edited here); "after beside after" brackets a beside run between two without
-    n=0
+    n=0 grouped=stages/recipes/assistant/select.py given=$(mktemp)
+    cp "$grouped" "$given"  # each `beside` run starts from the source as given; `besideN` edits BESIDE_GROUP
     for what in ${RUNS:-after beside}; do
       n=$((n + 1)); TAG=-run$n; group=${what#beside}
       case $what in
         after) select_cost "1.8B default, $ITERS iterations, 8 checkpoints, then select (run $n)" $((ITERS / 8)) False ;;
-        beside*) [ -z "$group" ] || sed -i "s/^BESIDE_GROUP = .*/BESIDE_GROUP = $group/" stages/recipes/assistant/select.py
+        beside*) cp "$given" "$grouped"
+          [ -z "$group" ] || sed -i "s/^BESIDE_GROUP = .*/BESIDE_GROUP = $group/" "$grouped"
           select_cost "1.8B default, $ITERS iterations, 8 checkpoints scored beside the trainer${group:+ ($group at a time)}, then select (run $n)" $((ITERS / 8)) True ;;
       esac
     done ;;

@@ -208,8 +208,7 @@ class Select:
     during_training: Union[Literal["auto"], bool] = spec(
         "score the checkpoints as they are saved (three at a time), in a process the train stage starts beside "
         "the trainer (the select stage then reads the scores back instead of loading the model again); auto: "
-        "on one CUDA GPU, "
-        "when the GPU has room for the base model beside the training")
+        "on one CUDA GPU, when the GPU has room for the base model beside the training")
 
 
 @dataclass(frozen=True)

@@ -194,9 +194,9 @@ class Adapters:
     def __init__(self, model, targets: list[str], alpha: float) -> None:
         import torch
 
-        self.alpha = alpha
+        self.alpha, targets = alpha, set(targets)
         self.layers = {name: m for name, m in model.named_modules()
-                       if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in set(targets)}
+                       if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets}
         self.stacks: dict[str, tuple] = {}
         for name, module in self.layers.items():
             module.register_forward_hook(self._hook(name))
