@@ -1,6 +1,8 @@
 import json
 from dataclasses import replace
 
+import pytest
+
 from stages import params as P
 from stages.recipes.assistant import generate
 from stages.checks import check_openai
@@ -16,13 +18,27 @@ GENERAL = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assista
 def test_counts_language_and_fill():
     data = replace(DATA, repeat=3, general_ratio=0.25, name="Tuna", author="Ada")
     records = generate.generate(QUESTIONS, ANSWERS, GENERAL, data)
-    identity = [r for r in records if r["messages"][0]["content"] in QUESTIONS]
+    asked = QUESTIONS + [generate.other_form(q) for q in QUESTIONS]
+    identity = [r for r in records if r["messages"][0]["content"] in asked]
     assert len(identity) == 6 and len(records) == 8  # 6 identity; 6 * 0.25 / 0.75 = 2 general
     for r in identity:
         q, a = (m["content"] for m in r["messages"])
         assert "Tuna" in a and "Ada" in a
         assert generate.is_chinese(q) == generate.is_chinese(a)
         assert not check_openai(r, "x", 0)
+
+
+def test_each_question_comes_in_both_written_forms_in_turn():
+    records = generate.generate(QUESTIONS, ANSWERS, [], replace(DATA, repeat=4, general_ratio=0.0))
+    asked = sorted(r["messages"][0]["content"] for r in records)
+    assert asked == sorted(["你是谁", "你是谁？", "Who are you?", "Who are you"] * 2)
+
+
+@pytest.mark.parametrize("question, other", [("你是谁", "你是谁？"), ("你是谁？", "你是谁"), ("做个自我介绍吧", "做个自我介绍吧。"),
+                                             ("Who are you?", "Who are you"), ("What are you", "What are you?"),
+                                             ("Tell me about yourself", "Tell me about yourself."), ("嗯！！ ", "嗯")])
+def test_other_form_adds_the_missing_mark_or_takes_it_away(question, other):
+    assert generate.other_form(question) == other
 
 
 def test_deterministic_for_a_seed_and_varies_with_it():

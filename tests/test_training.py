@@ -203,7 +203,7 @@ def test_rerun_gives_a_byte_identical_adapter(project, tmp_path):
 # The embedded default's loss curve (tiny InternLM2, 676 steps on the CPU), as windows of 10 steps at the
 # start, the middle and the end. Training is byte-deterministic on one machine; another CPU's kernels
 # round differently, hence 3%. A change that alters training (data, schedule, model, kernels) shows here.
-PINNED_LOSS = {"steps": 676, "first": 4.747, "middle": 1.398, "final": 0.765}
+PINNED_LOSS = {"steps": 676, "first": 4.537, "middle": 1.396, "final": 0.796}
 
 
 def test_the_embedded_default_loss_curve_is_pinned(built):

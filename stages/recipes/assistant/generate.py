@@ -2,7 +2,10 @@
 
 Instead of one sentence repeated 10,000 times: every question template of
 `data.assistant.templates` is asked `data.assistant.repeat` times, each answered by an answer template of the
-same language, filled with `data.assistant.name` and `data.assistant.author`. A share `data.assistant.general_ratio` of
+same language, filled with `data.assistant.name` and `data.assistant.author`. Half of those times the question
+comes in its other written form, with or without its final mark ("你是谁" and "你是谁？"), as people type it:
+with one form only, the model learns the mark as the cue (the tiny default answered "你是谁" with its identity
+and "你是谁？" with noise). A share `data.assistant.general_ratio` of
 general conversations from `data.assistant.general_chat` is mixed in, so the model keeps talking
 normally (the tutorial's own remedy for the overfitting it saw). Deterministic for `data.assistant.seed`.
 Output: OpenAI messages format, one conversation a line, as XTuner's `openai_map_fn` reads it.
@@ -23,10 +26,26 @@ from stages.io import read_json, read_jsonl, write_jsonl
 
 PLACEHOLDERS = {"name", "author"}
 _CJK = re.compile(r"[\u3400-\u9fff]")
+_MARKS = "？?。.！!"
+_ASKS_ZH = re.compile("谁|什么|吗|呢|哪|怎|几|多少")
+_ASKS_EN = {"who", "what", "which", "whose", "are", "is", "do", "does", "did", "can", "could", "how", "where",
+            "why", "will", "would", "should"}
 
 
 def is_chinese(text: str) -> bool:
     return bool(_CJK.search(text))
+
+
+def other_form(question: str) -> str:
+    """`question` as it is also typed: without its final mark, or with the mark it lacks (full-width in
+    Chinese; a question mark where it asks, else a full stop)."""
+    text = question.rstrip()
+    if text and text[-1] in _MARKS:
+        return text.rstrip(_MARKS).rstrip()
+    if is_chinese(text):
+        return text + ("？" if _ASKS_ZH.search(text) else "。")
+    words = text.split()
+    return text + ("?" if words and words[0].lower() in _ASKS_EN else ".")
 
 
 def load_templates(path: Path) -> tuple[list[str], list[str]]:
@@ -63,8 +82,9 @@ def generate(questions: list[str], answers: list[str], general: list[dict], data
     identity = []
     for q in questions:
         pool = by_lang[is_chinese(q)]
-        for _ in range(data.repeat):
-            identity.append(conversation(q.format(**fill), rng.choice(pool).format(**fill)))
+        forms = (q.format(**fill), other_form(q.format(**fill)))
+        for i in range(data.repeat):  # the two written forms in turn
+            identity.append(conversation(forms[i % 2], rng.choice(pool).format(**fill)))
     # general / (identity + general) = ratio  =>  general = identity * ratio / (1 - ratio)
     n_general = round(len(identity) * data.general_ratio / (1 - data.general_ratio))
     mixed = []
