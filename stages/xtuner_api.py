@@ -34,19 +34,21 @@ def patch_stack() -> None:
     after_import("transformers.integrations.bitsandbytes", _bnb_backend_check)
     after_import("bitsandbytes.nn.modules", _bnb_cpu_packing_off)
     after_import("transformers.models.auto.auto_factory", _internlm2_generates_from_embeds)
+    while_importing("bitsandbytes.backends.default.ops", _compile_on_first_call)
     # No process-wide unpickling setting: checkpoints load with weights only (`weights_only_loads`);
     # only the trainer resuming from the pipeline's own checkpoint unpickles fully (`full_unpickling`).
 
 
 _AFTER: dict[str, list[Callable[[Any], None]]] = {}
+_AROUND: dict[str, list[Callable[[], contextlib.AbstractContextManager]]] = {}
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
-    """Runs the functions `after_import` registered for a module once the module has been executed,
-    before its importer sees it."""
+    """Executes a module inside the contexts `while_importing` registered for it, then runs the functions
+    `after_import` registered for it, before its importer sees it."""
 
     def find_spec(self, name, path, target=None):
-        if name not in _AFTER:
+        if name not in _AFTER and name not in _AROUND:
             return None
         spec = next((s for f in sys.meta_path if f is not self and hasattr(f, "find_spec")
                      for s in [f.find_spec(name, path, target)] if s is not None), None)
@@ -55,7 +57,10 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         execute = spec.loader.exec_module
 
         def exec_module(module, _execute=execute, _name=name):
-            _execute(module)
+            with contextlib.ExitStack() as around:
+                for context in _AROUND.pop(_name, []):
+                    around.enter_context(context())
+                _execute(module)
             for fix in _AFTER.pop(_name, []):
                 fix(module)
 
@@ -71,8 +76,52 @@ def after_import(name: str, fix: Callable[[Any], None]) -> None:
             fix(sys.modules[name])
         return
     _AFTER.setdefault(name, []).append(fix)
+    _watch_imports()
+
+
+def while_importing(name: str, context: Callable[[], contextlib.AbstractContextManager]) -> None:
+    """`context()` around the first execution of module `name`; nothing when it is imported already."""
+    if name in sys.modules:
+        return
+    _AROUND.setdefault(name, []).append(context)
+    _watch_imports()
+
+
+def _watch_imports() -> None:
     if not any(isinstance(f, _AfterImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _AfterImport())
+
+
+@contextlib.contextmanager
+def _compile_on_first_call():
+    """bitsandbytes 0.50's default backend wraps four of its ops in `torch.compile` at import (the
+    fallbacks for devices without its own kernels; a CPU or CUDA run with its library never calls them).
+    `torch.compile` imports TorchDynamo and Inductor when it is called, so every process that imports
+    bitsandbytes paid for them: 1.1-1.2 s of CPU at each start of the CPU train stage. While that module
+    runs, `torch.compile(fn)` gives a function that compiles `fn` the same way at its first call; where
+    compiling fails, bitsandbytes' own wrapper falls back to `fn` then, as it did at import."""
+    import torch
+
+    compile_now = torch.compile
+
+    def compile_later(model=None, **options):
+        if model is None:  # used as @torch.compile(**options)
+            return lambda fn: compile_later(fn, **options)
+        compiled = []
+
+        @functools.wraps(model)
+        def first_call(*args, **kwargs):
+            if not compiled:
+                compiled.append(compile_now(model, **options))
+            return compiled[0](*args, **kwargs)
+
+        return first_call
+
+    torch.compile = compile_later
+    try:
+        yield
+    finally:
+        torch.compile = compile_now
 
 
 LEAN = ("bitsandbytes", "deepspeed")

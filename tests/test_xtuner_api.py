@@ -296,6 +296,41 @@ def test_bitsandbytes_hub_kernel_warning_is_silenced():
     assert without.returncode == 0 and "Failed to load CPU gemm_4bit_forward" in without.stderr
 
 
+BNB_IMPORT = ("import sys, torch; compile_before = torch.compile; import bitsandbytes, bitsandbytes.functional as F; "
+              "w = torch.randn(64, 64); packed, state = F.quantize_4bit(w, quant_type='nf4'); "
+              "assert F.dequantize_4bit(packed, state).shape == w.shape and torch.compile is compile_before; "
+              "print('inductor' if 'torch._inductor.compile_fx' in sys.modules else 'no inductor')")
+
+
+def test_bitsandbytes_import_leaves_its_torch_compile_to_the_first_call():
+    """bitsandbytes' import called torch.compile on four fallback ops, which imported Inductor in every
+    process that loads a 4-bit model (1.1-1.2 s of each CPU train stage's start); now the first call compiles."""
+    fixed = python("from stages.xtuner_api import patch_stack; patch_stack(); " + BNB_IMPORT)
+    assert fixed.returncode == 0 and fixed.stdout.split() == ["no", "inductor"], fixed.stderr[-2000:]
+    without = python(BNB_IMPORT)
+    assert without.returncode == 0 and without.stdout.split() == ["inductor"], without.stderr[-2000:]
+
+
+def test_compile_on_first_call_compiles_once_the_same_way(monkeypatch):
+    import torch
+
+    from stages import xtuner_api
+
+    calls = []
+
+    def compile_now(fn, **options):
+        calls.append(options)
+        return lambda *args: fn(*args) + 1  # a "compiled" function that can be told apart
+
+    monkeypatch.setattr(torch, "compile", compile_now)
+    with xtuner_api._compile_on_first_call():
+        later = torch.compile(lambda x: x * 2, dynamic=False)
+        decorated = torch.compile(dynamic=True)(lambda x: x)
+    assert torch.compile is compile_now and calls == []
+    assert (later(3), later(3), decorated(5)) == (7, 7, 6)
+    assert calls == [{"dynamic": False}, {"dynamic": True}]
+
+
 @pytest.mark.parametrize("amp", [True, False])
 def test_chat_hook_generates_inside_the_trainers_autocast(monkeypatch, amp):
     """XTuner's EvaluateChatHook chats outside the autocast training runs in; with mmengine's AMP wrapper
