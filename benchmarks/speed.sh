@@ -20,7 +20,8 @@
 # (the optimizer wrapper's per-step levers in the train stage, each undone on its own),
 # all (peers, then the stage at 24 GB with the peers' LoRA and with dropout 0.1), lean7b (7B: the peers at micro-batch 1 and 2, the stage at memory_gb 8,
 # and with train.offload_activations at micro-batch 2), offload (train.offload_activations at micro-batch 16 beside Unsloth's),
-# frontier (the default, Unsloth at 4, 8 and 16, and the offload suite's two runs: tokens/s against peak).
+# frontier (the default, Unsloth at 4, 8 and 16, and the offload suite's two runs: tokens/s against peak),
+# packing (the pack length alone: 2048, 1024 and 4096 tokens a sequence at the same tokens a step).
 set -uo pipefail
 SUITE=${1:-all}; ITERS=${2:-40}; OUT=${OUT:-bench}
 mkdir -p "$OUT" /tmp/models
@@ -147,6 +148,13 @@ case $SUITE in
     stage "train stage, defaults at 24 GB, peer LoRA (train.cuda_graphs)" internlm2-1_8b "{$PEERLORA}"
     peer unsloth internlm2-1_8b 4,8,16
     checkpointed16 ;;
+  packing)  # the pack length on its own: sequences of 2048 (the default), 1024 and 4096 tokens, with the same
+    # tokens per micro-batch (8,192) and per optimizer step (32,768), the planner's other choices as they come
+    for len in 2048 1024 4096; do
+      mb=$((8192 / len)); gb=$((32768 / len))
+      stage "train stage, defaults at 24 GB, peer LoRA, packed to $len (micro-batch $mb, global batch $gb)" internlm2-1_8b \
+        "{$PEERLORA, 'data': {'max_length': $len}, 'train': {'micro_batch': $mb, 'global_batch': $gb}}"
+    done ;;
   *) echo "unknown suite $SUITE"; exit 2 ;;
 esac
 echo "done at +${SECONDS}s"
