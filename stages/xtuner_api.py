@@ -94,8 +94,8 @@ def _watch_imports() -> None:
 
 @contextlib.contextmanager
 def _compile_on_first_call():
-    """bitsandbytes 0.50's default backend wraps four of its ops in `torch.compile` at import (the
-    fallbacks for devices without its own kernels; a CPU or CUDA run with its library never calls them).
+    """bitsandbytes 0.50's default backend wraps four of its ops in `torch.compile` at import (fallbacks:
+    a CPU or CUDA run with bitsandbytes' own library calls them only for odd shapes or block sizes).
     `torch.compile` imports TorchDynamo and Inductor when it is called, so every process that imports
     bitsandbytes paid for them: 1.1-1.2 s of CPU at each start of the CPU train stage. While that module
     runs, `torch.compile(fn)` gives a function that compiles `fn` the same way at its first call; where

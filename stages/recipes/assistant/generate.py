@@ -82,7 +82,8 @@ def generate(questions: list[str], answers: list[str], general: list[dict], data
     identity = []
     for q in questions:
         pool = by_lang[is_chinese(q)]
-        forms = (q.format(**fill), other_form(q.format(**fill)))
+        asked = q.format(**fill)
+        forms = (asked, other_form(asked))
         for i in range(data.repeat):  # the two written forms in turn
             identity.append(conversation(forms[i % 2], rng.choice(pool).format(**fill)))
     # general / (identity + general) = ratio  =>  general = identity * ratio / (1 - ratio)
