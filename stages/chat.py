@@ -518,14 +518,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         except ImportError:
             fail("--web needs Gradio: pip install gradio (or `pip install -e '.[web]'`; `make test` installs it)")
     p = P.load(args.params)
-    if (args.recipe or p.recipe) == "assistant":  # an unquantized text model, as evaluate's: no 4-bit kernels,
+    args.recipe = args.recipe or p.recipe
+    if args.recipe == "assistant":  # an unquantized text model, as evaluate's: no 4-bit kernels,
         from stages.xtuner_api import lean_imports  # DeepSpeed or images (stages/xtuner_api.py)
 
         lean_imports(images=False)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the library's deprecation notes are not the conversation
-    args.recipe = args.recipe or p.recipe
     args.system = p.eval.system if args.system is None else args.system
     image = Path(args.image) if args.image else None
     if args.image is None and args.recipe in IMAGE_RECIPES and not args.web:
