@@ -4,11 +4,20 @@ Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import os
 import sys
 import time
 from typing import Callable, NoReturn, Sequence
+
+# A process that imported torch, transformers and XTuner holds about a million objects, and Python's last
+# garbage collections at exit walk them all: 1.0-1.4 s of CPU after a stage is done, for nothing (the
+# process's memory goes back at once). The exit handlers run first (last registered, first run), then
+# this moves every object out of the collector's reach: what a handler closed is closed, the modules are
+# still torn down, only the final walk is skipped.
+atexit.register(gc.freeze)
 
 
 class StageError(Exception):

@@ -311,6 +311,20 @@ def test_bitsandbytes_import_leaves_its_torch_compile_to_the_first_call():
     assert without.returncode == 0 and without.stdout.split() == ["inductor"], without.stderr[-2000:]
 
 
+EXIT_FREEZE = ("import atexit, gc, sys; atexit.register(lambda: print(gc.get_freeze_count())); "  # runs after the stage's
+             "import stages.errors, torch")                                                        # handlers (last in, first out)
+
+
+def test_a_stage_process_skips_the_last_garbage_collection_at_exit():
+    """Python's last collections at exit walked every object of the stack a stage imported: 1.0-1.4 s of CPU after
+    each stage was done (a 6-iteration CPU train stage 10.2-11.3 -> 8.4-8.9 s, evaluate 5.1-5.5 -> 4.1-4.5 s).
+    stages.errors freezes them after the other exit handlers have run."""
+    frozen = python(EXIT_FREEZE)
+    assert frozen.returncode == 0 and int(frozen.stdout) > 100_000, frozen.stderr[-2000:]  # torch's objects
+    without = python(EXIT_FREEZE.replace("stages.errors, ", ""))
+    assert without.returncode == 0 and int(without.stdout) == 0, without.stderr[-2000:]
+
+
 def test_compile_on_first_call_compiles_once_the_same_way(monkeypatch):
     import torch
 
