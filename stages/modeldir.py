@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stages.errors import fail
+from stages.errors import fail, settle
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin", "*.safetensors.index.json")
@@ -127,6 +127,7 @@ def load_model(path: str | Path, key: str | None = None, **kwargs: Any) -> Any:
                                                      **kwargs)
     except Exception as err:  # safetensors, torch and transformers each raise their own kinds
         fail(f"{key or 'model'}: the model in {folder} does not load ({_reason(err)})")
+    settle()
     import torch
 
     if not torch.cuda.is_available():  # a tiny model on the CPU: one thread (cpu_threads)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from stages.errors import fail, verbose
+from stages.errors import fail, settle, verbose
 
 
 @functools.cache
@@ -398,6 +398,7 @@ def run_trainer(config: Path, work_dir: Path, deepspeed: Path | None, resume: Pa
     # Only a resume reads a checkpoint that needs more than weights (models/work/, written by this
     # pipeline's trainer); a fresh run loads its pretrained_pth (models/pretrain/projector.pth) with
     # weights only, though XTuner asks torch for full unpickling.
+    settle()  # stages/errors.py: the trainer's garbage collected as Python does
     with full_unpickling() if resume is not None else weights_only_loads():
         run_tool(train, "xtuner-train", argv, quiet=False)  # the train stage's quiet_trainer (stages/quiet.py)
 

@@ -325,6 +325,22 @@ def test_a_stage_process_skips_the_last_garbage_collection_at_exit():
     assert without.returncode == 0 and int(without.stdout) == 0, without.stderr[-2000:]
 
 
+START_THEN_SETTLE = ("import gc; from stages import errors; "
+                     "errors.run(lambda argv: print(gc.get_threshold()[0], gc.get_freeze_count()), ARGV); "
+                     "errors.settle(); print(gc.get_threshold()[0], gc.get_freeze_count() > 0)")
+
+
+def test_a_stage_process_collects_rarely_while_it_imports_then_as_python_does():
+    """A stage's process (stages.errors.run as its entry point) collects its youngest garbage every 100,000 new
+    objects while it imports its stack, then settle() freezes what the imports made and puts Python's own
+    thresholds back (the stages call it once a model is loaded or the trainer starts). A stage main run from a
+    test (argv given) leaves the thresholds alone."""
+    entry = python(START_THEN_SETTLE.replace("ARGV", "None"))
+    assert entry.returncode == 0 and entry.stdout.split() == ["100000", "0", "700", "True"], entry.stderr[-2000:]
+    in_test = python(START_THEN_SETTLE.replace("ARGV", "[]"))
+    assert in_test.returncode == 0 and in_test.stdout.split() == ["700", "0", "700", "False"], in_test.stderr[-2000:]
+
+
 def test_compile_on_first_call_compiles_once_the_same_way(monkeypatch):
     import torch
 

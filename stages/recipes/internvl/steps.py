@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stages.errors import fail
+from stages.errors import fail, settle
 
 LMDEPLOY_TEMPLATE = "internvl2-internlm2"  # the chat template the tutorial's lmdeploy pipeline uses for InternVL2-2B
 # its system prompt; recent LMDeploy releases dropped the built-in template, so it is spelled out
@@ -109,6 +109,7 @@ class Chat:
         except Exception as err:  # a missing modeling file, damaged weights: each raises its own kind
             fail(f"{key}: {path} does not load as an InternVL model with its remote code "
                  f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+        settle()
         self.tokenizer = load_tokenizer(path, key)
 
     def answer(self, image: Path, prompt: str, max_new_tokens: int) -> tuple[str, int]:
