@@ -199,8 +199,10 @@ def train_node0(params: P.Params, args: argparse.Namespace, pipeline: dict, step
         raise
     if summary["peak_memory_kind"] == "gpu_allocated":
         note(peak_gpu_mb=summary["peak_memory_mb"])
+    speed = summary["tokens_per_sec"]  # None where the run logged too few steps to leave its start-up out
+    speed = f"{speed} tokens/s" if speed is not None else "too few iterations to measure tokens/s"
     print(f"[train] {CHECKPOINTS}: {', '.join(p.name for p in kept)} ({n:,} adapter weights each); final loss "
-          f"{summary['final_loss']}, {summary['tokens_per_sec']} tokens/s, {wall:.0f} s", flush=True)
+          f"{summary['final_loss']}, {speed}, {wall:.0f} s", flush=True)
     finish_scorer(scorer)
 
 
