@@ -122,12 +122,12 @@ def load_model(path: str | Path, key: str | None = None, **kwargs: Any) -> Any:
     patch_stack()
     from transformers import AutoModelForCausalLM
 
+    settle()  # before the model: a model dropped later is collected as Python would (stages/errors.py)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, local_files_only=True,
                                                      **kwargs)
     except Exception as err:  # safetensors, torch and transformers each raise their own kinds
         fail(f"{key or 'model'}: the model in {folder} does not load ({_reason(err)})")
-    settle()
     import torch
 
     if not torch.cuda.is_available():  # a tiny model on the CPU: one thread (cpu_threads)

@@ -333,7 +333,7 @@ START_THEN_SETTLE = ("import gc; from stages import errors; "
 def test_a_stage_process_collects_rarely_while_it_imports_then_as_python_does():
     """A stage's process (stages.errors.run as its entry point) collects its youngest garbage every 100,000 new
     objects while it imports its stack, then settle() freezes what the imports made and puts Python's own
-    thresholds back (the stages call it once a model is loaded or the trainer starts). A stage main run from a
+    thresholds back (the stages call it before a model loads or the trainer starts). A stage main run from a
     test (argv given) leaves the thresholds alone."""
     entry = python(START_THEN_SETTLE.replace("ARGV", "None"))
     assert entry.returncode == 0 and entry.stdout.split() == ["100000", "0", "700", "True"], entry.stderr[-2000:]

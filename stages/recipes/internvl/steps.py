@@ -103,13 +103,13 @@ class Chat:
         from transformers import AutoModel
 
         check(path, key)
+        settle()  # before the model (stages/errors.py)
         try:
             self.model = AutoModel.from_pretrained(str(path), trust_remote_code=True, local_files_only=True,
                                                    torch_dtype=torch.float32).to(device()).eval()
         except Exception as err:  # a missing modeling file, damaged weights: each raises its own kind
             fail(f"{key}: {path} does not load as an InternVL model with its remote code "
                  f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
-        settle()
         self.tokenizer = load_tokenizer(path, key)
 
     def answer(self, image: Path, prompt: str, max_new_tokens: int) -> tuple[str, int]:
