@@ -93,20 +93,10 @@ def quiet_trainer(desc: str = "[train]") -> Iterator[None]:
         yield
         return
     from mmengine.runner import Runner
-    from mmengine.runner import checkpoint as checkpoints
 
     from stages.xtuner_api import mmengine_errors_only
 
     train = Runner.train
-    print_log = checkpoints.print_log
-
-    def to_the_log(msg, logger=None, level=logging.INFO):
-        """mmengine's Runner.load_checkpoint passes no logger, and print_log then print()s: a resumed run put
-        "Loads checkpoint by local backend ..." and a line naming every frozen weight missing from the
-        checkpoint (an adapter's checkpoint holds the trained weights only) on the terminal. Into the
-        trainer's log, as its other notices."""
-        return print_log(msg, logger="current" if logger is None else logger, level=level)
-
     hook = _progress_hook_class()
 
     def opened(handler: logging.FileHandler) -> None:
@@ -126,7 +116,6 @@ def quiet_trainer(desc: str = "[train]") -> Iterator[None]:
     warnings_log = logging.getLogger("py.warnings")
     forward = _ForwardToLog()
     Runner.train = train_with_progress
-    checkpoints.print_log = to_the_log
     logging.captureWarnings(True)
     warnings_log.addHandler(forward)
     warnings_log.propagate = False
@@ -135,7 +124,6 @@ def quiet_trainer(desc: str = "[train]") -> Iterator[None]:
             yield
     finally:
         Runner.train = train
-        checkpoints.print_log = print_log
         logging.captureWarnings(False)
         warnings_log.removeHandler(forward)
         warnings_log.propagate = True

@@ -417,13 +417,20 @@ def run_tool(module: Any, prog: str, argv: list[str], quiet: bool = True) -> Non
 @contextlib.contextmanager
 def mmengine_errors_only(on_log_file: Callable[[logging.FileHandler], None] | None = None):
     """mmengine's console handlers, of its loggers made before and during the block, at ERROR (their
-    log files keep everything); `on_log_file` is called with each log file handler a logger opens."""
+    log files keep everything); `on_log_file` is called with each log file handler a logger opens.
+    mmengine's checkpoint loading (Runner.load_checkpoint) passes no logger, and its print_log then print()s:
+    a resumed run put "Loads checkpoint by local backend ..." and a line naming every frozen weight the
+    adapter's checkpoint lacks on the terminal. Within the block those go to the current logger too."""
     from mmengine.logging import MMLogger
+    from mmengine.runner import checkpoint as checkpoints
 
     def consoles(logger):
         return [h for h in logger.handlers if type(h) is logging.StreamHandler]
 
-    init = MMLogger.__init__
+    init, print_log = MMLogger.__init__, checkpoints.print_log
+
+    def to_a_logger(msg, logger=None, level=logging.INFO):
+        return print_log(msg, logger="current" if logger is None else logger, level=level)
 
     def quiet_init(self, *args, **kwargs):
         init(self, *args, **kwargs)
@@ -436,11 +443,11 @@ def mmengine_errors_only(on_log_file: Callable[[logging.FileHandler], None] | No
     before = [(h, h.level) for logger in MMLogger._instance_dict.values() for h in consoles(logger)]
     for handler, _ in before:
         handler.setLevel(logging.ERROR)
-    MMLogger.__init__ = quiet_init
+    MMLogger.__init__, checkpoints.print_log = quiet_init, to_a_logger
     try:
         yield
     finally:
-        MMLogger.__init__ = init
+        MMLogger.__init__, checkpoints.print_log = init, print_log
         for handler, level in before:
             handler.setLevel(level)
 
