@@ -166,7 +166,7 @@ def test_killed_training_resumes_and_ends_where_an_uninterrupted_run_ends(projec
     out = sh("dvc", "repro", "-f", "-s", "train", cwd=project).stdout
     assert "resuming from" in out and "iter_50.pth" in out
     # mmengine's resume notices (the checkpoint's path, every frozen weight the adapter's checkpoint lacks) go
-    # to the trainer's log, not the terminal (stages/quiet.py)
+    # to the trainer's log, not the terminal (stages/xtuner_api.py mmengine_errors_only)
     assert "Loads checkpoint" not in out and "missing keys" not in out, out[-2000:]
     metrics = json.loads((project / "reports/train/metrics.json").read_text())
     assert metrics["iters"] == uninterrupted["iters"] == RESUME_ITERS
