@@ -21,7 +21,8 @@
 # all (peers, then the stage at 24 GB with the peers' LoRA and with dropout 0.1), lean7b (7B: the peers at micro-batch 1 and 2, the stage at memory_gb 8,
 # and with train.offload_activations at micro-batch 2), offload (train.offload_activations at micro-batch 16 beside Unsloth's),
 # frontier (the default, Unsloth at 4, 8 and 16, and the offload suite's two runs: tokens/s against peak),
-# packing (the pack length alone: 2048, 1024 and 4096 tokens a sequence at the same tokens a step).
+# packing (the pack length alone: 2048, 1024 and 4096 tokens a sequence at the same tokens a step),
+# fp8 (train.fp8: the frozen products alone, then the default without and with it, then Unsloth at 16).
 set -uo pipefail
 SUITE=${1:-all}; ITERS=${2:-40}; OUT=${OUT:-bench}
 mkdir -p "$OUT" /tmp/models
@@ -155,6 +156,13 @@ case $SUITE in
       stage "train stage, defaults at 24 GB, peer LoRA, packed to $len (micro-batch $mb, global batch $gb)" internlm2-1_8b \
         "{$PEERLORA, 'data': {'max_length': $len}, 'train': {'micro_batch': $mb, 'global_batch': $gb}}"
     done ;;
+  fp8)  # train.fp8 (stages/fp8.py): the frozen products alone (benchmarks/fp8_matmul.py, 1.8B shapes), then the
+    # default at 24 GB without and with it, then Unsloth at micro-batch 16 (its best) in the same call
+    PYTHONPATH=$XTUNER_SITE timeout -k 5 180 python3 -m benchmarks.fp8_matmul --out "$RESULTS" \
+      --shapes "1.8B wqkv,1.8B wo,1.8B w1/w3,1.8B w2" 2>"$OUT/fp8-matmul.log" | cut -c1-220
+    stage "train stage, defaults at 24 GB, peer LoRA" internlm2-1_8b "{$PEERLORA}"
+    stage "train stage, defaults at 24 GB, peer LoRA, train.fp8" internlm2-1_8b "{$PEERLORA, 'train': {'fp8': True}}"
+    [ -n "${NO_PEER:-}" ] || peer unsloth internlm2-1_8b 16 ;;
   *) echo "unknown suite $SUITE"; exit 2 ;;
 esac
 echo "done at +${SECONDS}s"

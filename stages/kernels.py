@@ -341,7 +341,7 @@ def _frozen_to(model, dtype) -> None:
 def apply(pipeline: dict) -> None:
     """Install what the rendered config's `pipeline` block asks for (`fused_loss`, `loss_chunk_mb`,
     `upcast_frozen`, `compute_dtype`, `max_length`, `compile_layers`, `cuda_graphs`, `checkpoint_layers`,
-    `offload_activations`) into
+    `offload_activations`, `fp8`) into
     XTuner's model building; later calls change the settings."""
     import torch
     from xtuner.model import sft
@@ -353,6 +353,7 @@ def apply(pipeline: dict) -> None:
                      cuda_graphs=bool(pipeline.get("cuda_graphs")),
                      checkpoint_layers=int(pipeline.get("checkpoint_layers") or 0),
                      offload=bool(pipeline.get("offload_activations")),
+                     fp8=bool(pipeline.get("fp8")),
                      max_length=int(pipeline.get("max_length") or 0),
                      dtype=getattr(torch, pipeline.get("compute_dtype") or "float32"))
     if getattr(sft.dispatch_modules, "_pipeline", False):
@@ -366,6 +367,14 @@ def apply(pipeline: dict) -> None:
             static_rope(model, _SETTINGS["max_length"])
         if _SETTINGS["fused_loss"]:
             install_fused_loss(model)
+        if _SETTINGS["fp8"]:
+            from stages import fp8
+            from stages.errors import fail
+
+            problem = fp8.check_gpu()
+            if problem:
+                fail(f"train.fp8: true, but this machine's GPU cannot multiply float8: {problem}; set train.fp8: false")
+            fp8.install(model)
         if _SETTINGS["compile_layers"]:
             compile_layers(model, "reduce-overhead" if _SETTINGS["cuda_graphs"] else None)
         if _SETTINGS["checkpoint_layers"]:

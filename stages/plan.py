@@ -70,6 +70,7 @@ def resolve(p: P.Params, cuda: bool, bf16: bool, card_gb: float | None = None,
             "compile_layers": compile_layers,
             "cuda_graphs": bool(compile_layers and device == "cuda" and t.cuda_graphs and world == 1
                                 and not batch["checkpointing"] and not batch["checkpoint_layers"]),
+            "fp8": bool(t.fp8 and device == "cuda" and precision == "bf16" and p.quant.mode != "none"),
             "upcast_frozen": p.quant.upcast_frozen or p.quant.mode == "none",
             "lora_targets": targets, "max_length": p.data.max_length,
             "cpu_threads": cpu_threads(device, (shape or {}).get("hidden"))}
@@ -126,7 +127,8 @@ def llava_batch(p: P.Params, resolved: dict) -> dict:
     accum = max(1, t.global_batch // (micro * t.gpus * t.nodes))
     return {**resolved, "micro_batch": micro, "grad_accum": accum, "checkpointing": False, "checkpoint_layers": None,
             "estimate_gb": None,
-            "fused_loss": False, "compile_layers": False, "cuda_graphs": False, "offload_activations": False}
+            "fused_loss": False, "compile_layers": False, "cuda_graphs": False, "offload_activations": False,
+            "fp8": False}
 
 
 def render_text(template: Path, ctx: dict) -> str:

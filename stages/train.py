@@ -51,7 +51,7 @@ FINGERPRINT = "pipeline-inputs.json"
 
 
 CODE = [Path(__file__), Path(__file__).with_name("train_log.py"), Path(__file__).with_name("xtuner_api.py"),
-        Path(__file__).with_name("kernels.py"), Path(__file__).with_name("launch.py"),
+        Path(__file__).with_name("kernels.py"), Path(__file__).with_name("fp8.py"), Path(__file__).with_name("launch.py"),
         Path(__file__).with_name("snapshots.py"), Path(__file__).with_name("overlap.py"),
         Path(__file__).with_name("background_save.py"),
         Path(__file__).with_name("throughput.py")]

@@ -1,0 +1,146 @@
+"""FP8 matrix products for the frozen 4-bit weights (`train.fp8`, off by default).
+
+In a QLoRA step most of the GPU's time is the frozen weights' two products a layer: the forward
+`x @ W.T` and the backward `grad_y @ W` (the frozen weight needs no gradient of its own). bitsandbytes
+runs both in the compute dtype (bf16) from the 4-bit weight dequantised on the fly. Hopper and Ada GPUs
+multiply float8 (e4m3) operands at twice bf16's rate, so with `train.fp8` both products run as
+`torch._scaled_mm` on float8 copies made on the fly: the weight dequantised from NF4 as before, then
+scaled to e4m3 per output row (forward) or per input column (backward); the activations and the
+gradients per row (token). Scales are powers of two, so scaling is exact and only the rounding to e4m3's
+3-bit mantissa is new; the product accumulates in float32 and comes out in bf16. Nothing is kept between
+steps: the memory is QLoRA's, and the forward saves no activation for this product (as bitsandbytes').
+
+What stays in bf16: the LoRA branch (its A and B and their gradients), the norms, attention, the output
+head and the loss. What differs from the bf16 products is rounding only: the loss and the LoRA gradients
+move by about a percent (`tests/test_fp8.py` measures it on the CPU's `_scaled_mm`; the GPU runs in
+`benchmarks/README.md`), which is why it is a lever the user turns on, never the default.
+
+Why not torchao's float8 training (`Float8Linear`): it converts bf16 `nn.Linear` weights, not
+bitsandbytes' 4-bit ones, and computes a weight gradient this product does not need.
+"""
+from __future__ import annotations
+
+E4M3_MAX = 448.0
+
+
+def _to_e4m3(t, dim: int):
+    """`t` (2-D) scaled to float8 e4m3 along `dim` (one scale per slice across it), and the float32
+    scales (keepdim), so that `q.float() * scale` is `t` rounded to e4m3. Power-of-two scales: exact."""
+    import torch
+
+    amax = t.abs().amax(dim=dim, keepdim=True).float().clamp(min=1e-30)
+    scale = torch.exp2(torch.ceil(torch.log2(amax / E4M3_MAX)))
+    return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
+def scaled_matmul(a, b, out_dtype):
+    """`a @ b.T` for 2-D `a` (M x K) and `b` (N x K) through float8: `a` scaled per row, `b` per row
+    (per output column of the product)."""
+    import torch
+
+    aq, sa = _to_e4m3(a, 1)
+    bq, sb = _to_e4m3(b, 1)
+    return torch._scaled_mm(aq, bq.t(), scale_a=sa, scale_b=sb.t(), out_dtype=out_dtype)
+
+
+def _dequantized(packed, quant_state, dtype):
+    from bitsandbytes import functional as F
+
+    return F.dequantize_4bit(packed.view(-1, 1), quant_state).to(dtype)  # N x K
+
+
+def _function():
+    import torch
+
+    class FrozenFP8(torch.autograd.Function):
+        """y = x @ W.T for a frozen 4-bit W, both products in float8; no gradient for W."""
+
+        @staticmethod
+        def forward(ctx, x, packed, quant_state):
+            n, k = quant_state.shape
+            w = _dequantized(packed, quant_state, x.dtype)
+            y = scaled_matmul(x.reshape(-1, k), w, x.dtype)
+            ctx.quant_state = quant_state
+            ctx.save_for_backward(packed)
+            return y.view(*x.shape[:-1], n)
+
+        @staticmethod
+        def backward(ctx, grad):
+            (packed,) = ctx.saved_tensors
+            n, k = ctx.quant_state.shape
+            w = _dequantized(packed, ctx.quant_state, grad.dtype)
+            # grad_x = grad @ W: W's rows of this product are its input columns
+            grad_x = scaled_matmul(grad.reshape(-1, n), w.t().contiguous(), grad.dtype)
+            return grad_x.view(*grad.shape[:-1], k), None, None
+
+    return FrozenFP8
+
+
+_FN = None
+
+
+def frozen_fp8(x, packed, quant_state):
+    global _FN
+    if _FN is None:
+        _FN = _function()
+    return _FN.apply(x, packed, quant_state)
+
+
+def fits(x, quant_state) -> bool:
+    """float8 products take every dimension divisible by 16 (cuBLASLt's rule)."""
+    import torch
+
+    n, k = quant_state.shape
+    return (x.is_floating_point() and n % 16 == 0 and k % 16 == 0 and x.shape[-1] == k
+            and (x.numel() // k) % 16 == 0)
+
+
+_CLASS = None
+
+
+def _fp8_class():
+    global _CLASS
+    if _CLASS is None:
+        import bitsandbytes as bnb
+        import torch
+
+        class FP8Linear4bit(bnb.nn.Linear4bit):
+            """bitsandbytes' Linear4bit whose training-mode products run in float8 (`frozen_fp8`)."""
+
+            def forward(self, x):
+                state = self.weight.quant_state
+                dtype = self.compute_dtype or x.dtype
+                if (not self.training or self.bias is not None or state is None or dtype != torch.bfloat16
+                        or not fits(x, state)):
+                    return super().forward(x)
+                return frozen_fp8(x.to(dtype), self.weight, state).to(x.dtype)  # the parameter: its .data recurses under torch.compile
+
+        _CLASS = FP8Linear4bit
+    return _CLASS
+
+
+def install(model) -> int:
+    """Every bitsandbytes `Linear4bit` of `model` (the frozen base layers peft's LoRA wraps) runs its
+    training-mode products in float8 where the shapes fit (`fits`); in eval mode (chats, generation)
+    bitsandbytes' own path. Returns how many layers were switched."""
+    import bitsandbytes as bnb
+
+    cls, switched = _fp8_class(), 0
+    for module in model.modules():
+        if type(module) is bnb.nn.Linear4bit:
+            module.__class__ = cls
+            switched += 1
+    return switched
+
+
+def check_gpu() -> str | None:
+    """None where this GPU multiplies float8 (compute capability 8.9 or above: Ada, Hopper and later),
+    else what it is."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) >= (8, 9):
+        return None
+    return f"{torch.cuda.get_device_name()} (compute capability {major}.{minor}; float8 needs 8.9 or above)"

@@ -1,0 +1,121 @@
+"""train.fp8 (stages/fp8.py): the frozen 4-bit weights' products in float8, run here on the CPU's own
+`torch._scaled_mm` (the GPU runs the same op through cuBLASLt; benchmarks/README.md has its figures)."""
+from dataclasses import replace
+
+import pytest
+
+torch = pytest.importorskip("torch")
+bnb = pytest.importorskip("bitsandbytes")
+
+from stages import fp8, plan  # noqa: E402
+from stages import params as P  # noqa: E402
+
+
+def rel(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def linear4bit(out_features, in_features, seed=0):
+    torch.manual_seed(seed)
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.bfloat16,
+                              quant_type="nf4", compress_statistics=True)
+    layer.weight = bnb.nn.Params4bit(torch.randn(out_features, in_features) * 0.05, requires_grad=False,
+                                     quant_type="nf4", compress_statistics=True)
+    layer.weight._quantize("cpu")
+    return layer
+
+
+def test_the_scales_are_powers_of_two_and_the_product_is_that_of_the_rounded_operands():
+    torch.manual_seed(1)
+    a, b = torch.randn(64, 96, dtype=torch.bfloat16) * 3, torch.randn(48, 96, dtype=torch.bfloat16) / 7
+    a[5] *= 1e4  # one row far larger: per-row scales keep the others' precision
+    q, scale = fp8._to_e4m3(a, 1)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (64, 1)
+    assert torch.equal(torch.exp2(torch.log2(scale).round()), scale)
+    assert (q.float().abs().amax(dim=1) <= fp8.E4M3_MAX).all() and (q.float().abs().amax(dim=1) >= fp8.E4M3_MAX / 2).all()
+    got = fp8.scaled_matmul(a, b, torch.bfloat16)
+    aq, sa = fp8._to_e4m3(a, 1)
+    bq, sb = fp8._to_e4m3(b, 1)
+    emulated = (aq.float() * sa) @ (bq.float() * sb).t()
+    assert rel(got, emulated) < 4e-3  # the same operands; only the bf16 output's rounding
+    exact = a.float() @ b.float().t()
+    assert 5e-3 < rel(got, exact) < 0.06  # e4m3's 3-bit mantissa on both operands: a few percent
+    assert rel(got[[0, 1, 2, 3]], exact[[0, 1, 2, 3]]) < 0.06
+
+
+def test_the_frozen_product_and_its_input_gradient_in_float8_against_bitsandbytes():
+    layer = linear4bit(96, 64)
+    x = torch.randn(2, 16, 64, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(2, 16, 96, dtype=torch.bfloat16)
+    layer.train()
+    ref = layer(x)
+    (ref.float() * g.float()).sum().backward()
+    ref_grad, x.grad = x.grad.clone(), None
+    got = fp8.frozen_fp8(x, layer.weight.data, layer.weight.quant_state)
+    (got.float() * g.float()).sum().backward()
+    assert got.shape == ref.shape and got.dtype == torch.bfloat16
+    assert 5e-3 < rel(got, ref) < 0.06 and 5e-3 < rel(x.grad, ref_grad) < 0.06
+    assert layer.weight.grad is None
+
+
+def test_installed_the_layers_train_in_float8_and_chat_as_bitsandbytes(monkeypatch):
+    import sys
+
+    if "peft" not in sys.modules:  # as the text recipe's stages import it: torchvision hidden (xtuner_api.lean_imports)
+        monkeypatch.setitem(sys.modules, "torchvision", None)
+    from peft import LoraConfig, get_peft_model
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = linear4bit(128, 64, 1), linear4bit(64, 128, 2)
+
+        def forward(self, x):
+            return self.down(torch.nn.functional.silu(self.up(x)))
+
+    def lora(seed, switch=False):
+        torch.manual_seed(seed)
+        block = Block()
+        if switch:
+            assert fp8.install(block) == 2  # before peft wraps the layers, as the train stage does
+        model = get_peft_model(block, LoraConfig(r=8, lora_alpha=16, target_modules=["up", "down"],
+                                                   init_lora_weights=False))
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+        return model
+
+    plain, switched = lora(0), lora(0, switch=True)
+    assert type(switched.base_model.model.up.base_layer).__name__ == "FP8Linear4bit"
+    assert fp8.install(torch.nn.Linear(2, 2)) == 0
+    torch.manual_seed(3)
+    x = torch.randn(32, 64, dtype=torch.bfloat16)
+    out = {}
+    for name, model in (("plain", plain), ("fp8", switched)):
+        model.train()
+        y = model(x)
+        y.float().square().mean().backward()
+        out[name] = y, [p.grad for p in model.parameters() if p.requires_grad]
+        model.eval()
+        with torch.no_grad():
+            out[name + " eval"] = model(x)
+    assert torch.equal(out["plain eval"], out["fp8 eval"])  # generation: bitsandbytes' path, untouched
+    assert 5e-3 < rel(out["fp8"][0], out["plain"][0]) < 0.08
+    for got, ref in zip(out["fp8"][1], out["plain"][1]):
+        assert rel(got, ref) < 0.15  # every LoRA gradient, through two float8 products and their rounding
+
+
+def test_fp8_applies_on_a_bf16_gpu_with_4bit_weights_only():
+    base = replace(P.load("params.yaml"), data=replace(P.load("params.yaml").data, max_length=2048))
+    shape = {"hidden": 2048, "layers": 24, "intermediate": 8192, "vocab": 92544, "kv": 1024,
+             "arch": "InternLM2ForCausalLM"}
+
+    def resolved(params, **machine):
+        return plan.resolve(params, shape=shape, **machine)
+
+    gpu = dict(cuda=True, bf16=True, card_gb=141.0)
+    on = replace(base, train=replace(base.train, fp8=True))
+    assert resolved(on, **gpu)["fp8"] and not resolved(base, **gpu)["fp8"]
+    assert not resolved(on, cuda=False, bf16=False)["fp8"]  # the CPU trains in float32
+    assert not resolved(on, cuda=True, bf16=False, card_gb=16.0)["fp8"]  # fp16
+    assert not resolved(replace(on, quant=replace(on.quant, mode="none")), **gpu)["fp8"]
