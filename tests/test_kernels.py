@@ -199,3 +199,18 @@ def test_full_batches_pad_the_short_batch_without_changing_its_loss_or_gradients
     same = kernels.full_batches(rows[:1] * 4, micro_batch=4, max_length=64)  # a full batch: as XTuner collates it
     for key, value in default_collate_fn(rows[:1] * 4)["data"].items():
         assert torch.equal(same["data"][key], value), key
+
+
+def test_fp8_on_a_gpu_without_float8_stops_with_one_line_naming_the_key(xtuner_builds_with_apply, tmp_path,
+                                                                          monkeypatch):
+    """train.fp8 on a GPU below compute capability 8.9 (an A100, say): the train stage stops as XTuner builds the
+    model, naming the key and the GPU, before any step."""
+    from stages import fp8
+    from stages.errors import StageError
+
+    monkeypatch.setattr(fp8, "check_gpu", lambda: "NVIDIA A100-SXM4-80GB (compute capability 8.0; float8 needs 8.9 "
+                                                  "or above)")
+    kernels.apply({"fp8": True, "compute_dtype": "float32"})
+    with pytest.raises(StageError, match=r"^train\.fp8: true, but this machine's GPU cannot multiply float8: "
+                                         r"NVIDIA A100.*; set train\.fp8: false$"):
+        xtuner_lora_model(xtuner_builds_with_apply, tmp_path)
