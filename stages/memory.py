@@ -25,6 +25,9 @@ The estimate is peak = weights + adapter training state + loss buffer + tokens x
   (the first ones: the backward pass reaches them after the others have freed their activations).
   With `offload` (train.offload_activations) a checkpointed layer's input, 2 x hidden bytes a token, is
   in host memory: 0.8 x hidden bytes stay (not yet fitted to a measured peak).
+- with `fp8` (train.fp8): 1 byte a frozen linear parameter of every layer not checkpointed. torch.compile
+  finds the forward's dequantisation again in the backward pass and keeps the backward's float8 copy of
+  the weights from the forward (1.36 GB more at the peak for the 1.8B shape, 1.51 GB counted).
 
 The constants were fitted to the peaks PyTorch reserved on an H100 (bf16, LoRA dropout 0.1, SDPA
 attention, sequence 2048) for the 1.8B and 7B shapes, within 0.5 GB, and to the train stage's peaks
@@ -94,7 +97,7 @@ def counts(shape: dict, lora_r: int, targets: list[str] | str = "all-linear") ->
 def estimate(shape: dict, *, tokens: int, checkpointing: bool, quant: str, compute_bytes: int, lora_r: int,
              optimizer: str, upcast_frozen: bool, fused_loss: bool, loss_chunk: int = int(GB),
              targets: list[str] | str = "all-linear", checkpointed: int | None = None,
-             dropout: float = 0.1, offload: bool = False) -> float:
+             dropout: float = 0.1, offload: bool = False, fp8: bool = False) -> float:
     """Peak GPU bytes of one training process (what PyTorch reserves). `checkpointed`: how many
     decoder layers are checkpointed (default: all of them with `checkpointing`, else none)."""
     n = counts(shape, lora_r, targets)
@@ -106,6 +109,8 @@ def estimate(shape: dict, *, tokens: int, checkpointing: bool, quant: str, compu
     layer = tokens * (6 * shape["hidden"] + 8.7 * shape["intermediate"] + (3 * dropped if dropout else 0))
     k = checkpointed if checkpointed is not None else (shape["layers"] if checkpointing else 0)
     kept = tokens * k * (0.8 if offload else 2.8) * shape["hidden"] + (shape["layers"] - k) * layer
+    if fp8 and quant != "none":  # each kept layer's float8 weights, saved by torch.compile for the backward pass
+        kept += n["linear"] * (shape["layers"] - k) / shape["layers"]
     rebuilt = tokens * (24 * shape["hidden"] + 11.7 * shape["intermediate"])  # fitted; the same with dropout 0
     activations = kept + (max(rebuilt, loss) if k == shape["layers"] else loss)
     return weights + frozen + lora + activations + MARGIN

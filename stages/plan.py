@@ -52,14 +52,16 @@ def resolve(p: P.Params, cuda: bool, bf16: bool, card_gb: float | None = None,
         budget = t.memory_gb if t.memory_gb != "auto" else round(0.9 * (card_gb or 80), 1)
     chunk = memory.loss_chunk_bytes(budget)
     targets = lora_targets({"architectures": [(shape or {}).get("arch")]}, p.lora.target_modules)
+    compile_layers = t.compile_layers if t.compile_layers != "auto" else (
+        device == "cuda" and deepspeed == "none" and world == 1)
+    # float8 products pay only inside compiled layers (eager, each scaling is a kernel of its own: slower than bf16)
+    fp8 = bool(t.fp8 and device == "cuda" and precision == "bf16" and p.quant.mode != "none" and compile_layers)
     batch = memory.plan(
         shape or {}, budget_gb=budget, seq=p.data.max_length, global_batch=t.global_batch, gpus=world,
         micro_batch=t.micro_batch, checkpointing=t.activation_checkpointing,  # no budget (CPU): all, none
         quant=p.quant.mode, compute_bytes=2 if compute != "float32" else 4, lora_r=p.lora.r,
         optimizer=t.optimizer, upcast_frozen=p.quant.upcast_frozen, fused_loss=t.fused_loss, loss_chunk=chunk,
-        targets=targets, dropout=p.lora.dropout, offload=device == "cuda" and t.offload_activations)
-    compile_layers = t.compile_layers if t.compile_layers != "auto" else (
-        device == "cuda" and deepspeed == "none" and world == 1)
+        targets=targets, dropout=p.lora.dropout, offload=device == "cuda" and t.offload_activations, fp8=fp8)
     return {"device": device, "precision": precision, "deepspeed": deepspeed, "gpus": t.gpus, "nodes": t.nodes,
             "torch_dtype": DTYPES[precision], "compute_dtype": compute, "memory_gb": budget,
             "micro_batch": batch["micro_batch"], "grad_accum": batch["grad_accum"],
@@ -70,7 +72,7 @@ def resolve(p: P.Params, cuda: bool, bf16: bool, card_gb: float | None = None,
             "compile_layers": compile_layers,
             "cuda_graphs": bool(compile_layers and device == "cuda" and t.cuda_graphs and world == 1
                                 and not batch["checkpointing"] and not batch["checkpoint_layers"]),
-            "fp8": bool(t.fp8 and device == "cuda" and precision == "bf16" and p.quant.mode != "none"),
+            "fp8": fp8,
             "upcast_frozen": p.quant.upcast_frozen or p.quant.mode == "none",
             "lora_targets": targets, "max_length": p.data.max_length,
             "cpu_threads": cpu_threads(device, (shape or {}).get("hidden"))}
