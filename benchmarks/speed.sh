@@ -22,7 +22,8 @@
 # and with train.offload_activations at micro-batch 2), offload (train.offload_activations at micro-batch 16 beside Unsloth's),
 # frontier (the default, Unsloth at 4, 8 and 16, and the offload suite's two runs: tokens/s against peak),
 # packing (the pack length alone: 2048, 1024 and 4096 tokens a sequence at the same tokens a step),
-# fp8 (train.fp8: the frozen products alone, then the default without and with it, then Unsloth at 16).
+# fp8 (train.fp8: Unsloth at 16, the default without and with it, then the frozen products alone),
+# lean7b-fp8 (Unsloth's 7B at micro-batch 1, the stage at memory_gb 8 with train.fp8, and offloaded at 2).
 set -uo pipefail
 SUITE=${1:-all}; ITERS=${2:-40}; OUT=${OUT:-bench}
 mkdir -p "$OUT" /tmp/models
@@ -73,10 +74,10 @@ checkpointed16() {  # micro-batch 16, every layer checkpointed, without and with
   stage "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA" internlm2-1_8b \
     "{$PEERLORA, 'train': {$every, 'offload_activations': True}}"
 }
-lean7b_offloaded() {  # LEAN7B_MB: its micro-batch (2; a divisor of the global batch, 16)
-  local mb=${LEAN7B_MB:-2}
-  stage "train stage, lean (8 GB), peer LoRA, offloaded checkpoints, micro-batch $mb" 7b \
-    "{$PEERLORA, 'train': {'memory_gb': 8, 'optimizer': 'paged_adamw8bit', 'offload_activations': True, 'micro_batch': $mb}}"
+lean7b_offloaded() {  # LEAN7B_MB: its micro-batch (2; a divisor of the global batch, 16); LEAN7B_FP8=1: with train.fp8
+  local mb=${LEAN7B_MB:-2} fp8=${LEAN7B_FP8:+, 'fp8': True}
+  stage "train stage, lean (8 GB), peer LoRA, offloaded checkpoints, micro-batch $mb${LEAN7B_FP8:+, train.fp8}" 7b \
+    "{$PEERLORA, 'train': {'memory_gb': 8, 'optimizer': 'paged_adamw8bit', 'offload_activations': True, 'micro_batch': $mb$fp8}}"
 }
 case $SUITE in
   peers) peer unsloth internlm2-1_8b 8,16; peer liger internlm2-1_8b 8,16; peer hf internlm2-1_8b 4,8 ;;
@@ -156,13 +157,20 @@ case $SUITE in
       stage "train stage, defaults at 24 GB, peer LoRA, packed to $len (micro-batch $mb, global batch $gb)" internlm2-1_8b \
         "{$PEERLORA, 'data': {'max_length': $len}, 'train': {'micro_batch': $mb, 'global_batch': $gb}}"
     done ;;
-  fp8)  # train.fp8 (stages/fp8.py): the frozen products alone (benchmarks/fp8_matmul.py, 1.8B shapes), then the
-    # default at 24 GB without and with it, then Unsloth at micro-batch 16 (its best) in the same call
-    PYTHONPATH=$XTUNER_SITE timeout -k 5 180 python3 -m benchmarks.fp8_matmul --out "$RESULTS" \
-      --shapes "1.8B wqkv,1.8B wo,1.8B w1/w3,1.8B w2" 2>"$OUT/fp8-matmul.log" | cut -c1-220
+  fp8)  # train.fp8 (stages/fp8.py): Unsloth at micro-batch 16 (its best), the default at 24 GB without and with
+    # train.fp8, then the frozen products alone (benchmarks/fp8_matmul.py, 1.8B shapes; FP8_MATMUL=0 skips them)
+    [ -n "${NO_PEER:-}" ] || peer unsloth internlm2-1_8b 16
     stage "train stage, defaults at 24 GB, peer LoRA" internlm2-1_8b "{$PEERLORA}"
     stage "train stage, defaults at 24 GB, peer LoRA, train.fp8" internlm2-1_8b "{$PEERLORA, 'train': {'fp8': True}}"
-    [ -n "${NO_PEER:-}" ] || peer unsloth internlm2-1_8b 16 ;;
+    [ "${FP8_MATMUL:-1}" = 0 ] || PYTHONPATH=$XTUNER_SITE timeout -k 5 180 python3 -m benchmarks.fp8_matmul \
+      --out "$RESULTS" --shapes "1.8B wqkv,1.8B wo,1.8B w1/w3,1.8B w2" 2>"$OUT/fp8-matmul.log" | cut -c1-220 ;;
+  lean7b-fp8)  # the 7B target with train.fp8: Unsloth at micro-batch 1 (the only one within 8 GiB), then the stage
+    # at memory_gb 8 with train.fp8, plain and with offload_activations at micro-batch 2 (the best within 8 GB before)
+    peer unsloth 7b 1
+    rm -rf /tmp/models/7b-llama-plain  # 15 GB: the train stage's preflight asks for 3x the model free (64 GB disk)
+    stage "train stage, lean (8 GB), peer LoRA, train.fp8" 7b \
+      "{$PEERLORA, 'train': {'memory_gb': 8, 'optimizer': 'paged_adamw8bit', 'fp8': True}}"
+    LEAN7B_FP8=1 lean7b_offloaded ;;
   *) echo "unknown suite $SUITE"; exit 2 ;;
 esac
 echo "done at +${SECONDS}s"
