@@ -108,7 +108,13 @@ def check_device(p: P.Params) -> Check:
         return Check("device", False, f"train.gpus: {p.train.gpus}, but {n} GPUs are visible")
     name = torch.cuda.get_device_name(0)
     bf16 = "bf16" if torch.cuda.is_bf16_supported() else "no bf16"
-    return Check("device", True, f"{n} x {name}, CUDA {torch.version.cuda}, {bf16}")
+    from stages import fp8
+
+    no_fp8 = fp8.check_gpu()
+    detail = f"{n} x {name}, CUDA {torch.version.cuda}, {bf16}, {'no float8' if no_fp8 else 'float8'}"
+    if p.train.fp8 and no_fp8:
+        return Check("device", False, f"{detail}: train.fp8: true, but {no_fp8}; set train.fp8: false")
+    return Check("device", True, detail)
 
 
 def check_bnb(p: P.Params) -> Check:

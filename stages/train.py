@@ -312,6 +312,8 @@ def out_of_memory_message(pipeline: dict) -> str:
         fixes.append("train.fused_loss: true")
     if pipeline.get("upcast_frozen"):
         fixes.append("quant.upcast_frozen: false")
+    if pipeline.get("fp8") and not pipeline.get("checkpointing"):
+        fixes.append("train.fp8: false (its float8 weights kept for the backward pass)")
     fixes.append("train.optimizer: paged_adamw8bit" if pipeline.get("deepspeed") == "none"
                  else "data.max_length")
     return (f"out of GPU memory at micro-batch {pipeline.get('micro_batch')}, activation checkpointing "

@@ -1,6 +1,7 @@
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 from stages import doctor, params as P
 from tests.conftest import env, sh
@@ -39,6 +40,29 @@ def test_cuda_asked_for_on_a_cpu_machine(built):
     p = replace(p, train=replace(p.train, device="cuda"))
     check = doctor.check_device(p)
     assert check.ok == torch.cuda.is_available()
+
+
+def test_fp8_on_a_gpu_without_float8_fails_the_preflight(monkeypatch):
+    """train.fp8 on an A100 (compute capability 8.0): the preflight, which the train stage runs before it loads
+    anything, names the key and the GPU; without train.fp8 the same GPU passes and is said to have no float8."""
+    import torch
+
+    from stages import fp8
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    p = P.load(Path(__file__).resolve().parents[1] / "params.yaml")
+    check = doctor.check_device(replace(p, train=replace(p.train, fp8=True)))
+    assert not check.ok and check.fatal and "train.fp8: true, but NVIDIA A100-SXM4-80GB (compute capability 8.0; " \
+        "float8 needs 8.9 or above); set train.fp8: false" in check.detail
+    check = doctor.check_device(p)
+    assert check.ok and check.detail.endswith("bf16, no float8")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    assert doctor.check_device(replace(p, train=replace(p.train, fp8=True))).ok
+    assert fp8.check_gpu() is None
 
 
 def test_bitsandbytes_kernels_run_here(built):

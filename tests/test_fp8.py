@@ -1,6 +1,7 @@
 """train.fp8 (stages/fp8.py): the frozen 4-bit weights' products in float8, run here on the CPU's own
 `torch._scaled_mm` (the GPU runs the same op through cuBLASLt; benchmarks/README.md has its figures)."""
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -106,7 +107,7 @@ def test_installed_the_layers_train_in_float8_and_chat_as_bitsandbytes(monkeypat
 
 
 def test_fp8_applies_on_a_bf16_gpu_with_4bit_weights_only():
-    params = P.load("params.yaml")  # the peers' LoRA (dropout 0), as measured
+    params = P.load(Path(__file__).resolve().parents[1] / "params.yaml")  # the peers' LoRA (dropout 0), as measured
     base = replace(params, data=replace(params.data, max_length=2048), lora=replace(params.lora, r=64, alpha=16,
                                                                                         dropout=0.0))
     shape = {"hidden": 2048, "layers": 24, "intermediate": 8192, "vocab": 92544, "kv": 1024,

@@ -163,6 +163,10 @@ def test_out_of_memory_message_names_what_to_change():
     checkpointed = out_of_memory_message({"micro_batch": 1, "checkpointing": True, "estimate_gb": 8.1, "memory_gb": 8,
                                           "fused_loss": True, "upcast_frozen": False, "deepspeed": "none"})
     assert "train.offload_activations: true" in checkpointed and "activation_checkpointing" not in checkpointed
+    assert "train.fp8" not in msg and "train.fp8" not in checkpointed
+    fp8 = out_of_memory_message({"micro_batch": 4, "checkpointing": False, "estimate_gb": 21.7, "memory_gb": 24,
+                                 "fused_loss": True, "fp8": True, "deepspeed": "none"})
+    assert "train.fp8: false" in fp8
 
 
 def test_full_batches_pad_the_short_batch_without_changing_its_loss_or_gradients(xtuner_builds_with_apply, tmp_path):
