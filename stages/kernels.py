@@ -341,7 +341,7 @@ def _frozen_to(model, dtype) -> None:
 def apply(pipeline: dict) -> None:
     """Install what the rendered config's `pipeline` block asks for (`fused_loss`, `loss_chunk_mb`,
     `upcast_frozen`, `compute_dtype`, `max_length`, `compile_layers`, `cuda_graphs`, `checkpoint_layers`,
-    `offload_activations`, `fp8`) into
+    `offload_activations`, `fp8`, `fp8_keep`) into
     XTuner's model building; later calls change the settings."""
     import torch
     from xtuner.model import sft
@@ -353,7 +353,7 @@ def apply(pipeline: dict) -> None:
                      cuda_graphs=bool(pipeline.get("cuda_graphs")),
                      checkpoint_layers=int(pipeline.get("checkpoint_layers") or 0),
                      offload=bool(pipeline.get("offload_activations")),
-                     fp8=bool(pipeline.get("fp8")),
+                     fp8=bool(pipeline.get("fp8")), fp8_keep=bool(pipeline.get("fp8_keep", True)),
                      max_length=int(pipeline.get("max_length") or 0),
                      dtype=getattr(torch, pipeline.get("compute_dtype") or "float32"))
     if getattr(sft.dispatch_modules, "_pipeline", False):
@@ -374,7 +374,7 @@ def apply(pipeline: dict) -> None:
             problem = fp8.check_gpu()
             if problem:
                 fail(f"train.fp8: true, but this machine's GPU cannot multiply float8: {problem}; set train.fp8: false")
-            fp8.install(model)
+            fp8.install(model, keep=_SETTINGS["fp8_keep"])
         if _SETTINGS["compile_layers"]:
             compile_layers(model, "reduce-overhead" if _SETTINGS["cuda_graphs"] else None)
         if _SETTINGS["checkpoint_layers"]:

@@ -25,9 +25,10 @@ The estimate is peak = weights + adapter training state + loss buffer + tokens x
   (the first ones: the backward pass reaches them after the others have freed their activations).
   With `offload` (train.offload_activations) a checkpointed layer's input, 2 x hidden bytes a token, is
   in host memory: 0.8 x hidden bytes stay (not yet fitted to a measured peak).
-- with `fp8` (train.fp8): 1 byte a frozen linear parameter of every layer not checkpointed. torch.compile
-  finds the forward's dequantisation again in the backward pass and keeps the backward's float8 copy of
-  the weights from the forward (1.36 GB more at the peak for the 1.8B shape, 1.51 GB counted).
+- with `fp8` (train.fp8) and its weights kept: 1 byte a frozen linear parameter of every layer not
+  checkpointed. torch.compile finds the forward's dequantisation again in the backward pass and keeps the
+  backward's float8 copy of the weights from the forward (1.36 GB more at the peak for the 1.8B shape, 1.51
+  GB counted); where that does not fit, the backward dequantises again and nothing is kept (`plan`).
 
 The constants were fitted to the peaks PyTorch reserved on an H100 (bf16, LoRA dropout 0.1, SDPA
 attention, sequence 2048) for the 1.8B and 7B shapes, within 0.5 GB, and to the train stage's peaks
@@ -126,7 +127,10 @@ def plan(shape: dict, *, budget_gb: float | None, seq: int, global_batch: int, g
     With `auto` checkpointing and a budget: among micro-batches of at least BUSY_TOKENS (or the whole
     per-GPU batch), the fewest checkpointed layers that fit (each costs its forward pass again, a
     third of its compute), then the largest micro-batch; when none fits so, every layer checkpointed
-    at the largest micro-batch that fits. Without a budget (CPU): no checkpointing."""
+    at the largest micro-batch that fits. Without a budget (CPU): no checkpointing. With `fp8` the choice is
+    made without its kept float8 weights, which are then kept if they fit (`fp8_keep`), else the backward
+    dequantises again: a second dequantisation costs less than a checkpointed layer or a smaller micro-batch."""
+    fp8 = setting.pop("fp8", False)
     per_gpu = global_batch // gpus
     layers = shape.get("layers", 0) if shape else 0
 
@@ -150,7 +154,14 @@ def plan(shape: dict, *, budget_gb: float | None, seq: int, global_batch: int, g
         mb = next((mb for mb in sizes if fits(mb, k)), sizes[-1])  # nothing fits: the smallest, and say so
     peak = None if budget_gb is None else estimate(shape, tokens=mb * seq, checkpointing=k > 0, checkpointed=k,
                                                    **setting)
+    keep = False
+    if fp8:
+        kept = None if peak is None else estimate(shape, tokens=mb * seq, checkpointing=k > 0, checkpointed=k,
+                                                  fp8=True, **setting)
+        keep = kept is None or kept <= budget_gb * GB
+        peak = kept if keep else peak
     return {"micro_batch": mb, "grad_accum": per_gpu // mb, "checkpointing": k > 0 or checkpointing is True,
+            "fp8_keep": keep,
             # every layer too when offloaded: stages/kernels.py checkpoint_first offloads, the model's own does not
             "checkpoint_layers": k if 0 < k < layers or (k and setting.get("offload")) else None,
             "estimate_gb": None if peak is None else round(peak / GB, 1)}  # no budget (CPU): no estimate

@@ -156,7 +156,8 @@ class Train:
         "compute capability 8.9 or above (Ada, Hopper) with 4-bit quant, bf16 and compiled layers (on an older GPU the "
         "train stage stops and says so); elsewhere off (uncompiled, each scaling is a kernel of its own and the "
         "products are slower than bf16's). One H200, 1.8B shape: 56,293 tokens/s against 49,243, losses within "
-        "0.1%, 1.4 GB more (benchmarks/README.md)")
+        "0.1%, 1.4 GB more: each layer's float8 weight kept for its backward pass, where memory_gb allows "
+        "(benchmarks/README.md)")
     optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = spec(
         "AdamW, or bitsandbytes' 8-bit AdamW (optimizer states in 8 bits; paged: spill to CPU memory under "
         "pressure); the 8-bit ones need a GPU and no DeepSpeed")

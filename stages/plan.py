@@ -72,7 +72,7 @@ def resolve(p: P.Params, cuda: bool, bf16: bool, card_gb: float | None = None,
             "compile_layers": compile_layers,
             "cuda_graphs": bool(compile_layers and device == "cuda" and t.cuda_graphs and world == 1
                                 and not batch["checkpointing"] and not batch["checkpoint_layers"]),
-            "fp8": fp8,
+            "fp8": fp8, "fp8_keep": bool(fp8 and batch["fp8_keep"]),
             "upcast_frozen": p.quant.upcast_frozen or p.quant.mode == "none",
             "lora_targets": targets, "max_length": p.data.max_length,
             "cpu_threads": cpu_threads(device, (shape or {}).get("hidden"))}
@@ -130,7 +130,7 @@ def llava_batch(p: P.Params, resolved: dict) -> dict:
     return {**resolved, "micro_batch": micro, "grad_accum": accum, "checkpointing": False, "checkpoint_layers": None,
             "estimate_gb": None,
             "fused_loss": False, "compile_layers": False, "cuda_graphs": False, "offload_activations": False,
-            "fp8": False}
+            "fp8": False, "fp8_keep": False}
 
 
 def render_text(template: Path, ctx: dict) -> str:

@@ -59,11 +59,10 @@ def test_the_frozen_product_and_its_input_gradient_in_float8_against_bitsandbyte
     assert layer.weight.grad is None
 
 
-def test_installed_the_layers_train_in_float8_and_chat_as_bitsandbytes(monkeypatch):
-    import sys
+def test_installed_the_layers_train_in_float8_and_chat_as_bitsandbytes():
+    from stages.xtuner_api import patch_stack
 
-    if "peft" not in sys.modules:  # as the text recipe's stages import it: torchvision hidden (xtuner_api.lean_imports)
-        monkeypatch.setitem(sys.modules, "torchvision", None)
+    patch_stack()  # as the train stage imports peft (here: torchvision's ops without their compiled library)
     from peft import LoraConfig, get_peft_model
 
     class Block(torch.nn.Module):
@@ -130,6 +129,47 @@ def test_fp8_applies_on_a_bf16_gpu_with_4bit_weights_only():
     plain, fp8_on = (resolved(replace(q, train=replace(q.train, **at24)), **gpu) for q in (base, on))
     assert (plain["micro_batch"], plain["checkpoint_layers"]) == (fp8_on["micro_batch"], fp8_on["checkpoint_layers"])
     assert fp8_on["estimate_gb"] - plain["estimate_gb"] == pytest.approx(1.5, abs=0.11)
+    assert plain["fp8_keep"] is False and fp8_on["fp8_keep"] is True
+    # where the kept weights would not fit, the same plan, and the backward dequantises again
+    tight = {**at24, "memory_gb": plain["estimate_gb"] + 0.5}
+    plain_t, fp8_t = (resolved(replace(q, train=replace(q.train, **tight)), **gpu) for q in (base, on))
+    assert (fp8_t["micro_batch"], fp8_t["checkpoint_layers"]) == (plain_t["micro_batch"], plain_t["checkpoint_layers"])
+    assert fp8_t["fp8"] and not fp8_t["fp8_keep"] and fp8_t["estimate_gb"] == plain_t["estimate_gb"]
     every = {**at24, "micro_batch": 16, "activation_checkpointing": True}
     plain, fp8_on = (resolved(replace(q, train=replace(q.train, **every)), **gpu) for q in (base, on))
     assert fp8_on["estimate_gb"] == plain["estimate_gb"]  # a checkpointed layer's copy lives during its backward only
+
+
+def test_the_backward_dequantises_again_unless_the_float8_weight_is_kept():
+    """Compiled (as the train stage compiles its layers), `keep` decides what the forward pass saves for the
+    backward: the weight's float8 copy (1 byte a parameter), or nothing of the weight's size. Both ways the
+    same gradient."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+    from torch._functorch.partitioners import min_cut_rematerialization_partition  # inductor's
+
+    layer = linear4bit(96, 64)
+    n, k = layer.weight.quant_state.shape
+    assert torch.equal(fp8._dequantized_apart(layer.weight, layer.weight.quant_state, torch.bfloat16),
+                       fp8._dequantized(layer.weight, layer.weight.quant_state, torch.bfloat16))
+    grads = {}
+    for keep in (True, False):
+        saved = []
+
+        def forward_graph(gm, example_inputs):
+            outputs = next(node for node in gm.graph.nodes if node.op == "output").args[0]
+            saved.extend(tuple(o.meta["val"].shape) for o in outputs[1:] if o is not None and "val" in o.meta)
+            return make_boxed_func(gm)
+
+        torch._dynamo.reset()
+        fn = torch.compile(lambda x: fp8.frozen_fp8(x, layer.weight, layer.weight.quant_state, keep),
+                           backend=aot_autograd(fw_compiler=forward_graph, bw_compiler=lambda gm, _: make_boxed_func(gm),
+                                                partition_fn=min_cut_rematerialization_partition))
+        x = torch.randn(32, k, dtype=torch.bfloat16, requires_grad=True)
+        torch.manual_seed(5)
+        fn(x).float().sum().backward()
+        grads[keep] = x.grad
+        weight_sized = [shape for shape in saved if shape in ((n, k), (k, n))]
+        assert weight_sized if keep else not weight_sized, (keep, saved)
+    assert torch.equal(grads[True], grads[False])
+    torch._dynamo.reset()
