@@ -117,8 +117,6 @@ def frozen_fp8(x, packed, quant_state, keep: bool = True):
 
 def fits(x, quant_state) -> bool:
     """float8 products take every dimension divisible by 16 (cuBLASLt's rule)."""
-    import torch
-
     n, k = quant_state.shape
     return (x.is_floating_point() and n % 16 == 0 and k % 16 == 0 and x.shape[-1] == k
             and (x.numel() // k) % 16 == 0)
@@ -144,7 +142,8 @@ def _fp8_class():
                 if (not self.training or self.bias is not None or state is None or dtype != torch.bfloat16
                         or not fits(x, state)):
                     return super().forward(x)
-                return frozen_fp8(x.to(dtype), self.weight, state, self.keep_fp8).to(x.dtype)  # the parameter: its .data recurses under torch.compile
+                # the parameter itself: bitsandbytes' `.data` of it recurses under torch.compile
+                return frozen_fp8(x.to(dtype), self.weight, state, self.keep_fp8).to(x.dtype)
 
         _CLASS = FP8Linear4bit
     return _CLASS

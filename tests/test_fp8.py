@@ -3,25 +3,26 @@
 from dataclasses import replace
 from pathlib import Path
 
+import bitsandbytes as bnb
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-bnb = pytest.importorskip("bitsandbytes")
-
-from stages import fp8, plan  # noqa: E402
-from stages import params as P  # noqa: E402
+from stages import fp8, plan
+from stages import params as P
 
 
 def rel(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def linear4bit(out_features, in_features, seed=0):
-    torch.manual_seed(seed)
+def linear4bit(out_features, in_features, seed=0, weight=None):
+    """A bitsandbytes NF4 layer on the CPU, of `weight` (out x in) or of random weights from `seed`."""
+    if weight is None:
+        torch.manual_seed(seed)
+        weight = torch.randn(out_features, in_features) * 0.05
     layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.bfloat16,
                               quant_type="nf4", compress_statistics=True)
-    layer.weight = bnb.nn.Params4bit(torch.randn(out_features, in_features) * 0.05, requires_grad=False,
-                                     quant_type="nf4", compress_statistics=True)
+    layer.weight = bnb.nn.Params4bit(weight.float(), requires_grad=False, quant_type="nf4", compress_statistics=True)
     layer.weight._quantize("cpu")
     return layer
 
@@ -199,12 +200,7 @@ def test_the_loss_curve_in_float8_follows_the_bf16_one_on_the_internlm2_structur
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
                 if type(child) is torch.nn.Linear and name in names:
-                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
-                                          compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
-                    q.weight = bnb.nn.Params4bit(child.weight.data.float(), requires_grad=False, quant_type="nf4",
-                                                 compress_statistics=True)
-                    q.weight._quantize("cpu")
-                    setattr(parent, name, q)
+                    setattr(parent, name, linear4bit(child.out_features, child.in_features, weight=child.weight.data))
         if use_fp8:
             assert fp8.install(model) == 2 * len(names)
         torch.manual_seed(1)
