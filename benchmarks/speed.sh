@@ -23,7 +23,8 @@
 # frontier (the default, Unsloth at 4, 8 and 16, and the offload suite's two runs: tokens/s against peak),
 # packing (the pack length alone: 2048, 1024 and 4096 tokens a sequence at the same tokens a step),
 # fp8 (train.fp8: Unsloth at 16, the default without and with it, then the frozen products alone),
-# lean7b-fp8 (Unsloth's 7B at micro-batch 1, the stage at memory_gb 8 with train.fp8, and offloaded at 2).
+# lean7b-fp8 (Unsloth's 7B at micro-batch 1, the stage at memory_gb 8 with train.fp8, offloaded at 2, then plain),
+# lean7b-fp8-lever (Unsloth's 7B at 1 twice, the stage offloaded at 2 without and with train.fp8).
 set -uo pipefail
 SUITE=${1:-all}; ITERS=${2:-40}; OUT=${OUT:-bench}
 mkdir -p "$OUT" /tmp/models
@@ -47,6 +48,11 @@ peer() {  # lib, shape, micro-batches
   PYTHONPATH=/tmp/peers timeout -k 5 240 python3 -m benchmarks.peers --lib "$1" --model "$dir" --shape "$2" \
     --mbs "$3" --out "$RESULTS" >"$OUT/peer-$1-$2.log" 2>&1 || { echo "peer $1 failed"; tail -n 8 "$OUT/peer-$1-$2.log"; }
   grep -h '"run": "peer"' "$OUT/peer-$1-$2.log" | cut -c1-300
+}
+free_disk() {  # keep: the one model under /tmp/models to keep. The train stage's preflight asks for 3x its model
+  # free (a merged copy and checkpoints): 7B needs 44 GB of the 64 GB disk, so the other shapes' models (the peers'
+  # 7B copy is 15 GB) and a warm machine's leftovers go first
+  find /tmp/models -mindepth 1 -maxdepth 1 ! -name "$1" -exec rm -rf {} + 2>/dev/null; true
 }
 stage() {  # name, shape, params updates: the train stage through `dvc repro train`, figures into $RESULTS
   local dir; dir=$(model "$2" internlm2)
@@ -75,7 +81,7 @@ checkpointed16() {  # micro-batch 16, every layer checkpointed, without and with
     "{$PEERLORA, 'train': {$every, 'offload_activations': True}}"
 }
 lean7b_offloaded() {  # LEAN7B_MB: its micro-batch (2; a divisor of the global batch, 16); LEAN7B_FP8=1: with train.fp8
-  local mb=${LEAN7B_MB:-2} fp8=${LEAN7B_FP8:+, 'fp8': True}
+  local mb=${LEAN7B_MB:-2} fp8="${LEAN7B_FP8:+, 'fp8': True}"
   stage "train stage, lean (8 GB), peer LoRA, offloaded checkpoints, micro-batch $mb${LEAN7B_FP8:+, train.fp8}" 7b \
     "{$PEERLORA, 'train': {'memory_gb': 8, 'optimizer': 'paged_adamw8bit', 'offload_activations': True, 'micro_batch': $mb$fp8}}"
 }
@@ -136,7 +142,7 @@ case $SUITE in
     levers internlm2-1_8b default; levers internlm2-1_8b cudagraphs ;;
   lean7b)  # UNSLOTH_ONLY=1: Unsloth alone of the peers (the target's; the 7B model files take a minute each)
     peer unsloth 7b 1,2; [ -n "${UNSLOTH_ONLY:-}" ] || { peer liger 7b 1,2; peer hf 7b 1; }
-    rm -rf /tmp/models/7b-llama-plain  # 15 GB: the train stage's preflight asks for 3x the model free (64 GB disk)
+    free_disk 7b-internlm2
     stage "train stage, lean (8 GB), peer LoRA" 7b "{$PEERLORA, 'train': {'memory_gb': 8, 'optimizer': 'paged_adamw8bit'}}"
     lean7b_offloaded ;;
   lean7b-offloaded) lean7b_offloaded ;;  # that last run alone
@@ -169,12 +175,17 @@ case $SUITE in
     [ "${FP8_MATMUL:-1}" = 0 ] || PYTHONPATH=$XTUNER_SITE timeout -k 5 180 python3 -m benchmarks.fp8_matmul \
       --out "$RESULTS" --shapes "1.8B wqkv,1.8B wo,1.8B w1/w3,1.8B w2" 2>"$OUT/fp8-matmul.log" | cut -c1-220 ;;
   lean7b-fp8)  # the 7B target with train.fp8: Unsloth at micro-batch 1 (the only one within 8 GiB), then the stage
-    # at memory_gb 8 with train.fp8, plain and with offload_activations at micro-batch 2 (the best within 8 GB before)
+    # at memory_gb 8 with train.fp8, with offload_activations at micro-batch 2 (the best within 8 GB before), then plain
     peer unsloth 7b 1
-    rm -rf /tmp/models/7b-llama-plain  # 15 GB: the train stage's preflight asks for 3x the model free (64 GB disk)
+    free_disk 7b-internlm2
+    LEAN7B_FP8=1 lean7b_offloaded
     stage "train stage, lean (8 GB), peer LoRA, train.fp8" 7b \
-      "{$PEERLORA, 'train': {'memory_gb': 8, 'optimizer': 'paged_adamw8bit', 'fp8': True}}"
-    LEAN7B_FP8=1 lean7b_offloaded ;;
+      "{$PEERLORA, 'train': {'memory_gb': 8, 'optimizer': 'paged_adamw8bit', 'fp8': True}}" ;;
+  lean7b-fp8-lever)  # train.fp8 on its own at 7B: Unsloth at micro-batch 1 twice (its spread within a call), then the
+    # stage's best within 8 GB (offloaded, micro-batch 2) without and with train.fp8
+    peer unsloth 7b 1; peer unsloth 7b 1
+    free_disk 7b-internlm2
+    lean7b_offloaded; LEAN7B_FP8=1 lean7b_offloaded ;;
   *) echo "unknown suite $SUITE"; exit 2 ;;
 esac
 echo "done at +${SECONDS}s"

@@ -15,12 +15,17 @@ from benchmarks.shapes import SHAPES, mfu
 NAMES = {"unsloth": "Unsloth", "liger": "transformers + peft + Liger Kernel", "hf": "transformers + peft (plain)"}
 
 
-def rows(records: list[dict]) -> list[str]:
+def rows(records: list[dict], stage: str | None = None) -> list[str]:
+    """`stage`: the run to compare, the first train-stage run whose name contains it (default: the first)."""
     peers = [r for r in records if r.get("run") == "peer" and "tokens_per_s" in r]
     stages = [r for r in records if r.get("run", "").startswith("train stage") and r.get("status") == "ok"]
     if not stages:
         raise SystemExit("no train-stage run in the file")
-    ours = stages[0]
+    named = [r for r in stages if stage is None or stage in r["run"]]
+    if not named:
+        raise SystemExit(f"--stage: no train-stage run named with {stage!r}; the runs: "
+                         + "; ".join(r["run"] for r in stages))
+    ours = named[0]
     out = ["| run | micro-batch x accumulation | activation checkpointing | tokens/s | peak allocated | MFU | "
            f"{ours['run']} ÷ run |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in stages:
@@ -47,10 +52,12 @@ def rows(records: list[dict]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", type=Path)
+    parser.add_argument("results", type=Path, help="a speed.jsonl that benchmarks/speed.sh wrote")
+    parser.add_argument("--stage", metavar="TEXT",
+                        help="compare the first train-stage run whose name contains TEXT (default: the first run)")
     args = parser.parse_args()
     records = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
-    print("\n".join(rows(records)))
+    print("\n".join(rows(records, args.stage)))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The speed benchmark's report, from the results file of the GPU call it reports, and the plain
 tokenizer that lets the peer libraries load a random model without remote code."""
 import json
+import subprocess
 import sys
 
 from benchmarks import speed_report
@@ -18,6 +19,20 @@ def test_report_gives_each_run_and_the_stage_against_the_best_peer():
     assert lines[-1].startswith(f"{stage['run']}: {stage['tokens_per_s'] / best['tokens_per_s']:.2f}x the best peer")
     assert sum(line.startswith("| Unsloth") for line in lines) == 2
     assert sum(line.startswith("| train stage") for line in lines) == 2
+
+
+def test_report_compares_the_run_it_is_told_and_names_the_runs_otherwise():
+    path = RESULTS.with_name("fp8-same-call.jsonl")
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    fp8 = next(r for r in records if r["run"].endswith("train.fp8"))
+    unsloth = next(r for r in records if r["run"] == "peer")
+    lines = speed_report.rows(records, "train.fp8")
+    assert lines[-1].startswith(f"{fp8['run']}: {fp8['tokens_per_s'] / unsloth['tokens_per_s']:.2f}x the best peer")
+    assert lines[-1].startswith(f"{fp8['run']}: 1.34x")  # the call's figures, as benchmarks/README.md gives them
+    result = subprocess.run([sys.executable, "-m", "benchmarks.speed_report", str(path), "--stage", "fp16"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("--stage: no train-stage run named with 'fp16'; the runs: train stage")
 
 
 def test_plain_tokenizer_has_one_token_per_id():
