@@ -50,14 +50,92 @@ def rows(records: list[dict], stage: str | None = None) -> list[str]:
     return out
 
 
+GIB = 2**30
+TARGET = 1.2  # the speed issue's: the stage at 1.2x the fastest peer within the budget
+
+
+def label(record: dict) -> str:
+    if record.get("run") == "peer":
+        return f"{NAMES[record['lib']]}, micro-batch {record['micro_batch']}"
+    s = record["resolved"]
+    name = record["run"].removeprefix("train stage, ").replace(", peer LoRA", "").replace("defaults at ", "")
+    name = name.replace("lean (8 GB), ", "8 GB, ").replace("offloaded checkpoints", "offloaded")
+    return f"{name} ({s['micro_batch']} x {s['grad_accum']})"
+
+
+def plot(out: Path, calls: list[tuple[Path, list[dict]]], budgets: list[float]) -> None:
+    """One panel a call: tokens/s against peak GB, peers as circles and stage runs as squares, each labelled,
+    the budget a vertical line and 1.2x the fastest peer within it a horizontal one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(calls), figsize=(6.4 * len(calls), 4.8), squeeze=False)
+    for ax, (path, records), budget in zip(axes[0], calls, budgets):
+        runs = [r for r in records if "tokens_per_s" in r and r.get("peak_gb")
+                and (r.get("run") == "peer" or r.get("status") == "ok")]
+        shape = runs[0].get("shape", "")
+        placed: list[float] = []
+        for r in sorted(runs, key=lambda r: -r["tokens_per_s"]):
+            peer = r.get("run") == "peer"
+            ax.scatter(r["peak_gb"], r["tokens_per_s"], marker="o" if peer else "s", s=46,
+                       color="tab:grey" if peer else "tab:blue", zorder=3)
+            near = sum(abs(r["tokens_per_s"] - y) < 0.04 * max(r["tokens_per_s"], y) for y in placed)
+            placed.append(r["tokens_per_s"])  # a label close under another goes a line lower
+            ax.annotate(label(r), (r["peak_gb"], r["tokens_per_s"]), textcoords="offset points",
+                        xytext=(6, 4 - 11 * near), fontsize=7.5)
+        top = max(r["tokens_per_s"] for r in runs) * 1.15
+        ax.set_ylim(0, top)
+        ax.set_xlim(0, max(max(r["peak_gb"] for r in runs), budget) * 1.9)  # room for the labels
+        ax.axvline(budget, color="tab:red", linestyle=":", linewidth=1)
+        ax.text(budget, top * 0.02, f" budget {budget:g} GB", color="tab:red", fontsize=8)
+        # a peer counts within the budget read as GiB, the reading that favours it (Unsloth's 7B at 8.42 GB)
+        within = [r["tokens_per_s"] for r in runs if r.get("run") == "peer" and r["peak_gb"] <= budget * GIB / 1e9]
+        if within:
+            ax.axhline(TARGET * max(within), color="tab:green", linestyle="--", linewidth=1)
+            ax.text(0, TARGET * max(within), f" {TARGET}x the fastest peer within {budget:g} GiB",
+                    color="tab:green", fontsize=8, va="bottom")
+        ax.set(xlabel="peak allocated memory (GB)", ylabel="tokens/s", title=f"{shape}, one call ({path.name})")
+        ax.grid(alpha=0.3)
+    fig.suptitle("the train stage (squares) beside the peers (circles), one H200", fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
+def read(path: Path) -> list[dict]:
+    try:
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"{path}: not a speed.sh results file ({error.__class__.__name__}: {error})") from None
+    if not any("tokens_per_s" in r for r in records):
+        raise SystemExit(f"{path}: no run with tokens/s in it")
+    return records
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", type=Path, help="a speed.jsonl that benchmarks/speed.sh wrote")
+    parser.add_argument("results", type=Path, nargs="+", help="a speed.jsonl that benchmarks/speed.sh wrote "
+                        "(several only with --plot)")
     parser.add_argument("--stage", metavar="TEXT",
                         help="compare the first train-stage run whose name contains TEXT (default: the first run)")
+    parser.add_argument("--plot", type=Path, metavar="PNG", help="draw tokens/s against peak memory, one panel a file")
+    parser.add_argument("--budget", type=float, action="append", metavar="GB",
+                        help="with --plot: each file's memory budget, in its order (default: 24)")
     args = parser.parse_args()
-    records = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
-    print("\n".join(rows(records, args.stage)))
+    calls = [(path, read(path)) for path in args.results]
+    if args.plot:
+        budgets = args.budget or [24.0] * len(calls)
+        if len(budgets) != len(calls):
+            raise SystemExit(f"--budget: {len(budgets)} given for {len(calls)} results files; one a file")
+        plot(args.plot, calls, budgets)
+        print(f"wrote {args.plot}")
+        return
+    if len(calls) > 1:
+        raise SystemExit("one results file a table; several only with --plot")
+    print("\n".join(rows(calls[0][1], args.stage)))
 
 
 if __name__ == "__main__":
