@@ -24,7 +24,8 @@
 # packing (the pack length alone: 2048, 1024 and 4096 tokens a sequence at the same tokens a step),
 # fp8 (train.fp8: Unsloth at 16, the default without and with it, then the frozen products alone),
 # lean7b-fp8 (Unsloth's 7B at micro-batch 1, the stage at memory_gb 8 with train.fp8, offloaded at 2, then plain),
-# lean7b-fp8-lever (Unsloth's 7B at 1 twice, the stage offloaded at 2 without and with train.fp8).
+# lean7b-fp8-lever (Unsloth's 7B at 1 twice, the stage offloaded at 2 without and with train.fp8),
+# offload-fp8 (Unsloth at 16, then micro-batch 16 with every layer checkpointed and offloaded, without and with train.fp8).
 set -uo pipefail
 SUITE=${1:-all}; ITERS=${2:-40}; OUT=${OUT:-bench}
 mkdir -p "$OUT" /tmp/models
@@ -186,6 +187,14 @@ case $SUITE in
     peer unsloth 7b 1; peer unsloth 7b 1
     free_disk 7b-internlm2
     lean7b_offloaded; LEAN7B_FP8=1 lean7b_offloaded ;;
+  offload-fp8)  # Unsloth's memory regime with train.fp8: micro-batch 16, every layer checkpointed, offloaded, without
+    # and with train.fp8 (a checkpointed layer keeps no float8 weights), beside Unsloth at 16 (7.58 GB before)
+    [ -n "${NO_PEER:-}" ] || peer unsloth internlm2-1_8b 16
+    every="'memory_gb': 40, 'micro_batch': 16, 'activation_checkpointing': True, 'offload_activations': True"
+    stage "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA" internlm2-1_8b \
+      "{$PEERLORA, 'train': {$every}}"
+    stage "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, train.fp8" internlm2-1_8b \
+      "{$PEERLORA, 'train': {$every, 'fp8': True}}" ;;
   *) echo "unknown suite $SUITE"; exit 2 ;;
 esac
 echo "done at +${SECONDS}s"
