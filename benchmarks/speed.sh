@@ -36,6 +36,7 @@ XTUNER_SITE=${PYTHONPATH:-/tmp/site}
 [ -d /tmp/peers ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/peers \
   .whl-peers/*.whl .whl/bitsandbytes-*.whl >"$OUT/peers-install.log" 2>&1 || { tail -n 5 "$OUT/peers-install.log"; exit 1; }
 TINY_TEXT=$(mktemp -d)/tokenizer && cp -r models/assistant/llm "$TINY_TEXT"
+source benchmarks/bytecode.sh  # as a user's install has it (BYTECODE=0: the host as it is)
 
 model() {  # shape, arch, [--plain-tokenizer]: a random model of that shape under /tmp/models
   local dir=/tmp/models/$1-$2${3:+-plain}

@@ -25,6 +25,7 @@ SUITE=${1:-compare}; ITERS=${2:-30}; OUT=${OUT:-bench}
 mkdir -p "$OUT" /tmp/bin /tmp/models
 command -v python >/dev/null || ln -sf "$(command -v python3)" /tmp/bin/python
 export PATH=/tmp/bin:$PATH PYTHONUNBUFFERED=1
+source benchmarks/bytecode.sh  # as a user's install has it (BYTECODE=0: the host as it is)
 [ -d .git ] || git init -q
 git rev-parse -q --verify HEAD >/dev/null || { git add -A && git -c user.name=bench -c user.email=bench@localhost commit -qm bench; }
 
