@@ -115,8 +115,8 @@ def read(path: Path) -> list[dict]:
     return records
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.speed_report", description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path, nargs="+", help="a speed.jsonl that benchmarks/speed.sh wrote "
                         "(several only with --plot)")
     parser.add_argument("--stage", metavar="TEXT",
@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, metavar="PNG", help="draw tokens/s against peak memory, one panel a file")
     parser.add_argument("--budget", type=float, action="append", metavar="GB",
                         help="with --plot: each file's memory budget, in its order (default: 24)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     calls = [(path, read(path)) for path in args.results]
     if args.plot:
         budgets = args.budget or [24.0] * len(calls)

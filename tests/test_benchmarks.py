@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from benchmarks import speed_report
 from tests.conftest import ROOT
 
@@ -29,32 +31,27 @@ def test_report_compares_the_run_it_is_told_and_names_the_runs_otherwise():
     lines = speed_report.rows(records, "train.fp8")
     assert lines[-1].startswith(f"{fp8['run']}: {fp8['tokens_per_s'] / unsloth['tokens_per_s']:.2f}x the best peer")
     assert lines[-1].startswith(f"{fp8['run']}: 1.34x")  # the call's figures, as benchmarks/README.md gives them
+    # the command line: a bad choice is one line on stderr, exit 1, no traceback
     result = subprocess.run([sys.executable, "-m", "benchmarks.speed_report", str(path), "--stage", "fp16"],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("--stage: no train-stage run named with 'fp16'; the runs: train stage")
 
 
-def test_the_picture_has_a_panel_a_call_and_bad_input_is_one_line(tmp_path):
-    calls = [RESULTS.with_name("fp8-same-call.jsonl"), RESULTS.with_name("lean7b-fp8-lever.jsonl")]
-
-    def report(*args):
-        return subprocess.run([sys.executable, "-m", "benchmarks.speed_report", *map(str, args)], cwd=ROOT,
-                              capture_output=True, text=True)
-
-    result = report("--plot", tmp_path / "speed.png", "--budget", 24, "--budget", 8, *calls)
-    assert result.returncode == 0, result.stderr
+def test_the_picture_has_a_panel_a_call_and_bad_input_is_one_line(tmp_path, capsys):
+    calls = [str(RESULTS.with_name(name)) for name in ("fp8-same-call.jsonl", "lean7b-fp8-lever.jsonl")]
+    speed_report.main(["--plot", str(tmp_path / "speed.png"), "--budget", "24", "--budget", "8", *calls])
     png = (tmp_path / "speed.png").read_bytes()
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and width > 2 * height  # two panels side by side
-    one = report("--plot", tmp_path / "one.png", calls[0])
-    assert one.returncode == 0 and int.from_bytes((tmp_path / "one.png").read_bytes()[16:20], "big") < width
-    for args, message in [(("--plot", tmp_path / "x.png", "--budget", 24, *calls), "--budget: 1 given for 2"),
-                          ((tmp_path / "absent.jsonl",), f"{tmp_path / 'absent.jsonl'}: not a speed.sh results"),
+    speed_report.main(["--plot", str(tmp_path / "one.png"), calls[0]])
+    assert int.from_bytes((tmp_path / "one.png").read_bytes()[16:20], "big") < width
+    for args, message in [(["--plot", str(tmp_path / "x.png"), "--budget", "24", *calls], "--budget: 1 given for 2"),
+                          ([str(tmp_path / "absent.jsonl")], f"{tmp_path / 'absent.jsonl'}: not a speed.sh results"),
                           (calls, "one results file a table")]:
-        result = report(*args)
-        assert result.returncode == 1 and "Traceback" not in result.stderr
-        assert result.stderr.strip().startswith(message) and len(result.stderr.strip().splitlines()) == 1
+        with pytest.raises(SystemExit) as exit:
+            speed_report.main(args)
+        assert str(exit.value).startswith(message) and "\n" not in str(exit.value)
     assert not (tmp_path / "x.png").exists()
 
 
