@@ -15,6 +15,14 @@ from benchmarks.shapes import SHAPES, mfu
 NAMES = {"unsloth": "Unsloth", "liger": "transformers + peft + Liger Kernel", "hf": "transformers + peft (plain)"}
 
 
+def held(record: dict) -> str:
+    """A stage run's allocator peak (reserved, where the run recorded it) beside the planner's estimate of it."""
+    parts = [f"reserved {record['reserved_gb']} GB"] if record.get("reserved_gb") else []
+    if (record.get("resolved") or {}).get("estimate_gb"):
+        parts.append(f"planned {record['resolved']['estimate_gb']} GB")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def rows(records: list[dict], stage: str | None = None) -> list[str]:
     """`stage`: the run to compare, the first train-stage run whose name contains it (default: the first)."""
     peers = [r for r in records if r.get("run") == "peer" and "tokens_per_s" in r]
@@ -34,7 +42,7 @@ def rows(records: list[dict], stage: str | None = None) -> list[str]:
         ckpt = f"first {layers} of the layers" if layers else ("every layer" if s["checkpointing"] else "none")
         rate = mfu(r["tokens_per_s"], SHAPES[r["shape"]], 64, s["max_length"], "H200")
         out.append(f"| {r['run']} (InternLM2 structure) | {s['micro_batch']} x {s['grad_accum']} | {ckpt} | "
-                   f"{r['tokens_per_s']:,.0f} | {r['peak_gb']} GB | {rate:.1%} | "
+                   f"{r['tokens_per_s']:,.0f} | {r['peak_gb']} GB{held(r)} | {rate:.1%} | "
                    f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f}x |")
     for r in peers:
         out.append(f"| {NAMES[r['lib']]} ({r['shape']} as Llama) | {r['micro_batch']} x 1 | {r['checkpointing']} | "

@@ -76,6 +76,8 @@ if status == "ok":
     m = json.load(open("reports/train/metrics.json"))
     rec.update(tokens_per_s=m.get("tokens_per_sec"), final_loss=m.get("final_loss"), train_wall_s=m.get("wall_time_s"),
                peak_gb=round(m["peak_memory_mb"] * 2**20 / 1e9, 2) if m.get("peak_memory_mb") else None)
+    reserved = json.load(open("reports/stages/train.json")).get("peak_gpu_reserved_mb")  # the allocator's
+    rec["reserved_gb"] = round(reserved * 2**20 / 1e9, 2) if reserved else None  # (the planner estimates it)
     # mmengine's logged iteration times (each the mean of its window), the first window (start-up) left out
     times = [float(t) for t in re.findall(r"Iter\(train\) \[\s*\d+/\d+\].*?\s time: ([0-9.]+)",
                                           open("reports/train/xtuner.log", errors="replace").read())]

@@ -151,11 +151,15 @@ def record_stage(name: str, wall: float) -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         stats["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        # what PyTorch's allocator held at most (what the planner's estimate is of, stages/memory.py)
+        stats["peak_gpu_reserved_mb"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
     stats.update(_NOTES)
     import json  # written here, not through stages.io, which reports its own failures through this module
 
     STAGE_TIMES.mkdir(parents=True, exist_ok=True)
     (STAGE_TIMES / f"{name}.json").write_text(json.dumps(stats, ensure_ascii=False) + "\n", encoding="utf-8")
     gpu = f", GPU {stats['peak_gpu_mb']:,.0f} MB" if stats.get("peak_gpu_mb") else ""
+    if stats.get("peak_gpu_reserved_mb"):
+        gpu += f" ({stats['peak_gpu_reserved_mb']:,.0f} MB reserved)"
     print(f"[{name}] done in {wall:.1f} s, peak memory {stats['peak_rss_mb']:,.0f} MB{gpu}", file=sys.stderr,
           flush=True)
