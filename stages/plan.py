@@ -84,6 +84,20 @@ def checkpointing_words(resolved: dict) -> str:
     return f"{resolved.get('checkpointing')}" + (f" (the first {k} layers)" if k else "")
 
 
+def fp8_off(p: P.Params, resolved: dict) -> str | None:
+    """Why `train.fp8`, asked for, is off in `resolved` (None: on, or not asked for): what it needs that this
+    machine or these settings lack. An older GPU is refused outright (stages/kernels.py), not turned off."""
+    if not p.train.fp8 or resolved["fp8"]:
+        return None
+    if resolved["device"] != "cuda":
+        return "it needs a CUDA GPU of compute capability 8.9 or above (Ada, Hopper); here the CPU trains"
+    if resolved["precision"] != "bf16":
+        return f"it needs bf16 training (this GPU trains in {resolved['precision']})"
+    if p.quant.mode == "none":
+        return "it runs the frozen 4-bit weights' products (quant.mode: none)"
+    return "it needs compiled layers (train.compile_layers; off with DeepSpeed or several GPUs)"
+
+
 def resolve_here(p: P.Params, machine_facts: dict | None = None) -> dict:
     """resolve for this machine (or the one described), with the shape of the model at model.path;
     the image recipes' batch settings applied. What every stage that renders a config uses."""

@@ -24,7 +24,7 @@ from typing import Sequence
 
 from stages import params as P
 from stages.paths import CONFIG_DIR
-from stages.plan import resolve_here, write_config
+from stages.plan import fp8_off, resolve_here, write_config
 
 
 def render(p: P.Params, resolved: dict, out: Path = CONFIG_DIR) -> Path:
@@ -44,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if resolved["memory_gb"] and resolved["estimate_gb"] and resolved["estimate_gb"] > resolved["memory_gb"]:
         print(f"[render] warning: this setting is estimated at {resolved['estimate_gb']} GB, over "
               f"train.memory_gb {resolved['memory_gb']}: it may run out of GPU memory", flush=True)
+    if why := fp8_off(params, resolved):
+        print(f"[render] train.fp8 is off for this run: {why}", flush=True)
     path = render(params, resolved)
     print(f"[render] {path}: {params.recipe} recipe, LoRA r={params.lora.r}, "
           f"quant {params.quant.mode}, {resolved['device']} {resolved['precision']}, "

@@ -124,6 +124,15 @@ def test_fp8_applies_on_a_bf16_gpu_with_4bit_weights_only():
     assert not resolved(replace(on, quant=replace(on.quant, mode="none")), **gpu)["fp8"]
     assert not resolved(replace(on, train=replace(on.train, compile_layers=False)), **gpu)["fp8"]
     assert not resolved(replace(on, train=replace(on.train, gpus=2, global_batch=16)), **gpu)["fp8"]  # DeepSpeed: layers not compiled
+    # where it is asked for and off, render says why, in one line
+    def why(params, **machine):
+        return plan.fp8_off(params, resolved(params, **machine))
+
+    assert why(on, **gpu) is None and why(base, cuda=False, bf16=False) is None
+    assert why(on, cuda=False, bf16=False).startswith("it needs a CUDA GPU of compute capability 8.9")
+    assert why(on, cuda=True, bf16=False, card_gb=16.0) == "it needs bf16 training (this GPU trains in fp16)"
+    assert why(replace(on, quant=replace(on.quant, mode="none")), **gpu).endswith("(quant.mode: none)")
+    assert why(replace(on, train=replace(on.train, compile_layers=False)), **gpu).startswith("it needs compiled layers")
     # the planner counts the float8 weights torch.compile keeps for the backward pass: a byte a frozen parameter
     # of each layer not checkpointed (1.36 GB more measured at this shape: benchmarks/README.md)
     at24 = {"memory_gb": 24.0, "global_batch": 16}
