@@ -55,6 +55,16 @@ def test_the_picture_has_a_panel_a_call_and_bad_input_is_one_line(tmp_path, caps
     assert not (tmp_path / "x.png").exists()
 
 
+def test_the_shell_scripts_parse():
+    """The GPU host's scripts run only there (no CI machine has the GPU): `bash -n` here, so that an edit that
+    breaks one shows before a device call is spent on it."""
+    scripts = sorted([*ROOT.glob("benchmarks/*.sh"), *ROOT.glob("scripts/*.sh"), ROOT / ".ci" / "run"])
+    assert len(scripts) > 10
+    for script in scripts:
+        result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert result.returncode == 0, f"{script.relative_to(ROOT)}: {result.stderr}"
+
+
 def test_plain_tokenizer_has_one_token_per_id():
     sys.path.insert(0, str(ROOT / "scripts"))
     import random_model
