@@ -38,8 +38,10 @@ def rows(records: list[dict], stage: str | None = None) -> list[str]:
            f"{ours['run']} ÷ run |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in stages:
         s = r["resolved"]
-        layers = s.get("checkpoint_layers")
-        ckpt = f"first {layers} of the layers" if layers else ("every layer" if s["checkpointing"] else "none")
+        layers, total = s.get("checkpoint_layers"), SHAPES[r["shape"]]["num_hidden_layers"]
+        ckpt = (f"first {layers} of {total} layers" if layers and layers < total
+                else "every layer" if layers or s["checkpointing"] else "none")
+        ckpt += ", offloaded" if s.get("offload_activations") and ckpt != "none" else ""
         rate = mfu(r["tokens_per_s"], SHAPES[r["shape"]], 64, s["max_length"], "H200")
         out.append(f"| {r['run']} (InternLM2 structure) | {s['micro_batch']} x {s['grad_accum']} | {ckpt} | "
                    f"{r['tokens_per_s']:,.0f} | {r['peak_gb']} GB{held(r)} | {rate:.1%} | "
