@@ -3,8 +3,8 @@
 # PYTHONDONTWRITEBYTECODE=1, its own packages (torch, triton, numpy) carry no bytecode, and the wheel kit goes in with
 # --no-compile, so every process there compiled its imports anew: torch's took 7.5 s against 2.1 s with bytecode, a
 # convert's or merge's 18.8 s against 7.5 s (results/h100/run10-startup/import_times.txt). That start-up is in every
-# stage's wall time and in the scorer's start beside the trainer. BYTECODE=0: the host as it is (the calls before
-# 2026-12-03 ran so).
+# stage's wall time and in the scorer's start beside the trainer. BYTECODE=0: the host as it is (every call before
+# this script ran so).
 if [ "${BYTECODE:-1}" != 0 ]; then
   export PYTHONPYCACHEPREFIX=/tmp/pycache  # beside the read-only or foreign package folders, not in them
   unset PYTHONDONTWRITEBYTECODE

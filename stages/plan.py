@@ -54,8 +54,7 @@ def resolve(p: P.Params, cuda: bool, bf16: bool, card_gb: float | None = None,
     targets = lora_targets({"architectures": [(shape or {}).get("arch")]}, p.lora.target_modules)
     compile_layers = t.compile_layers if t.compile_layers != "auto" else (
         device == "cuda" and deepspeed == "none" and world == 1)
-    # float8 products pay only inside compiled layers (eager, each scaling is a kernel of its own: slower than bf16)
-    fp8 = bool(t.fp8 and device == "cuda" and precision == "bf16" and p.quant.mode != "none" and compile_layers)
+    fp8 = bool(t.fp8) and _fp8_lacks(p, device, precision, compile_layers) is None
     batch = memory.plan(
         shape or {}, budget_gb=budget, seq=p.data.max_length, global_batch=t.global_batch, gpus=world,
         micro_batch=t.micro_batch, checkpointing=t.activation_checkpointing,  # no budget (CPU): all, none
@@ -84,18 +83,26 @@ def checkpointing_words(resolved: dict) -> str:
     return f"{resolved.get('checkpointing')}" + (f" (the first {k} layers)" if k else "")
 
 
-def fp8_off(p: P.Params, resolved: dict) -> str | None:
-    """Why `train.fp8`, asked for, is off in `resolved` (None: on, or not asked for): what it needs that this
-    machine or these settings lack. An older GPU is refused outright (stages/kernels.py), not turned off."""
-    if not p.train.fp8 or resolved["fp8"]:
-        return None
-    if resolved["device"] != "cuda":
+def _fp8_lacks(p: P.Params, device: str, precision: str, compile_layers: bool) -> str | None:
+    """What `train.fp8` needs that this run lacks (None: nothing). The float8 products pay only inside compiled
+    layers (eager, each scaling is a kernel of its own: slower than bf16). An older GPU is refused outright
+    (stages/kernels.py), not turned off."""
+    if device != "cuda":
         return "it needs a CUDA GPU of compute capability 8.9 or above (Ada, Hopper); here the CPU trains"
-    if resolved["precision"] != "bf16":
-        return f"it needs bf16 training (this GPU trains in {resolved['precision']})"
+    if precision != "bf16":
+        return f"it needs bf16 training (this GPU trains in {precision})"
     if p.quant.mode == "none":
         return "it runs the frozen 4-bit weights' products (quant.mode: none)"
-    return "it needs compiled layers (train.compile_layers; off with DeepSpeed or several GPUs)"
+    if not compile_layers:
+        return "it needs compiled layers (train.compile_layers; off with DeepSpeed or several GPUs)"
+    return None
+
+
+def fp8_off(p: P.Params, resolved: dict) -> str | None:
+    """Why `train.fp8`, asked for, is off in `resolved` (None: on, or not asked for)."""
+    if not p.train.fp8 or resolved["fp8"]:
+        return None
+    return _fp8_lacks(p, resolved["device"], resolved["precision"], resolved["compile_layers"])
 
 
 def resolve_here(p: P.Params, machine_facts: dict | None = None) -> dict:
