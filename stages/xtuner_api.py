@@ -35,6 +35,7 @@ def patch_stack() -> None:
     after_import("bitsandbytes.nn.modules", _bnb_cpu_packing_off)
     after_import("transformers.models.auto.auto_factory", _internlm2_generates_from_embeds)
     while_importing("bitsandbytes.backends.default.ops", _compile_on_first_call)
+    while_importing("xtuner.dataset.internvl_dataset", _tokenizers_parallelism_kept)
     # No process-wide unpickling setting: checkpoints load with weights only (`weights_only_loads`);
     # only the trainer resuming from the pipeline's own checkpoint unpickles fully (`full_unpickling`).
 
@@ -90,6 +91,24 @@ def while_importing(name: str, context: Callable[[], contextlib.AbstractContextM
 def _watch_imports() -> None:
     if not any(isinstance(f, _AfterImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _AfterImport())
+
+
+@contextlib.contextmanager
+def _tokenizers_parallelism_kept():
+    """TOKENIZERS_PARALLELISM as it was before `xtuner/dataset/internvl_dataset.py` ran. That module sets it to
+    "true" in a class body, so every `import xtuner.dataset` (each recipe's config, validate) turned the Rust
+    tokenizers' threads on for the rest of the process: a datasets `map` over several processes (the train
+    stage's on a GPU host, `map_num_proc` 8) then printed `Setting TOKENIZERS_PARALLELISM=false for forked
+    processes.` on the terminal, once a map, 8 lines a train stage on the GPU machine, and the trainer forks its
+    data-loading workers after tokenizers' threads have run. `stages.errors` sets it "false" where it is unset."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
 @contextlib.contextmanager

@@ -18,10 +18,31 @@ def torchvision_ops_load() -> bool:
     return python("import torch, torchvision; torch.ops.torchvision.nms").returncode == 0
 
 
+# a datasets `map` over two processes after XTuner's import, as the train stage's on a GPU host (map_num_proc 8)
+FORKED_MAP = ("import datasets; datasets.Dataset.from_dict({'a': [1, 2, 3, 4]}).map(lambda r: r, num_proc=2); "
+              "import os; print(os.environ['TOKENIZERS_PARALLELISM'])")
+
+
 def test_xtuner_imports_after_patch_stack():
-    proc = python("from stages.xtuner_api import patch_stack; patch_stack(); " + IMPORT)
+    """...and leaves TOKENIZERS_PARALLELISM as it was: XTuner's import set it to "true", and each datasets `map`
+    over several processes then printed a line on the terminal (8 lines a train stage on the GPU machine)."""
+    proc = python("import os; os.environ['TOKENIZERS_PARALLELISM'] = 'false'; "
+                  "from stages.xtuner_api import patch_stack; patch_stack(); " + IMPORT + "; " + FORKED_MAP)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "imported" in proc.stdout
+    assert proc.stdout.split() == ["imported", "false"], proc.stdout + proc.stderr[-2000:]
+    assert "Setting TOKENIZERS_PARALLELISM" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_xtuner_still_turns_tokenizers_parallelism_on_at_import():
+    """What `_tokenizers_parallelism_kept` undoes is still in the installed XTuner (read, not imported)."""
+    import importlib.util
+    from pathlib import Path
+
+    source = Path(importlib.util.find_spec("xtuner").origin).parent / "dataset" / "internvl_dataset.py"
+    assert 'os.environ["TOKENIZERS_PARALLELISM"] = "true"' in source.read_text()
+    proc = python("import os; os.environ['TOKENIZERS_PARALLELISM'] = 'true'; " + FORKED_MAP)  # what it caused
+    assert proc.returncode == 0 and "Setting TOKENIZERS_PARALLELISM=false for forked processes" in proc.stderr, \
+        proc.stderr[-2000:]
 
 
 @pytest.mark.skipif(torchvision_ops_load(), reason="this torchvision's compiled ops load: nothing to fix")
