@@ -3,6 +3,7 @@ tokenizer that lets the peer libraries load a random model without remote code."
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -53,6 +54,30 @@ def test_the_picture_has_a_panel_a_call_and_bad_input_is_one_line(tmp_path, caps
             speed_report.main(args)
         assert str(exit.value).startswith(message) and "\n" not in str(exit.value)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_select_cost_splits_each_run_into_its_phases_and_draws_them(tmp_path, capsys):
+    """benchmarks/select_cost.py on call 14's stamped logs: the phases add up to the run, the wait for the scorer
+    is in the runs beside it only, and benchmarks/README.md's means come out (select 2.0 s beside, 13-15 s after)."""
+    from benchmarks import select_cost
+
+    logs = sorted(str(p) for p in (ROOT / "benchmarks" / "results" / "select").glob("call14-train-*.log"))
+    assert len(logs) == 5
+    runs = {select_cost.label(Path(log)): select_cost.phases(Path(log)) for log in logs}
+    for run, p in runs.items():
+        assert sum(v for k, v in p.items() if k != "total") == pytest.approx(p["total"], abs=0.05), run
+        assert (p["waiting for the scorer"] > 1) == ("beside" in run), run
+    beside = [p["select stage"] for run, p in runs.items() if "beside" in run]
+    assert 1.5 < sum(beside) / len(beside) < 2.5 and all(13 < p["select stage"] < 15 for run, p in runs.items()
+                                                          if "no scorer" in run)
+    select_cost.main(logs)
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 2 + 5 and table[2].startswith("| call 14, run 2, no scorer |")
+    select_cost.main(["--plot", str(tmp_path / "phases.png"), *logs])
+    assert (tmp_path / "phases.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit) as exit:
+        select_cost.main([str(RESULTS)])  # a results file, not a stamped log
+    assert str(exit.value).endswith("not the stamped output of `dvc repro -f -s train select` (stage_runs.sh select-cost)")
 
 
 def test_the_shell_scripts_parse():
