@@ -99,8 +99,8 @@ def _tokenizers_parallelism_kept():
     "true" in a class body, so every `import xtuner.dataset` (each recipe's config, validate) turned the Rust
     tokenizers' threads on for the rest of the process: a datasets `map` over several processes (the train
     stage's on a GPU host, `map_num_proc` 8) then printed `Setting TOKENIZERS_PARALLELISM=false for forked
-    processes.` on the terminal, once a map, 8 lines a train stage on the GPU machine, and the trainer forks its
-    data-loading workers after tokenizers' threads have run. `stages.errors` sets it "false" where it is unset."""
+    processes.` on the terminal, once a map: 8 lines a train stage on the GPU machine. `stages.errors` sets it
+    "false" where it is unset."""
     before = os.environ.get("TOKENIZERS_PARALLELISM")
     try:
         yield
