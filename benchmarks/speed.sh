@@ -25,7 +25,8 @@
 # fp8 (train.fp8: Unsloth at 16, the default without and with it, then the frozen products alone),
 # lean7b-fp8 (Unsloth's 7B at micro-batch 1, the stage at memory_gb 8 with train.fp8, offloaded at 2, then plain),
 # lean7b-fp8-lever (Unsloth's 7B at 1 twice, the stage offloaded at 2 without and with train.fp8),
-# offload-fp8 (Unsloth at 16, then micro-batch 16 with every layer checkpointed and offloaded, without and with train.fp8).
+# offload-fp8 (Unsloth at 16, then micro-batch 16 with every layer checkpointed and offloaded, with and without train.fp8),
+# loss (Unsloth at 16, the default, the same with the loss's chunk math as written, the default again, with train.fp8).
 set -uo pipefail
 SUITE=${1:-all}; ITERS=${2:-40}; OUT=${OUT:-bench}
 mkdir -p "$OUT" /tmp/models
@@ -188,14 +189,26 @@ case $SUITE in
     peer unsloth 7b 1; peer unsloth 7b 1
     free_disk 7b-internlm2
     lean7b_offloaded; LEAN7B_FP8=1 lean7b_offloaded ;;
-  offload-fp8)  # Unsloth's memory regime with train.fp8: micro-batch 16, every layer checkpointed, offloaded, without
-    # and with train.fp8 (a checkpointed layer keeps no float8 weights), beside Unsloth at 16 (7.58 GB before)
+  offload-fp8)  # Unsloth's memory regime with train.fp8: micro-batch 16, every layer checkpointed, offloaded, with and
+    # without train.fp8 (a checkpointed layer keeps no float8 weights), beside Unsloth at 16 (7.58 GB before);
+    # OFFLOAD_GB: train.memory_gb (40; at 8 the planner cuts the loss into chunks of 256 tokens, not 1,024)
     [ -n "${NO_PEER:-}" ] || peer unsloth internlm2-1_8b 16
-    every="'memory_gb': 40, 'micro_batch': 16, 'activation_checkpointing': True, 'offload_activations': True"
-    stage "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA" internlm2-1_8b \
-      "{$PEERLORA, 'train': {$every}}"
-    stage "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, train.fp8" internlm2-1_8b \
-      "{$PEERLORA, 'train': {$every, 'fp8': True}}" ;;
+    gb=${OFFLOAD_GB:-40}; at=${OFFLOAD_GB:+, memory_gb $OFFLOAD_GB}
+    every="'memory_gb': $gb, 'micro_batch': 16, 'activation_checkpointing': True, 'offload_activations': True"
+    stage "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, train.fp8$at" internlm2-1_8b \
+      "{$PEERLORA, 'train': {$every, 'fp8': True}}"
+    stage "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA$at" internlm2-1_8b \
+      "{$PEERLORA, 'train': {$every}}" ;;
+  loss)  # the fused loss's chunk math compiled (`compile_loss`, with compiled layers), on its own: Unsloth at 16, the
+    # default at 24 GB, the same with the loss as written (the rendered config's compile_loss undone), the default
+    # again (the spread within a call), then with train.fp8
+    [ -n "${NO_PEER:-}" ] || peer unsloth internlm2-1_8b 16
+    stage "train stage, defaults at 24 GB, peer LoRA, loss compiled" internlm2-1_8b "{$PEERLORA}"
+    CONFIG_EDIT="s/'compile_loss': True/'compile_loss': False/" \
+      stage "train stage, defaults at 24 GB, peer LoRA, loss as written (before)" internlm2-1_8b "{$PEERLORA}"
+    stage "train stage, defaults at 24 GB, peer LoRA, loss compiled, again" internlm2-1_8b "{$PEERLORA}"
+    [ -n "${NO_FP8:-}" ] || stage "train stage, defaults at 24 GB, peer LoRA, loss compiled, train.fp8" internlm2-1_8b \
+      "{$PEERLORA, 'train': {'fp8': True}}" ;;
   *) echo "unknown suite $SUITE"; exit 2 ;;
 esac
 echo "done at +${SECONDS}s"

@@ -92,9 +92,14 @@ run() {  # name, params updates
   # FORCE: train again even when DVC's cache holds this run (its upstream stages as usual)
   # CONFIG_EDIT: a sed script applied to the rendered config before training (a lever undone, on its own)
   if { [ -z "${FORCE:-}" ] || python -m dvc repro render >"$log" 2>&1; } &&
-     { [ -z "${CONFIG_EDIT:-}" ] || sed -i -e "$CONFIG_EDIT" models/config/xtuner_config.py; } &&
+     { [ -z "${CONFIG_EDIT:-}" ] || edit_config "$log"; } &&
      python -m dvc repro ${FORCE:+-f -s} train >>"$log" 2>&1; then record "$1" $(( $(date +%s) - t0 ))
   else grep -E "^error:|^ERROR" "$log" | tail -n 3; record "$1" $(( $(date +%s) - t0 )) failed; fi
+}
+edit_config() {  # log: CONFIG_EDIT applied to the rendered config; an edit that changes nothing stops the run
+  local config=models/config/xtuner_config.py
+  cp "$config" /tmp/config.before && sed -i -e "$CONFIG_EDIT" "$config"
+  ! cmp -s /tmp/config.before "$config" || { echo "error: CONFIG_EDIT changed nothing in $config" | tee -a "$1"; false; }
 }
 set_recipe() {  # recipe
   python - "$1" <<'PY'
@@ -164,6 +169,7 @@ case $SUITE in
     use_dir "${STAGE_MODEL:?set STAGE_MODEL}"
     set_params "$DEFAULT"
     set_params "{'select': {'during_training': False}}"
+    rm -rf models/work  # a whole training run each time: a run like the one before would resume from its end
     FORCE=1 run "$3" "$4" ;;
   speed-structures)  # train stage only, alternating, so that the spread between runs shows beside the difference
     for round in 1 2; do

@@ -67,6 +67,33 @@ def chunk_tokens(vocab: int, budget: int = CHUNK_BYTES) -> int:
     return 1 << (n.bit_length() - 1)
 
 
+def chunk_loss(logits, labels, valid):
+    """One chunk's summed loss (float32) and its gradient with respect to the logits, `softmax - onehot` on
+    the labelled rows and 0 on the others, in the logits' dtype. In float32 between the two, as
+    transformers' loss upcasts the logits. Written as one expression of the logits so that torch.compile
+    (`train.compile_layers`: `compile_loss` in the rendered config) makes it two kernels that read the
+    logits three times and write the gradient once; run as written, it is about ten passes over a float32
+    copy, 10% of the 1.8B shape's GPU step (benchmarks/README.md, "The loss compiled")."""
+    import torch
+
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    safe = labels.clamp(min=0)
+    mask = valid.to(x.dtype)
+    loss = ((lse - x.gather(1, safe.unsqueeze(1)).squeeze(1)) * mask).sum()
+    hit = torch.arange(x.shape[1], device=x.device).unsqueeze(0) == safe.unsqueeze(1)
+    grad = (torch.exp(x - lse.unsqueeze(1)) - hit.to(x.dtype)) * mask.unsqueeze(1)
+    return loss, grad.to(logits.dtype)
+
+
+@functools.cache
+def compiled_chunk_loss():
+    """`chunk_loss` through torch.compile, for one shape of chunk (the last, shorter one compiles once more)."""
+    import torch
+
+    return torch.compile(chunk_loss, dynamic=False, fullgraph=True)
+
+
 @functools.cache
 def _linear_cross_entropy():
     """The autograd function, built on first use so that importing this module imports no torch."""
@@ -74,7 +101,7 @@ def _linear_cross_entropy():
 
     class LinearCrossEntropy(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, hidden, weight, labels, chunk):
+        def forward(ctx, hidden, weight, labels, chunk, step):
             # hidden: (T, d) in the activations' dtype; weight: (V, d); labels: (T,), shifted.
             # The gradients are computed here, chunk by chunk, and only scaled in backward.
             valid = labels != IGNORE
@@ -85,20 +112,13 @@ def _linear_cross_entropy():
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             for start in range(0, hidden.shape[0], chunk):
                 h, y, m = hidden[start:start + chunk], labels[start:start + chunk], valid[start:start + chunk]
-                logits = (h @ w.t()).float()
-                lse = torch.logsumexp(logits, dim=-1)
-                target = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
-                total += ((lse - target) * m).sum()
-                if need_h or need_w:
-                    probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
-                    rows = torch.arange(y.shape[0], device=y.device)
-                    probs[rows, y.clamp(min=0)] -= m.float()
-                    probs = probs.mul_(m.unsqueeze(1)).to(h.dtype)
-                    if need_h:
-                        grad_h[start:start + chunk] = probs @ w
-                    if need_w:
-                        grad_w += (probs.t() @ h).float()
-                del logits
+                loss, probs = step(h @ w.t(), y, m)  # the logits in the activations' dtype, as a plain head's
+                total += loss
+                if need_h:
+                    grad_h[start:start + chunk] = probs @ w
+                if need_w:
+                    grad_w += (probs.t() @ h).float()
+                del probs
             denom = valid.sum().clamp(min=1).float()
             ctx.grads, ctx.denom, ctx.weight_dtype = (grad_h, grad_w), denom, weight.dtype
             return total / denom
@@ -109,20 +129,22 @@ def _linear_cross_entropy():
             scale = grad_out / ctx.denom
             gh = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
             gw = (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None
-            return gh, gw, None, None
+            return gh, gw, None, None, None
 
     return LinearCrossEntropy
 
 
-def linear_cross_entropy(hidden, weight, labels, chunk: int | None = None):
+def linear_cross_entropy(hidden, weight, labels, chunk: int | None = None, compiled: bool = False):
     """Mean next-token cross-entropy of `hidden @ weight.T` against `labels` (B, S), shifted by one
-    as transformers does, without materialising the logits."""
+    as transformers does, without materialising the logits; `compiled`: each chunk's math through
+    torch.compile (`compiled_chunk_loss`)."""
     import torch
 
     shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1)
     flat = hidden.reshape(-1, hidden.shape[-1])
     chunk = chunk or chunk_tokens(weight.shape[0])
-    return _linear_cross_entropy().apply(flat, weight, shifted.to(flat.device), chunk)
+    step = compiled_chunk_loss() if compiled else chunk_loss
+    return _linear_cross_entropy().apply(flat, weight, shifted.to(flat.device), chunk, step)
 
 
 def _plain_head(model) -> Any:
@@ -156,7 +178,7 @@ def install_fused_loss(model) -> bool:
                       past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=False,
                       return_dict=True, **kwargs)
         chunk = chunk_tokens(head.weight.shape[0], _SETTINGS.get("loss_chunk", CHUNK_BYTES))
-        loss = linear_cross_entropy(out[0], head.weight, labels, chunk)
+        loss = linear_cross_entropy(out[0], head.weight, labels, chunk, _SETTINGS.get("compile_loss", False))
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
     model.forward = types.MethodType(forward, model)
@@ -340,7 +362,7 @@ def _frozen_to(model, dtype) -> None:
 
 def apply(pipeline: dict) -> None:
     """Install what the rendered config's `pipeline` block asks for (`fused_loss`, `loss_chunk_mb`,
-    `upcast_frozen`, `compute_dtype`, `max_length`, `compile_layers`, `cuda_graphs`, `checkpoint_layers`,
+    `upcast_frozen`, `compute_dtype`, `max_length`, `compile_layers`, `compile_loss`, `cuda_graphs`, `checkpoint_layers`,
     `offload_activations`, `fp8`, `fp8_keep`) into
     XTuner's model building; later calls change the settings."""
     import torch
@@ -350,6 +372,7 @@ def apply(pipeline: dict) -> None:
                      loss_chunk=int(pipeline.get("loss_chunk_mb") or CHUNK_BYTES >> 20) << 20,
                      upcast_frozen=bool(pipeline.get("upcast_frozen", True)),
                      compile_layers=bool(pipeline.get("compile_layers")),
+                     compile_loss=bool(pipeline.get("compile_loss")),
                      cuda_graphs=bool(pipeline.get("cuda_graphs")),
                      checkpoint_layers=int(pipeline.get("checkpoint_layers") or 0),
                      offload=bool(pipeline.get("offload_activations")),

@@ -136,7 +136,8 @@ class Train:
     fused_loss: bool = spec("compute the loss in chunks, never the whole vocabulary's logits (stages/kernels.py)")
     compile_layers: Union[Literal["auto"], bool] = spec(
         "torch.compile each decoder layer for training (fuses norms, RoPE, SwiGLU and LoRA's element-wise "
-        "work; the first steps spend about a minute compiling); auto: on one CUDA GPU without DeepSpeed")
+        "work), and the fused loss's softmax; the first steps spend about a minute compiling; auto: on one CUDA "
+        "GPU without DeepSpeed")
     cuda_graphs: bool = spec(
         "the host ahead of the GPU: each compiled decoder layer's forward and backward replayed as CUDA graphs "
         "(torch.compile's reduce-overhead mode; stages/kernels.py) and no wait for the GPU at an iteration's "

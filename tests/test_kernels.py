@@ -43,6 +43,34 @@ def test_fused_loss_equals_transformers_loss_and_gradients(chunk, monkeypatch):
         assert torch.allclose(grad, ref_grads[name], atol=1e-6), name
 
 
+def test_compiled_loss_is_traced_whole_and_gives_the_same_loss_and_gradients(monkeypatch):
+    """`compile_loss` (with compiled layers): each chunk's softmax through torch.compile in one graph
+    (fullgraph), here with the aot_eager backend (inductor on a CPU compiles for 10 s); the GPU runs
+    inductor (benchmarks/README.md, "The loss compiled")."""
+    model = tiny_llama()
+    ids = torch.randint(0, 1000, (2, 50))
+    labels = ids.clone()
+    labels[1, 30:] = -100
+    reference, ref_grads = loss_and_grads(model, ids, labels)
+    real, calls = torch.compile, []
+
+    def compile(fn, **kwargs):  # as compiled_chunk_loss calls it, observed
+        calls.append(kwargs)
+        return real(fn, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile)
+    kernels.compiled_chunk_loss.cache_clear()
+    monkeypatch.setitem(kernels._SETTINGS, "compile_loss", True)
+    monkeypatch.setitem(kernels._SETTINGS, "loss_chunk", 16 * 1000 * 8)  # chunks of 16 tokens: the last one shorter
+    kernels.install_fused_loss(model)
+    compiled, grads = loss_and_grads(model, ids, labels)
+    kernels.compiled_chunk_loss.cache_clear()
+    assert calls == [{"dynamic": False, "fullgraph": True}]
+    assert torch.allclose(compiled.loss, reference.loss, atol=1e-6)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, ref_grads[name], atol=1e-6), name
+
+
 def test_fused_loss_leaves_generation_and_evaluation_alone():
     model = tiny_llama()
     ids = torch.randint(0, 1000, (1, 12))
