@@ -7,6 +7,9 @@ and their gradient: 1.1 MB per token, 18 GB for a micro-batch of 8 x 2048. The f
 the tokens in chunks, and for each chunk computes the logits, the loss and at once the gradient of
 the loss with respect to the hidden states (`(softmax - onehot) @ W`), then drops the logits. Peak
 memory for the loss falls to one chunk's logits (about 1 GB), and the backward pass is a multiply.
+Each chunk's softmax, loss and gradient are one expression of the logits (`chunk_loss`), which torch.compile
+makes two kernels where layers are compiled (`compile_loss`): as written it is about ten passes over a float32
+copy of the logits, 10% of the 1.8B shape's step on an H200, and compiled the stage trained 11% faster there.
 
 Exact: the same loss and gradients as transformers' `ForCausalLMLoss` (mean over the labelled
 tokens, labels shifted by one, -100 ignored); `tests/test_kernels.py` checks both against it.
