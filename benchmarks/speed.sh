@@ -26,7 +26,8 @@
 # lean7b-fp8 (Unsloth's 7B at micro-batch 1, the stage at memory_gb 8 with train.fp8, offloaded at 2, then plain),
 # lean7b-fp8-lever (Unsloth's 7B at 1 twice, the stage offloaded at 2 without and with train.fp8),
 # offload-fp8 (Unsloth at 16, then micro-batch 16 with every layer checkpointed and offloaded, with and without train.fp8),
-# loss (Unsloth at 16, the default, the same with the loss's chunk math as written, the default again, with train.fp8).
+# loss (Unsloth at 16, the default, the same with the loss's chunk math as written, the default again, with train.fp8),
+# memory (where the peak goes, benchmarks/stage_memory.py: Unsloth's regime with train.fp8, then the default).
 set -uo pipefail
 SUITE=${1:-all}; ITERS=${2:-40}; OUT=${OUT:-bench}
 mkdir -p "$OUT" /tmp/models
@@ -209,6 +210,16 @@ case $SUITE in
     stage "train stage, defaults at 24 GB, peer LoRA, loss compiled, again" internlm2-1_8b "{$PEERLORA}"
     [ -n "${NO_FP8:-}" ] || stage "train stage, defaults at 24 GB, peer LoRA, loss compiled, train.fp8" internlm2-1_8b \
       "{$PEERLORA, 'train': {'fp8': True}}" ;;
+  memory)  # where the peak goes (benchmarks/stage_memory.py: the allocator's history over one step, the live blocks at
+    # its peak by the code that made them), in Unsloth's regime with train.fp8 (0.47 GB over Unsloth), then the default
+    HOOK="s/^custom_hooks = \\[\$/from benchmarks.stage_memory import StageMemory\\ncustom_hooks = [dict(type=StageMemory),/"
+    every="'memory_gb': 40, 'micro_batch': 16, 'activation_checkpointing': True, 'offload_activations': True"
+    STAGE_MEMORY_OUT=$(realpath "$OUT")/stage-memory.jsonl CONFIG_EDIT="$HOOK" stage \
+      "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, train.fp8, memory recorded" \
+      internlm2-1_8b "{$PEERLORA, 'train': {$every, 'fp8': True}}"
+    STAGE_MEMORY_OUT=$(realpath "$OUT")/stage-memory.jsonl CONFIG_EDIT="$HOOK" stage \
+      "train stage, defaults at 24 GB, peer LoRA, memory recorded" internlm2-1_8b "{$PEERLORA}"
+    python3 -m benchmarks.stage_memory "$OUT/stage-memory.jsonl" ;;
   *) echo "unknown suite $SUITE"; exit 2 ;;
 esac
 echo "done at +${SECONDS}s"

@@ -80,6 +80,40 @@ def test_select_cost_splits_each_run_into_its_phases_and_draws_them(tmp_path, ca
     assert str(exit.value).endswith("not the stamped output of `dvc repro -f -s train select` (stage_runs.sh select-cost)")
 
 
+def test_stage_memory_replays_the_allocator_history_to_its_peak_and_names_who_made_it(tmp_path, capsys):
+    """benchmarks/stage_memory.py on a history shaped as torch's `_snapshot()` writes it (CUDA only, so made here):
+    the peak is where the allocated total was highest, a free of a block older than the history counts below
+    zero, and each live block is named by the innermost frame outside torch (compiled code by its caller)."""
+    from benchmarks import stage_memory
+
+    torch_frame = {"filename": "/x/site-packages/torch/nn/functional.py", "line": 10, "name": "linear"}
+    kernels = {"filename": "/work/p/stages/kernels.py", "line": 99, "name": "forward"}
+    generated = {"filename": "/tmp/torchinductor_root/ab/cabc123.py", "line": 7, "name": "call"}
+    model = {"filename": "/h/.cache/huggingface/modules/transformers_modules/m/modeling_internlm2.py", "line": 5,
+             "name": "forward"}
+    G = 10**7  # sizes in hundredths of a GB
+    trace = [{"action": "free_completed", "addr": 1, "size": 40 * G},  # allocated before the history began
+             {"action": "alloc", "addr": 2, "size": 100 * G, "frames": [torch_frame, kernels]},
+             {"action": "alloc", "addr": 3, "size": 70 * G, "frames": [generated, torch_frame, model]},
+             {"action": "alloc", "addr": 4, "size": 30 * G, "frames": [torch_frame]},
+             {"action": "free_requested", "addr": 2, "size": 100 * G},
+             {"action": "free_completed", "addr": 2, "size": 100 * G},
+             {"action": "alloc", "addr": 5, "size": 50 * G, "frames": [kernels]}]
+    added, live = stage_memory.peak_of(trace)
+    assert added == 160 * G and sorted(live) == [2, 3, 4]  # -40 + 100 + 70 + 30, before the free of 2
+    line = stage_memory.summarize({"device_traces": [trace]}, before=1000 * G, top=2)
+    assert (line["before_gb"], line["added_gb"], line["peak_gb"], line["events"]) == (10.0, 1.6, 11.6, 7)
+    assert [row["site"] for row in line["live_at_peak"]] == [
+        "stages/kernels.py:99 (forward)", "compiled code called from m/modeling_internlm2.py:5 (forward)", "1 other sites"]
+    (tmp_path / "memory.jsonl").write_text(json.dumps(line) + "\n")
+    stage_memory.main([str(tmp_path / "memory.jsonl")])
+    out = capsys.readouterr().out.splitlines()
+    assert out[2] == "| made by | GB at the peak | blocks |" and out[-1] == "| 1 other sites | 0.300 | 1 |"
+    with pytest.raises(SystemExit) as exit:
+        stage_memory.main([str(RESULTS)])  # a results file of another kind
+    assert "not a file of StageMemory's JSON lines" in str(exit.value)
+
+
 def test_the_shell_scripts_parse():
     """The GPU host's scripts run only there (no CI machine has the GPU): `bash -n` here, so that an edit that
     breaks one shows before a device call is spent on it."""
