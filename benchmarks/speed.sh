@@ -27,7 +27,8 @@
 # lean7b-fp8-lever (Unsloth's 7B at 1 twice, the stage offloaded at 2 without and with train.fp8),
 # offload-fp8 (Unsloth at 16, then micro-batch 16 with every layer checkpointed and offloaded, with and without train.fp8),
 # loss (Unsloth at 16, the default, the same with the loss's chunk math as written, the default again, with train.fp8),
-# memory (where the peak goes, benchmarks/stage_memory.py: Unsloth's regime with train.fp8, then the default).
+# memory (where the peak goes, benchmarks/stage_memory.py: Unsloth's regime with train.fp8, then the default),
+# loss-kernels (the loss head alone: the stage's fused loss as written and compiled beside Liger Kernel's).
 set -uo pipefail
 SUITE=${1:-all}; ITERS=${2:-40}; OUT=${OUT:-bench}
 mkdir -p "$OUT" /tmp/models
@@ -220,6 +221,12 @@ case $SUITE in
     STAGE_MEMORY_OUT=$(realpath "$OUT")/stage-memory.jsonl CONFIG_EDIT="$HOOK" stage \
       "train stage, defaults at 24 GB, peer LoRA, memory recorded" internlm2-1_8b "{$PEERLORA}"
     python3 -m benchmarks.stage_memory "$OUT/stage-memory.jsonl" ;;
+  loss-kernels)  # the loss head alone (benchmarks/loss_kernels.py): the stage's fused loss as written and compiled beside
+    # Liger Kernel's, one micro-batch of the 1.8B head, at the planner's chunk for 24 GB and up (1 GB) and for 8 GB
+    for mb in 1024 238; do
+      PYTHONPATH=/tmp/peers:$XTUNER_SITE timeout -k 5 240 python3 -m benchmarks.loss_kernels --chunk-mb $mb \
+        --out "$RESULTS" 2>"$OUT/loss-kernels-$mb.log" | cut -c1-300 || tail -n 5 "$OUT/loss-kernels-$mb.log"
+    done ;;
   *) echo "unknown suite $SUITE"; exit 2 ;;
 esac
 echo "done at +${SECONDS}s"
