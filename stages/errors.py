@@ -75,6 +75,13 @@ def run(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except ModuleNotFoundError as err:  # a package the stages need, missing from this Python: run by another one
+        top = (err.name or "").split(".")[0]
+        if not top or top == "stages":
+            raise  # the project's own module: a bug, not the environment
+        print(f"error: the Python package {top!r} is not installed for {sys.executable}: run the stages in the "
+              f"project's environment (`make repro`, or .venv/bin first on PATH; README, quick start)", file=sys.stderr)
+        sys.exit(1)
 
 
 # Where DeepSpeed's notices below WARNING go while a trainer's log file is open (stages/quiet.py sets it)
