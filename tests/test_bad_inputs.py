@@ -408,24 +408,3 @@ def test_bad_input(project, capsys, case):
     assert "Traceback" not in out + err
     assert user_files(project) == before, "a stage changed the user's files"
 
-
-def test_a_stage_run_by_a_python_without_the_stack_says_so_in_one_line(capsys):
-    """`.venv/bin/dvc repro` without .venv/bin on PATH runs the stages with the system's `python`: the first
-    missing package is named with that interpreter, in one line; a missing module of the project's own is a
-    bug and keeps its traceback."""
-    from stages.errors import run
-
-    def main(argv):
-        raise ModuleNotFoundError("No module named 'ruamel'", name="ruamel")
-
-    with pytest.raises(SystemExit) as exit:
-        run(main, [])
-    err = capsys.readouterr().err
-    assert exit.value.code == 1 and err.count("\n") == 1
-    assert err.startswith(f"error: the Python package 'ruamel' is not installed for {sys.executable}: run the stages")
-
-    def bug(argv):
-        raise ModuleNotFoundError("No module named 'stages.nope'", name="stages.nope")
-
-    with pytest.raises(ModuleNotFoundError):
-        run(bug, [])

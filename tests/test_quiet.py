@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT, env, repro_output
 
 
@@ -42,3 +44,25 @@ def test_tensorboard_events_hold_the_logged_steps(built):
         loss = {e.step: e.value for e in events.Scalars("train/loss")}
         assert loss.keys() == logged.keys(), folder
         assert all(abs(loss[s] - logged[s]) < 1e-4 for s in logged)
+
+
+def test_a_stage_run_by_a_python_without_the_stack_says_so_in_one_line(capsys):
+    """`.venv/bin/dvc repro` without .venv/bin on PATH runs the stages with the system's `python`: the first
+    missing package is named with that interpreter, in one line; a missing module of the project's own is a
+    bug and keeps its traceback."""
+    from stages.errors import run
+
+    def main(argv):
+        raise ModuleNotFoundError("No module named 'ruamel'", name="ruamel")
+
+    with pytest.raises(SystemExit) as exit:
+        run(main, [])
+    err = capsys.readouterr().err
+    assert exit.value.code == 1 and err.count("\n") == 1
+    assert err.startswith(f"error: the Python package 'ruamel' is not installed for {sys.executable}: run the stages")
+
+    def bug(argv):
+        raise ModuleNotFoundError("No module named 'stages.nope'", name="stages.nope")
+
+    with pytest.raises(ModuleNotFoundError):
+        run(bug, [])
