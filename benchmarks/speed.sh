@@ -225,8 +225,9 @@ case $SUITE in
       internlm2-1_8b "{$PEERLORA, 'train': {$every}}"
     python3 -m benchmarks.stage_memory "$OUT/stage-memory.jsonl" ;;
   loss-kernels)  # the loss head alone (benchmarks/loss_kernels.py): the stage's fused loss as written and compiled beside
-    # Liger Kernel's, one micro-batch of the 1.8B head, at the planner's chunk for 24 GB and up (1 GB) and for 8 GB
-    for mb in 1024 238; do
+    # Liger Kernel's, one micro-batch of the 1.8B head, at the planner's chunk for 24 GB and up (1 GB) and for 8 GB, and
+    # at twice the first (compiled, a chunk holds no float32 copy: the same memory fits twice the tokens)
+    for mb in 1024 238 2048; do
       PYTHONPATH=/tmp/peers:$XTUNER_SITE timeout -k 5 240 python3 -m benchmarks.loss_kernels --chunk-mb $mb \
         --out "$RESULTS" 2>"$OUT/loss-kernels-$mb.log" | cut -c1-300 || tail -n 5 "$OUT/loss-kernels-$mb.log"
     done ;;
