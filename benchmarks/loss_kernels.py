@@ -1,14 +1,15 @@
 """The loss head on its own: the train stage's fused linear cross-entropy (stages/kernels.py) as written and
-compiled, beside Liger Kernel's fused linear cross-entropy (the well-kept library that does the same job), on
+compiled, beside Liger Kernel's fused linear cross-entropy and cut-cross-entropy (the well-kept libraries that do the
+same job), on
 one micro-batch of the 1.8B shape's head: 8,192 tokens, hidden 2,048, vocabulary 92,544, bf16, the head's
 weight frozen as in QLoRA. Each is timed forward and backward (the gradient with respect to the hidden states),
 with the extra GPU memory it takes over its inputs, and checked against the first one's loss and gradient.
 
     python -m benchmarks.loss_kernels --out FILE [--impls eager,compiled,liger] [--tokens 8192 ...]
 
-One JSON line an implementation (`"run": "loss kernel"`). On the GPU machine Liger Kernel is in the peers' kit:
-`PYTHONPATH=/tmp/peers:/tmp/site` (benchmarks/speed.sh loss-kernels). Where an implementation cannot run (Liger
-without a GPU or not installed) its line says why.
+One JSON line an implementation (`"run": "loss kernel"`). On the GPU machine both libraries are in the peers' kit:
+`PYTHONPATH=/tmp/peers:/tmp/site` (benchmarks/speed.sh loss-kernels). Where an implementation cannot run (a library's
+Triton kernels without a GPU, or not installed) its line says why.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-IMPLS = ("eager", "compiled", "liger")
+IMPLS = ("eager", "compiled", "liger", "cce")
 
 
 def _shifted(labels):
@@ -50,6 +51,10 @@ def loss_fn(impl: str, chunk: int, backend: str | None):
 
         liger = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
         return lambda h, w, y: liger(w, h.reshape(-1, h.shape[-1]), _shifted(y))
+    if impl == "cce":  # Apple's cut-cross-entropy, as its README calls it (its default gradient filter included)
+        from cut_cross_entropy import linear_cross_entropy
+
+        return lambda h, w, y: linear_cross_entropy(h, w, y, shift=True)
     raise ValueError(impl)
 
 
@@ -63,8 +68,8 @@ def measure(impl: str, tokens: int, hidden: int, vocab: int, reps: int, chunk_mb
     device = "cuda" if cuda else "cpu"
     line = {"run": "loss kernel", "impl": impl, "tokens": tokens, "hidden": hidden, "vocab": vocab, "device": device,
             "chunk_tokens": kernels.chunk_tokens(vocab, chunk_mb << 20)}
-    if impl == "liger" and not cuda:
-        return {**line, "status": "skipped: Liger Kernel's Triton kernels need a GPU"}
+    if impl in ("liger", "cce") and not cuda:
+        return {**line, "status": "skipped: its Triton kernels need a GPU"}
     try:
         fn = loss_fn(impl, line["chunk_tokens"], backend)
     except ImportError as exc:

@@ -28,7 +28,8 @@
 # offload-fp8 (Unsloth at 16, then micro-batch 16 with every layer checkpointed and offloaded, with and without train.fp8),
 # loss (Unsloth at 16, the default, the same with the loss's chunk math as written, the default again, with train.fp8),
 # memory (where the peak goes, benchmarks/stage_memory.py: Unsloth's regime with train.fp8, then in bf16),
-# loss-kernels (the loss head alone: the stage's fused loss as written and compiled beside Liger Kernel's).
+# loss-kernels (the loss head alone: the stage's fused loss as written and compiled beside Liger Kernel's and
+# cut-cross-entropy's).
 set -uo pipefail
 SUITE=${1:-all}; ITERS=${2:-40}; OUT=${OUT:-bench}
 mkdir -p "$OUT" /tmp/models
@@ -225,7 +226,7 @@ case $SUITE in
       internlm2-1_8b "{$PEERLORA, 'train': {$every}}"
     python3 -m benchmarks.stage_memory "$OUT/stage-memory.jsonl" ;;
   loss-kernels)  # the loss head alone (benchmarks/loss_kernels.py): the stage's fused loss as written and compiled beside
-    # Liger Kernel's, one micro-batch of the 1.8B head, at the planner's chunk for 24 GB and up (1 GB) and for 8 GB, and
+    # Liger Kernel's and cut-cross-entropy's, one micro-batch of the 1.8B head, at the planner's chunk for 24 GB and up (1 GB) and for 8 GB, and
     # at twice the first (compiled, a chunk holds no float32 copy: the same memory fits twice the tokens)
     for mb in 1024 238 2048; do
       PYTHONPATH=/tmp/peers:$XTUNER_SITE timeout -k 5 240 python3 -m benchmarks.loss_kernels --chunk-mb $mb \

@@ -116,20 +116,21 @@ def test_stage_memory_replays_the_allocator_history_to_its_peak_and_names_who_ma
 
 def test_loss_kernels_time_the_fused_loss_both_ways_and_check_them_against_each_other(tmp_path, capsys):
     """benchmarks/loss_kernels.py on a small head in three chunks (the last one shorter): as written and compiled
-    (aot_eager here) give the same loss and gradient; Liger Kernel's line says why it did not run on a CPU."""
+    (aot_eager here) give the same loss and gradient; the libraries' lines (Liger Kernel, cut-cross-entropy) say why
+    they did not run on a CPU."""
     from benchmarks import loss_kernels
 
     out = tmp_path / "loss.jsonl"
     loss_kernels.main(["--tokens", "300", "--hidden", "32", "--vocab", "1000", "--reps", "1", "--chunk-mb", "1",
                        "--backend", "aot_eager", "--out", str(out)])
     lines = [json.loads(text) for text in out.read_text().splitlines()]
-    assert [line["impl"] for line in lines] == ["eager", "compiled", "liger"] and lines[0]["chunk_tokens"] == 128
+    assert [line["impl"] for line in lines] == ["eager", "compiled", "liger", "cce"] and lines[0]["chunk_tokens"] == 128
     assert lines[0]["status"] == lines[1]["status"] == "ok" and lines[0]["loss"] > 0
     assert lines[1]["loss_diff"] == 0 and lines[1]["grad_max_diff"] < 1e-6
-    assert lines[2]["status"].startswith("skipped: ")
+    assert lines[2]["status"].startswith("skipped: ") and lines[3]["status"].startswith("skipped: ")
     with pytest.raises(SystemExit) as exit:
         loss_kernels.main(["--impls", "eager,fused"])
-    assert str(exit.value) == "error: --impls: fused is not one of eager, compiled, liger"
+    assert str(exit.value) == "error: --impls: fused is not one of eager, compiled, liger, cce"
 
 
 def test_the_shell_scripts_parse():
