@@ -27,7 +27,7 @@
 # lean7b-fp8-lever (Unsloth's 7B at 1 twice, the stage offloaded at 2 without and with train.fp8),
 # offload-fp8 (Unsloth at 16, then micro-batch 16 with every layer checkpointed and offloaded, with and without train.fp8),
 # loss (Unsloth at 16, the default, the same with the loss's chunk math as written, the default again, with train.fp8),
-# memory (where the peak goes, benchmarks/stage_memory.py: Unsloth's regime with train.fp8, then in bf16),
+# memory (where the peak goes, benchmarks/stage_memory.py: Unsloth at 16, then its regime with train.fp8 and in bf16),
 # loss-kernels (the loss head alone: the stage's fused loss as written and compiled beside Liger Kernel's and
 # cut-cross-entropy's).
 set -uo pipefail
@@ -213,7 +213,9 @@ case $SUITE in
     [ -n "${NO_FP8:-}" ] || stage "train stage, defaults at 24 GB, peer LoRA, loss compiled, train.fp8" internlm2-1_8b \
       "{$PEERLORA, 'train': {'fp8': True}}" ;;
   memory)  # where the peak goes (benchmarks/stage_memory.py: the allocator's history over one step, the live blocks at
-    # its peak by the code that made them), in Unsloth's regime with train.fp8 (0.47 GB over Unsloth), then in bf16
+    # its peak by the code that made them), in Unsloth's regime with train.fp8 (0.47 GB over Unsloth), then in bf16,
+    # after Unsloth at micro-batch 16 (NO_PEER=1: without it)
+    [ -n "${NO_PEER:-}" ] || peer unsloth internlm2-1_8b 16
     HOOK="s/^custom_hooks = \\[\$/from benchmarks.stage_memory import StageMemory\\ncustom_hooks = [dict(type=StageMemory),/"
     every="'memory_gb': 40, 'micro_batch': 16, 'activation_checkpointing': True, 'offload_activations': True"
     STAGE_MEMORY_OUT=$(realpath "$OUT")/stage-memory.jsonl CONFIG_EDIT="$HOOK" stage \

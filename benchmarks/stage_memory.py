@@ -56,6 +56,28 @@ def _short(path: str) -> str:
     return "/".join(parts[-2:])
 
 
+def stack_of(frames: list[dict], depth: int = 4) -> list[str]:
+    """The innermost `depth` frames outside torch's own Python, as `file:line (function)`: where in the model an
+    allocation happened (the peak's own, in the JSON line)."""
+    out = []
+    for frame in frames:
+        name = frame.get("filename", "")
+        if "/torch/" in name or "torchinductor" in name or name.startswith("??") or not name:
+            continue
+        out.append(f"{_short(name)}:{frame.get('line')} ({frame.get('name')})")
+        if len(out) == depth:
+            break
+    return out
+
+
+def sizes_of(sizes: list[int], top: int = 3) -> str:
+    """The largest block sizes of a site, with their counts: `537 MB x2, 134 MB x3`."""
+    counts: dict[int, int] = defaultdict(int)
+    for size in sizes:
+        counts[round(size / 1e6)] += 1
+    return ", ".join(f"{mb:,} MB x{n}" for mb, n in sorted(counts.items(), reverse=True)[:top])
+
+
 def peak_of(trace: list[dict]) -> tuple[int, dict[int, dict]]:
     """Replay one device's trace: the highest allocated total it reached above where it began, and the
     allocations live at that moment (address -> the trace's alloc entry). A block freed in the trace but
@@ -90,26 +112,29 @@ def summarize(snapshot: dict, before: int, device: int = 0, top: int = 15) -> di
     traces = snapshot.get("device_traces") or []
     trace = traces[device] if device < len(traces) else []
     added, live = peak_of(trace)
-    by_site: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    by_site: dict[str, list[int]] = defaultdict(list)
     for event in live.values():
-        row = by_site[site_of(event.get("frames") or [])]
-        row[0] += event["size"]
-        row[1] += 1
-    rows = sorted(([site, size, count] for site, (size, count) in by_site.items()), key=lambda r: -r[1])
+        by_site[site_of(event.get("frames") or [])].append(event["size"])
+    rows = sorted(([site, sum(sizes), sizes] for site, sizes in by_site.items()), key=lambda r: -r[1])
     if len(rows) > top:
         rest = rows[top:]
-        rows = rows[:top] + [[f"{len(rest)} other sites", sum(r[1] for r in rest), sum(r[2] for r in rest)]]
+        rows = rows[:top] + [[f"{len(rest)} other sites", sum(r[1] for r in rest), [z for r in rest for z in r[2]]]]
+    last = next(reversed(live.values())) if live else {}  # the block that reached the peak: made last
     return {"before_gb": round(before / 1e9, 3), "added_gb": round(added / 1e9, 3),
             "peak_gb": round((before + added) / 1e9, 3), "events": len(trace),
-            "live_at_peak": [{"site": s, "gb": round(b / 1e9, 3), "blocks": n} for s, b, n in rows]}
+            "peak_reached_by": stack_of(last.get("frames") or []),
+            "live_at_peak": [{"site": s, "gb": round(b / 1e9, 3), "blocks": len(z), "largest": sizes_of(z)}
+                             for s, b, z in rows]}
 
 
 def table(line: dict) -> str:
     """One JSON line as a Markdown table."""
     out = [f"{line.get('run', 'the train stage')}: peak {line['peak_gb']} GB = {line['before_gb']} GB allocated before "
            f"the history began (weights, the adapter's training state) + {line['added_gb']} GB at the step's peak "
-           f"({line['events']:,} allocator events)", "", "| made by | GB at the peak | blocks |", "| --- | --- | --- |"]
-    out += [f"| {row['site']} | {row['gb']:.3f} | {row['blocks']} |" for row in line["live_at_peak"]]
+           f"({line['events']:,} allocator events), reached in {' < '.join(line.get('peak_reached_by') or ['?'])}",
+           "", "| made by | GB at the peak | blocks | largest |", "| --- | --- | --- | --- |"]
+    out += [f"| {row['site']} | {row['gb']:.3f} | {row['blocks']} | {row.get('largest', '')} |"
+            for row in line["live_at_peak"]]
     return "\n".join(out)
 
 

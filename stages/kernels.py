@@ -24,7 +24,8 @@ vocabulary that is 1.5 GB more for a 1.8B model and 3 GB for a 7B one, and makes
 float32 matmul. With `upcast_frozen: false` they go back to the compute dtype after that call.
 
 Attention: a model whose remote code reads `attn_implementation` from its config.json (InternLM2's
-says `eager`) trains with the SDPA class of the same code (`use_sdpa`).
+says `eager`) trains with the SDPA class of the same code (`use_sdpa`); on a GPU, InternLM2's without its
+keys and values copied to every query head (`use_gqa`, pipeline key `gqa`).
 
 Rotary embedding: InternLM2's dynamic NTK rotary embedding (`rope_scaling: dynamic` in the released
 config.json) asks `max(position_ids) + 1 > max_position_embeddings` in every layer's forward: a wait
@@ -128,9 +129,14 @@ def _linear_cross_entropy():
 
         @staticmethod
         def backward(ctx, grad_out):
+            if ctx.grads is None:
+                raise RuntimeError("the fused loss's backward runs once a forward (retain_graph is not supported)")
+            # taken off ctx: the graph keeps ctx until the whole backward pass ends, and the gradient of the
+            # hidden states (the size of a layer's input) would stay with it; scaled in place, no second copy
             grad_h, grad_w = ctx.grads
+            ctx.grads = None
             scale = grad_out / ctx.denom
-            gh = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
+            gh = grad_h.mul_(scale.to(grad_h.dtype)) if grad_h is not None else None
             gw = (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None
             return gh, gw, None, None, None
 
@@ -287,12 +293,19 @@ def checkpoint_first(model, count: int, offload: bool = False) -> int:
         def run(*args, _layer=layer, _forward=forward, **kwargs):
             if not (_layer.training and torch.is_grad_enabled()):
                 return _forward(*args, **kwargs)
+            if args and torch.is_tensor(args[0]) and args[0].is_floating_point() and args[0].grad_fn is None:
+                # the first layer's input, from frozen embeddings, detached: peft's enable_input_require_grads
+                # (which XTuner calls) makes it a leaf that asks for a gradient, and autograd then keeps it on
+                # the GPU for the whole backward pass to give it a gradient that nobody reads
+                args = (args[0].detach(), *args[1:])
             if offload:  # the reentrant form saves the layer's inputs alone, through these hooks
-                if args and torch.is_tensor(args[0]) and args[0].is_floating_point() and not args[0].requires_grad:
-                    # the first layer's input, from frozen embeddings: the reentrant form gives the layer's
-                    # weights gradients only through an input that asks for one (peft's
-                    # enable_input_require_grads, which XTuner calls, does the same)
-                    args = (args[0].detach().requires_grad_(True), *args[1:])
+                if not any(torch.is_tensor(a) and a.requires_grad for a in args):
+                    # it gives the layer's weights gradients only when an input asks for one: a tensor of no
+                    # elements that does, after the others (the layer never sees it)
+                    token = torch.empty(0, device=args[0].device, requires_grad=True)
+                    body = functools.partial(_without_last, _forward, kwargs)
+                    with torch.autograd.graph.saved_tensors_hooks(_to_host, _from_host):
+                        return checkpoint(body, *args, token, use_reentrant=True)
                 with torch.autograd.graph.saved_tensors_hooks(_to_host, _from_host):
                     return checkpoint(functools.partial(_forward, **kwargs), *args, use_reentrant=True)
             return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
@@ -301,6 +314,11 @@ def checkpoint_first(model, count: int, offload: bool = False) -> int:
     if layers:
         inner.register_forward_pre_hook(_own_checkpointing_off, with_kwargs=True)
     return len(layers)
+
+
+def _without_last(forward, kwargs, *args):
+    """`forward(*args[:-1], **kwargs)`: a checkpointed layer's body, without the token `checkpoint_first` adds."""
+    return forward(*args[:-1], **kwargs)
 
 
 def _own_checkpointing_off(module, args, kwargs):
@@ -356,6 +374,58 @@ def use_sdpa(model) -> int:
     return switched
 
 
+def use_gqa(model) -> int:
+    """InternLM2's SDPA attention without copying K and V to every query head; the number of modules switched.
+
+    The remote code's SDPA class expands each key and value head to the query heads that share it (`repeat_kv`:
+    a copy the size of the queries) before calling SDPA, and SDPA keeps both copies for the backward pass: at
+    the 1.8B shape (16 query heads, 8 key-value heads), 268 MB of a checkpointed layer's rebuilt activations at
+    micro-batch 16, where the heads themselves are 134 MB. In training without a cache and a mask (packed
+    batches: the causal kernel), the subclass made here asks SDPA for grouped-query attention instead
+    (`enable_gqa`, as transformers' own SDPA attention does for Llama): the same products, each query head
+    against its group's key and value head. Everything else (a cache, a mask, attention weights asked for)
+    goes through the remote code's own forward. Same weights, same module names."""
+    switched = 0
+    for sub in model.modules():
+        cls = type(sub)
+        if cls.__name__ == "InternLM2SdpaAttention" and getattr(sub, "num_key_value_groups", 1) > 1:
+            sub.__class__ = _gqa_class(cls)
+            switched += 1
+    return switched
+
+
+@functools.cache
+def _gqa_class(base):
+    import sys
+
+    import torch
+
+    remote = sys.modules[base.__module__]  # the remote code's own rotary embedding
+
+    class GroupedQuerySdpaAttention(base):
+        def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_value=None,
+                    output_attentions=False, use_cache=False, cache_position=None, **kwargs):
+            if output_attentions or past_key_value is not None or attention_mask is not None:
+                return super().forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                       past_key_value=past_key_value, output_attentions=output_attentions,
+                                       use_cache=use_cache, cache_position=cache_position, **kwargs)
+            bsz, q_len, _ = hidden_states.size()
+            groups, dim = self.num_key_value_groups, self.head_dim
+            # wqkv's output per key-value head: its `groups` query heads, then its key, then its value
+            qkv = self.wqkv(hidden_states).view(bsz, q_len, -1, groups + 2, dim)
+            query = qkv[..., :groups, :].reshape(bsz, q_len, -1, dim).transpose(1, 2)
+            key = qkv[..., -2, :].transpose(1, 2)
+            value = qkv[..., -1, :].transpose(1, 2).contiguous()  # its own memory: a view would keep all of wqkv's
+            cos, sin = self.rotary_emb(value, position_ids)
+            query, key = remote.apply_rotary_pos_emb(query, key, cos, sin)
+            out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=q_len > 1,
+                                                                   enable_gqa=True)
+            return self.wo(out.transpose(1, 2).reshape(bsz, q_len, self.hidden_size)), None, past_key_value
+
+    GroupedQuerySdpaAttention.__module__ = base.__module__
+    return GroupedQuerySdpaAttention
+
+
 def _frozen_to(model, dtype) -> None:
     for param in model.parameters():
         if not param.requires_grad and param.is_floating_point() and param.dtype != dtype \
@@ -365,7 +435,7 @@ def _frozen_to(model, dtype) -> None:
 
 def apply(pipeline: dict) -> None:
     """Install what the rendered config's `pipeline` block asks for (`fused_loss`, `loss_chunk_mb`,
-    `upcast_frozen`, `compute_dtype`, `max_length`, `compile_layers`, `compile_loss`, `cuda_graphs`, `checkpoint_layers`,
+    `upcast_frozen`, `compute_dtype`, `max_length`, `compile_layers`, `compile_loss`, `gqa`, `cuda_graphs`, `checkpoint_layers`,
     `offload_activations`, `fp8`, `fp8_keep`) into
     XTuner's model building; later calls change the settings."""
     import torch
@@ -376,6 +446,7 @@ def apply(pipeline: dict) -> None:
                      upcast_frozen=bool(pipeline.get("upcast_frozen", True)),
                      compile_layers=bool(pipeline.get("compile_layers")),
                      compile_loss=bool(pipeline.get("compile_loss")),
+                     gqa=bool(pipeline.get("gqa")),
                      cuda_graphs=bool(pipeline.get("cuda_graphs")),
                      checkpoint_layers=int(pipeline.get("checkpoint_layers") or 0),
                      offload=bool(pipeline.get("offload_activations")),
@@ -389,6 +460,8 @@ def apply(pipeline: dict) -> None:
     def dispatch_modules(model, *args, **kwargs):
         result = dispatch(model, *args, **kwargs)
         use_sdpa(model)
+        if _SETTINGS.get("gqa"):
+            use_gqa(model)
         if _SETTINGS.get("max_length"):
             static_rope(model, _SETTINGS["max_length"])
         if _SETTINGS["fused_loss"]:

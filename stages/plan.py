@@ -70,6 +70,7 @@ def resolve(p: P.Params, cuda: bool, bf16: bool, card_gb: float | None = None,
             "fused_loss": t.fused_loss, "loss_chunk_mb": chunk // 2**20,
             "compile_layers": compile_layers,
             "compile_loss": bool(compile_layers and t.fused_loss),  # the fused loss's chunk math (stages/kernels.py)
+            "gqa": device == "cuda",  # InternLM2's attention without K and V copied to every head (stages/kernels.py)
             "cuda_graphs": bool(compile_layers and device == "cuda" and t.cuda_graphs and world == 1
                                 and not batch["checkpointing"] and not batch["checkpoint_layers"]),
             "fp8": fp8, "fp8_keep": bool(fp8 and batch["fp8_keep"]),
@@ -151,7 +152,8 @@ def llava_batch(p: P.Params, resolved: dict) -> dict:
     accum = max(1, t.global_batch // (micro * t.gpus * t.nodes))
     return {**resolved, "micro_batch": micro, "grad_accum": accum, "checkpointing": False, "checkpoint_layers": None,
             "estimate_gb": None,
-            "fused_loss": False, "compile_layers": False, "compile_loss": False, "cuda_graphs": False, "offload_activations": False,
+            "fused_loss": False, "compile_layers": False, "compile_loss": False, "gqa": False, "cuda_graphs": False,
+            "offload_activations": False,
             "fp8": False, "fp8_keep": False}
 
 

@@ -105,10 +105,13 @@ def test_stage_memory_replays_the_allocator_history_to_its_peak_and_names_who_ma
     assert (line["before_gb"], line["added_gb"], line["peak_gb"], line["events"]) == (10.0, 1.6, 11.6, 7)
     assert [row["site"] for row in line["live_at_peak"]] == [
         "stages/kernels.py:99 (forward)", "compiled code called from m/modeling_internlm2.py:5 (forward)", "1 other sites"]
+    assert line["live_at_peak"][0]["largest"] == "1,000 MB x1"
+    assert line["peak_reached_by"] == []  # the last block made before the peak: torch's own frames alone
     (tmp_path / "memory.jsonl").write_text(json.dumps(line) + "\n")
     stage_memory.main([str(tmp_path / "memory.jsonl")])
     out = capsys.readouterr().out.splitlines()
-    assert out[2] == "| made by | GB at the peak | blocks |" and out[-1] == "| 1 other sites | 0.300 | 1 |"
+    assert out[0].endswith("reached in ?")
+    assert out[2] == "| made by | GB at the peak | blocks | largest |" and out[-1] == "| 1 other sites | 0.300 | 1 | 300 MB x1 |"
     with pytest.raises(SystemExit) as exit:
         stage_memory.main([str(RESULTS)])  # a results file of another kind
     assert "not a file of StageMemory's JSON lines" in str(exit.value)

@@ -43,6 +43,19 @@ def test_fused_loss_equals_transformers_loss_and_gradients(chunk, monkeypatch):
         assert torch.allclose(grad, ref_grads[name], atol=1e-6), name
 
 
+def test_fused_loss_lets_go_of_its_gradient_in_the_backward_pass():
+    """The gradient of the hidden states, computed with the loss, is handed over in the backward pass, not kept
+    with the graph (which lives until the whole backward pass ends: 134 MB through it at micro-batch 16 of the
+    1.8B shape); a second backward over the same graph stops with a clear error, not a wrong gradient."""
+    hidden = torch.randn(1, 30, 8, requires_grad=True)
+    loss = kernels.linear_cross_entropy(hidden, torch.randn(50, 8), torch.randint(0, 50, (1, 30)), chunk=7)
+    assert loss.grad_fn.grads[0] is not None
+    loss.backward(retain_graph=True)
+    assert loss.grad_fn.grads is None and hidden.grad.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="runs once a forward"):
+        loss.backward()
+
+
 def test_compiled_loss_is_traced_whole_and_gives_the_same_loss_and_gradients(monkeypatch):
     """`compile_loss` (with compiled layers): each chunk's softmax through torch.compile in one graph
     (fullgraph), here with the aot_eager backend (inductor on a CPU compiles for 10 s); the GPU runs

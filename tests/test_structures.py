@@ -94,6 +94,46 @@ def test_internlm2_trains_with_its_sdpa_class_and_the_same_result(internlm2_dir)
                                sdpa.model.layers[0].attention.wqkv.weight.grad, atol=1e-5, rtol=1e-4)
 
 
+def test_grouped_query_attention_gives_the_sdpa_class_result_without_copying_keys_and_values(internlm2_dir):
+    """`use_gqa` (pipeline key `gqa`, on a GPU): 4 query heads over 2 key-value heads through SDPA's grouped-query
+    attention, against the remote code's SDPA class (which copies each key and value head to its query heads):
+    the same logits, loss and gradients in training, no `repeat_kv` called; with a cache (generation) and in
+    one graph when compiled, as the layers are on a GPU."""
+    import torch
+    import torch._dynamo
+
+    from stages.kernels import static_rope, use_gqa, use_sdpa
+
+    sdpa, gqa = load(internlm2_dir).train(), load(internlm2_dir).train()
+    use_sdpa(sdpa), use_sdpa(gqa)
+    assert use_gqa(gqa) == SHAPE["num_layers"]
+    assert {type(layer.attention).__name__ for layer in gqa.model.layers} == {"GroupedQuerySdpaAttention"}
+    remote = sys.modules[type(sdpa).__module__]
+    repeats = []
+    real_repeat = remote.repeat_kv
+    remote.repeat_kv = lambda *a: repeats.append(1) or real_repeat(*a)
+    try:
+        ids = torch.randint(3, SHAPE["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
+        # training as XTuner's model does it: no cache (`config.use_cache = False`)
+        a, b = sdpa(input_ids=ids, labels=ids, use_cache=False), gqa(input_ids=ids, labels=ids, use_cache=False)
+        assert len(repeats) == 2 * SHAPE["num_layers"]  # the SDPA class's keys and values; none of GQA's
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-6, rtol=1e-5)
+        a.loss.backward(), b.loss.backward()
+        for (name, p), q in zip(sdpa.named_parameters(), gqa.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=name)
+        sdpa.eval(), gqa.eval()
+        with torch.no_grad():
+            ours = gqa.generate(ids[:1, :5], max_new_tokens=4, do_sample=False)
+        torch.testing.assert_close(ours, sdpa.generate(ids[:1, :5], max_new_tokens=4, do_sample=False))
+    finally:
+        remote.repeat_kv = real_repeat
+    torch._dynamo.reset()
+    x = torch.randn(2, 16, SHAPE["hidden_size"])
+    pos = torch.arange(16)[None].expand(2, -1)
+    gqa.train(), static_rope(gqa, SHAPE["max_position_embeddings"])  # as the train stage runs it
+    assert torch._dynamo.explain(gqa.model.layers[0])(x, attention_mask=None, position_ids=pos).graph_count == 1
+
+
 def test_static_rope_is_the_same_rotary_embedding_without_a_graph_break(internlm2_dir):
     """internlm2-chat's dynamic NTK rotary embedding asks `max(position_ids) + 1 > max_position_embeddings`
     in every layer: a host sync and a graph break in each compiled layer. Below that length the plain
@@ -225,7 +265,12 @@ def test_offloaded_checkpoints_give_the_same_gradients_and_keep_only_the_inputs(
     """`checkpoint_first(..., offload=True)` on every layer of a LoRA model (dropout 0.5, frozen embeddings, as
     XTuner's QLoRA): each layer's forward runs twice a step, the only tensors it saves are its input (to
     host memory), and the loss and every LoRA gradient are those of the model without checkpointing: the
-    rebuilt forward draws the same dropout masks."""
+    rebuilt forward draws the same dropout masks. The embeddings' output, which peft's enable_input_require_grads
+    (XTuner calls it) makes a leaf asking for a gradient, is not kept for the backward pass: the first layer
+    gets a token of no elements that asks for one in its place."""
+    import gc
+    import weakref
+
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -245,12 +290,18 @@ def test_offloaded_checkpoints_give_the_same_gradients_and_keep_only_the_inputs(
     model = offloaded.base_model.model
     calls = counted_layers(model)
     assert kernels.checkpoint_first(model, 2, offload=True) == 2
+    offloaded.enable_input_require_grads()
+    embedded = []
+    model.get_input_embeddings().register_forward_hook(lambda m, i, out: embedded.append(weakref.ref(out)))
     ids = torch.randint(3, SHAPE["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(1)
     a = plain(input_ids=ids, labels=ids)
     torch.manual_seed(1)
     b = offloaded(input_ids=ids, labels=ids)
-    assert packed == [(2, 16, SHAPE["hidden_size"])] * 2  # the two layers' inputs, nothing else
+    hidden = (2, 16, SHAPE["hidden_size"])
+    assert packed == [hidden, (0,), hidden]  # the two layers' inputs and the first one's token, nothing else
+    gc.collect()
+    assert embedded and embedded[0]() is None  # not held by the graph
     a.loss.backward(), b.loss.backward()
     assert calls == [2, 2]
     torch.testing.assert_close(a.loss, b.loss)
