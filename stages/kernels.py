@@ -50,10 +50,15 @@ twice, once without gradients).
 Offloaded checkpoints (`train.offload_activations`, off by default): a checkpointed layer keeps its
 input on the GPU until the backward pass rebuilds the layer from it: 2 bytes x hidden a token a layer,
 3.2 GB for the 1.8B shape at micro-batch 16 with every layer checkpointed. With the lever the input is
-copied to pinned host memory as the forward pass saves it and back as the backward pass needs it, on
-the GPU's own stream without a wait for the host (as Unsloth keeps its checkpoints), so every layer is
-checkpointed by `checkpoint_first` (torch's reentrant checkpoint, whose saved inputs the copy catches).
-Not measured on a GPU yet.
+copied to pinned host memory as the forward pass saves it, on a stream of its own beside the compute (Unsloth
+copies on the compute stream), and back on the compute stream as the backward pass needs it, neither waiting for
+the host, so every layer is checkpointed by `checkpoint_first` (torch's reentrant checkpoint, whose saved inputs
+the copy catches). Measured: benchmarks/README.md.
+
+MLPs in slices (`tile_mlp`, pipeline key `tile_mlp`: the planner's slice count where every checkpointed layer's
+LoRA has no dropout, on a GPU): a checkpointed layer's MLP is rebuilt and differentiated a slice of the tokens
+at a time, so its intermediate-wide activations, the largest share of the step's peak in Unsloth's regime, are
+alive a slice at a time.
 """
 from __future__ import annotations
 
@@ -196,6 +201,104 @@ def install_fused_loss(model) -> bool:
 
 
 _SETTINGS: dict = {}
+_REBUILDING: list = []  # True on top while a checkpointed layer runs its forward again (`_second_pass_marked`)
+
+
+def tile_mlp(model, count: int, tiles: int, compiled: bool = False) -> int:
+    """The MLP of each of the first `count` decoder layers (the checkpointed ones, `checkpoint_first`) rebuilt
+    and differentiated in `tiles` slices of the tokens, one slice at a time (pipeline key `tile_mlp`, the
+    planner's `stages.memory.mlp_tiles`); the number of MLPs tiled.
+
+    A checkpointed layer's backward pass first runs its forward again, and the MLP's activations, three or four
+    tensors as wide as the intermediate size (8,192 at 1.8B: 537 MB each at micro-batch 16), are all alive at
+    once while its backward runs: most of the training step's peak. The MLP works token by token, so each slice
+    of tokens can be rebuilt, differentiated and freed before the next: the same products, a quarter of those
+    tensors alive with four slices. In the layer's second forward the MLP only keeps its input (its output's
+    value is read by nobody: the backward pass of the residual sum needs none), and the slices run in its
+    backward, so the MLP still runs twice forwards as a checkpointed layer's does. `compiled`: each slice through
+    torch.compile (the compiled layer stops at the MLP and resumes after it). Only where LoRA has no dropout: a
+    slice's second forward would not draw the same masks in its own compiled graph."""
+    import torch
+
+    inner = getattr(model, model.base_model_prefix, None)
+    tiled = 0
+    for layer in list(getattr(inner, "layers", None) or [])[:count]:
+        mlp = getattr(layer, "feed_forward", None) or getattr(layer, "mlp", None)
+        if mlp is None or tiles < 2:
+            continue
+        own = mlp.forward
+        run = torch.compile(own, dynamic=False) if compiled else own
+        mlp.forward = torch.compiler.disable(functools.partial(_tiled_mlp, mlp, own, run, tiles))
+        tiled += 1
+    return tiled
+
+
+def _tiled_mlp(mlp, own, run, tiles, x):
+    import torch
+
+    if not mlp.training:
+        return own(x)
+    params = [p for p in mlp.parameters() if p.requires_grad]
+    if not torch.is_grad_enabled():  # a reentrant checkpoint's first pass: nothing kept, slices cap the peak
+        return _by_tiles(run, x, tiles)
+    return _tiled_function().apply(run, tiles, bool(_REBUILDING and _REBUILDING[-1]), x, *params)
+
+
+def _slices(rows: int, tiles: int) -> list:
+    step = -(-rows // tiles)
+    return [slice(start, start + step) for start in range(0, rows, step)]
+
+
+def _by_tiles(run, x, tiles):
+    import torch
+
+    flat = x.reshape(-1, x.shape[-1])
+    with torch.no_grad():
+        out = None
+        for rows in _slices(flat.shape[0], tiles):
+            part = run(flat[rows])
+            out = flat.new_empty((flat.shape[0], part.shape[-1]), dtype=part.dtype) if out is None else out
+            out[rows] = part
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+@functools.cache
+def _tiled_function():
+    import torch
+
+    class TiledMLP(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, run, tiles, rebuilding, x, *params):
+            device = x.device.type
+            ctx.run, ctx.tiles, ctx.params = run, tiles, params
+            ctx.autocast = {"device_type": device, "enabled": torch.is_autocast_enabled(device),
+                            "dtype": torch.get_autocast_dtype(device)}
+            ctx.save_for_backward(x)
+            if rebuilding:  # the layer's second forward: its output's value is never read
+                dtype = ctx.autocast["dtype"] if ctx.autocast["enabled"] else x.dtype
+                return torch.zeros(x.shape, dtype=dtype, device=x.device)
+            return _by_tiles(run, x, tiles)
+
+        @staticmethod
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            flat, grad = x.detach().reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+            need_x = ctx.needs_input_grad[3]
+            grad_x = torch.empty_like(flat) if need_x else None
+            sums: list = [None] * len(ctx.params)
+            for rows in _slices(flat.shape[0], ctx.tiles):
+                part = flat[rows].detach().requires_grad_(need_x)
+                with torch.enable_grad(), torch.autocast(**ctx.autocast):
+                    out = ctx.run(part)
+                got = torch.autograd.grad(out, ([part] if need_x else []) + list(ctx.params), grad[rows],
+                                          allow_unused=True)
+                if need_x:
+                    grad_x[rows], got = got[0], got[1:]
+                sums = [g if s is None else (s if g is None else s.add_(g)) for s, g in zip(sums, got)]
+                del out, got
+            return (None, None, None, None if grad_x is None else grad_x.view_as(x), *sums)
+
+    return TiledMLP
 
 
 def compile_layers(model, mode: str | None = None) -> int:
@@ -259,17 +362,39 @@ def full_batches(instances, micro_batch: int, max_length: int | None = None, **k
 
 
 def _to_host(tensor):
-    """A saved tensor's copy in pinned host memory, queued on the GPU's stream (no wait)."""
+    """A saved tensor's copy in pinned host memory. On a GPU the copy runs on a stream of its own, beside the
+    compute that follows (no wait for the host either): the stream first waits for the work queued so far, which
+    makes the tensor, and the allocator keeps the tensor's memory until the copy is done (`record_stream`)."""
     import torch
 
     host = torch.empty(tensor.size(), dtype=tensor.dtype, pin_memory=tensor.is_cuda)
-    host.copy_(tensor, non_blocking=tensor.is_cuda)
-    return tensor.device, host
+    if not tensor.is_cuda:
+        host.copy_(tensor)
+        return tensor.device, host, None
+    side = _copy_stream(tensor.device)
+    side.wait_stream(torch.cuda.current_stream(tensor.device))
+    with torch.cuda.stream(side):
+        host.copy_(tensor, non_blocking=True)
+        done = side.record_event()
+    tensor.record_stream(side)
+    return tensor.device, host, done
 
 
 def _from_host(packed):
-    device, host = packed
+    """The tensor back on its device, queued on the current stream once its copy to the host is done."""
+    device, host, done = packed
+    if done is not None:
+        import torch
+
+        torch.cuda.current_stream(device).wait_event(done)
     return host.to(device, non_blocking=host.is_pinned())
+
+
+@functools.cache
+def _copy_stream(device):
+    import torch
+
+    return torch.cuda.Stream(device)
 
 
 def checkpoint_first(model, count: int, offload: bool = False) -> int:
@@ -290,9 +415,10 @@ def checkpoint_first(model, count: int, offload: bool = False) -> int:
     for layer in layers:
         forward = layer.forward
 
-        def run(*args, _layer=layer, _forward=forward, **kwargs):
+        def run(*args, _layer=layer, _eager=forward, **kwargs):
             if not (_layer.training and torch.is_grad_enabled()):
-                return _forward(*args, **kwargs)
+                return _eager(*args, **kwargs)
+            _forward = _second_pass_marked(_eager)
             if args and torch.is_tensor(args[0]) and args[0].is_floating_point() and args[0].grad_fn is None:
                 # the first layer's input, from frozen embeddings, detached: peft's enable_input_require_grads
                 # (which XTuner calls) makes it a leaf that asks for a gradient, and autograd then keeps it on
@@ -314,6 +440,22 @@ def checkpoint_first(model, count: int, offload: bool = False) -> int:
     if layers:
         inner.register_forward_pre_hook(_own_checkpointing_off, with_kwargs=True)
     return len(layers)
+
+
+def _second_pass_marked(forward):
+    """`forward`, with `_REBUILDING` saying, while it runs, whether this is its second call: a checkpointed layer's
+    forward again in the backward pass (what `tile_mlp` asks). One per checkpointed call."""
+    calls: list = []
+
+    def marked(*args, **kwargs):
+        _REBUILDING.append(bool(calls))
+        calls.append(True)
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            _REBUILDING.pop()
+
+    return marked
 
 
 def _without_last(forward, kwargs, *args):
@@ -436,7 +578,7 @@ def _frozen_to(model, dtype) -> None:
 def apply(pipeline: dict) -> None:
     """Install what the rendered config's `pipeline` block asks for (`fused_loss`, `loss_chunk_mb`,
     `upcast_frozen`, `compute_dtype`, `max_length`, `compile_layers`, `compile_loss`, `gqa`, `cuda_graphs`, `checkpoint_layers`,
-    `offload_activations`, `fp8`, `fp8_keep`) into
+    `offload_activations`, `tile_mlp`, `fp8`, `fp8_keep`) into
     XTuner's model building; later calls change the settings."""
     import torch
     from xtuner.model import sft
@@ -450,6 +592,7 @@ def apply(pipeline: dict) -> None:
                      cuda_graphs=bool(pipeline.get("cuda_graphs")),
                      checkpoint_layers=int(pipeline.get("checkpoint_layers") or 0),
                      offload=bool(pipeline.get("offload_activations")),
+                     tile_mlp=int(pipeline.get("tile_mlp") or 0),
                      fp8=bool(pipeline.get("fp8")), fp8_keep=bool(pipeline.get("fp8_keep", True)),
                      max_length=int(pipeline.get("max_length") or 0),
                      dtype=getattr(torch, pipeline.get("compute_dtype") or "float32"))
@@ -474,6 +617,8 @@ def apply(pipeline: dict) -> None:
             if problem:
                 fail(f"train.fp8: true, but this machine's GPU cannot multiply float8: {problem}; set train.fp8: false")
             fp8.install(model, keep=_SETTINGS["fp8_keep"])
+        if _SETTINGS["tile_mlp"] and _SETTINGS["checkpoint_layers"]:
+            tile_mlp(model, _SETTINGS["checkpoint_layers"], _SETTINGS["tile_mlp"], compiled=_SETTINGS["compile_layers"])
         if _SETTINGS["compile_layers"]:
             compile_layers(model, "reduce-overhead" if _SETTINGS["cuda_graphs"] else None)
         if _SETTINGS["checkpoint_layers"]:

@@ -24,7 +24,9 @@ The estimate is peak = weights + adapter training state + loss buffer + tokens x
   when every layer is checkpointed, with or without dropout). Checkpointing may cover some of the layers
   (the first ones: the backward pass reaches them after the others have freed their activations).
   With `offload` (train.offload_activations) a checkpointed layer's input, 2 x hidden bytes a token, is
-  in host memory: 0.8 x hidden bytes stay (not yet fitted to a measured peak).
+  in host memory: 0.8 x hidden bytes stay (not yet fitted to a measured peak). With `tile_mlp` (LoRA without
+  dropout, on a GPU) the rebuilt layer's MLP runs in slices of tokens (`mlp_tiles`), and the rebuilt layer's
+  intermediate-wide part is divided by their number.
 - with `fp8` (train.fp8) and its weights kept: 1 byte a frozen linear parameter of every layer not
   checkpointed. torch.compile finds the forward's dequantisation again in the backward pass and keeps the
   backward's float8 copy of the weights from the forward (1.36 GB more at the peak for the 1.8B shape, 1.51
@@ -45,6 +47,7 @@ from stages.errors import fail
 GB = 1e9
 MARGIN = 0.5 * GB
 BUSY_TOKENS = 8192  # a micro-batch this large keeps an H200 busy (benchmarks/README.md, "Speed")
+TILE_BYTES = 128 << 20  # one of the MLP's widest activations in a slice of tokens (`mlp_tiles`)
 # optimizer state bytes a LoRA parameter that PyTorch's allocator holds: AdamW's two float32 moments,
 # 8-bit AdamW's two bytes; the paged 8-bit states live in CUDA managed memory, outside PyTorch's count,
 # and page out to host memory when the card is full
@@ -98,9 +101,10 @@ def counts(shape: dict, lora_r: int, targets: list[str] | str = "all-linear") ->
 def estimate(shape: dict, *, tokens: int, checkpointing: bool, quant: str, compute_bytes: int, lora_r: int,
              optimizer: str, upcast_frozen: bool, fused_loss: bool, loss_chunk: int = int(GB),
              targets: list[str] | str = "all-linear", checkpointed: int | None = None,
-             dropout: float = 0.1, offload: bool = False, fp8: bool = False) -> float:
+             dropout: float = 0.1, offload: bool = False, fp8: bool = False, tile_mlp: bool = False) -> float:
     """Peak GPU bytes of one training process (what PyTorch reserves). `checkpointed`: how many
-    decoder layers are checkpointed (default: all of them with `checkpointing`, else none)."""
+    decoder layers are checkpointed (default: all of them with `checkpointing`, else none). `tile_mlp`: the
+    checkpointed layers' MLPs rebuilt in slices of tokens (`mlp_tiles`)."""
     n = counts(shape, lora_r, targets)
     weights = n["linear"] * (0.516 if quant != "none" else compute_bytes)
     frozen = n["frozen"] * (4 if upcast_frozen and quant != "none" else compute_bytes)
@@ -112,9 +116,18 @@ def estimate(shape: dict, *, tokens: int, checkpointing: bool, quant: str, compu
     kept = tokens * k * (0.8 if offload else 2.8) * shape["hidden"] + (shape["layers"] - k) * layer
     if fp8 and quant != "none":  # each kept layer's float8 weights, saved by torch.compile for the backward pass
         kept += n["linear"] * (shape["layers"] - k) / shape["layers"]
-    rebuilt = tokens * (24 * shape["hidden"] + 11.7 * shape["intermediate"])  # fitted; the same with dropout 0
+    tiles = mlp_tiles(tokens, shape["intermediate"]) if tile_mlp and k else 1
+    # fitted; the same with dropout 0; the intermediate-wide part in slices with `tile_mlp`
+    rebuilt = tokens * (24 * shape["hidden"] + 11.7 * shape["intermediate"] / tiles)
     activations = kept + (max(rebuilt, loss) if k == shape["layers"] else loss)
     return weights + frozen + lora + activations + MARGIN
+
+
+def mlp_tiles(tokens: int, intermediate: int, dtype_bytes: int = 2) -> int:
+    """Slices of a micro-batch's tokens in which a checkpointed layer's MLP is rebuilt (stages/kernels.py
+    `tile_mlp`): each slice's activations of the intermediate width at most TILE_BYTES (8,192 tokens of the
+    1.8B shape's 8,192 wide, 4,681 of the 7B's 14,336)."""
+    return max(1, -(-tokens * intermediate * dtype_bytes // TILE_BYTES))
 
 
 def divisors(n: int) -> list[int]:
@@ -160,8 +173,12 @@ def plan(shape: dict, *, budget_gb: float | None, seq: int, global_batch: int, g
                                                   fp8=True, **setting)
         keep = kept is None or kept <= budget_gb * GB
         peak = kept if keep else peak
+    tiles = mlp_tiles(mb * seq, shape["intermediate"]) if k and setting.get("tile_mlp") else 0
+    tiles = tiles if tiles > 1 else 0
     return {"micro_batch": mb, "grad_accum": per_gpu // mb, "checkpointing": k > 0 or checkpointing is True,
             "fp8_keep": keep,
-            # every layer too when offloaded: stages/kernels.py checkpoint_first offloads, the model's own does not
-            "checkpoint_layers": k if 0 < k < layers or (k and setting.get("offload")) else None,
+            # every layer too when offloaded: stages/kernels.py checkpoint_first offloads, the model's own does not;
+            # and with MLPs in slices, which need to know a layer's second forward pass from its first
+            "checkpoint_layers": k if 0 < k < layers or (k and (setting.get("offload") or tiles)) else None,
+            "tile_mlp": tiles,
             "estimate_gb": None if peak is None else round(peak / GB, 1)}  # no budget (CPU): no estimate

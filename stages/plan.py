@@ -60,12 +60,15 @@ def resolve(p: P.Params, cuda: bool, bf16: bool, card_gb: float | None = None,
         micro_batch=t.micro_batch, checkpointing=t.activation_checkpointing,  # no budget (CPU): all, none
         quant=p.quant.mode, compute_bytes=2 if compute != "float32" else 4, lora_r=p.lora.r,
         optimizer=t.optimizer, upcast_frozen=p.quant.upcast_frozen, fused_loss=t.fused_loss, loss_chunk=chunk,
-        targets=targets, dropout=p.lora.dropout, offload=device == "cuda" and t.offload_activations, fp8=fp8)
+        targets=targets, dropout=p.lora.dropout, offload=device == "cuda" and t.offload_activations, fp8=fp8,
+        # a checkpointed layer's MLP rebuilt in slices of tokens (stages/kernels.py tile_mlp): LoRA without dropout
+        tile_mlp=device == "cuda" and not p.lora.dropout)
     return {"device": device, "precision": precision, "deepspeed": deepspeed, "gpus": t.gpus, "nodes": t.nodes,
             "torch_dtype": DTYPES[precision], "compute_dtype": compute, "memory_gb": budget,
             "micro_batch": batch["micro_batch"], "grad_accum": batch["grad_accum"],
             "checkpointing": batch["checkpointing"], "checkpoint_layers": batch["checkpoint_layers"],
             "offload_activations": bool(device == "cuda" and t.offload_activations and batch["checkpoint_layers"]),
+            "tile_mlp": batch["tile_mlp"],
             "estimate_gb": batch["estimate_gb"],
             "fused_loss": t.fused_loss, "loss_chunk_mb": chunk // 2**20,
             "compile_layers": compile_layers,
@@ -153,7 +156,7 @@ def llava_batch(p: P.Params, resolved: dict) -> dict:
     return {**resolved, "micro_batch": micro, "grad_accum": accum, "checkpointing": False, "checkpoint_layers": None,
             "estimate_gb": None,
             "fused_loss": False, "compile_layers": False, "compile_loss": False, "gqa": False, "cuda_graphs": False,
-            "offload_activations": False,
+            "offload_activations": False, "tile_mlp": 0,
             "fp8": False, "fp8_keep": False}
 
 

@@ -314,6 +314,50 @@ def test_offloaded_checkpoints_give_the_same_gradients_and_keep_only_the_inputs(
     assert grads == 2 * 5 * 2  # A and B of five adapters in each layer
 
 
+@pytest.mark.parametrize("offload", [False, True])
+def test_tiled_mlps_give_the_same_gradients_in_slices_of_tokens(internlm2_dir, offload):
+    """`tile_mlp` (pipeline key `tile_mlp`, LoRA without dropout) in the checkpointed layers, with and without
+    offloaded checkpoints (torch's non-reentrant and reentrant checkpoint): the loss and every LoRA gradient
+    are the model's without checkpointing, the MLP never sees more than a slice of the tokens, and it runs
+    forwards twice a step as a checkpointed layer's does, the layer's second forward leaving it out; under
+    bf16 autocast, the same within bf16's rounding."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from stages import kernels
+
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["wqkv", "wo", "w1", "w2", "w3"])
+    plain, tiled = (get_peft_model(load(internlm2_dir), lora).train() for _ in range(2))
+    tiled.load_state_dict(plain.state_dict())
+    model = tiled.base_model.model
+    assert kernels.checkpoint_first(model, 2, offload=offload) == 2
+    assert kernels.tile_mlp(model, 2, tiles=4) == 2
+    tiled.enable_input_require_grads()
+    seen = []
+    for layer in model.model.layers:
+        layer.feed_forward.w1.register_forward_hook(lambda m, i, out: seen.append(i[0].shape[:-1].numel()))
+    ids = torch.randint(3, SHAPE["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
+    for autocast in (False, True):
+        plain.zero_grad(), tiled.zero_grad()
+        seen.clear()
+        tol = dict(atol=2e-2, rtol=2e-2) if autocast else dict(atol=1e-6, rtol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            a, b = plain(input_ids=ids, labels=ids), tiled(input_ids=ids, labels=ids)
+        a.loss.backward(), b.loss.backward()
+        assert seen == [8] * (4 * 2 * 2)  # 32 tokens in 4 slices, forwards and in the backward pass, two layers
+        torch.testing.assert_close(a.loss, b.loss, **tol)
+        grads = 0
+        for (name, p), q in zip(plain.named_parameters(), tiled.parameters()):
+            if p.requires_grad:
+                assert q.grad is not None, name
+                torch.testing.assert_close(p.grad, q.grad, msg=name, **tol)
+                grads += 1
+        assert grads == 2 * 5 * 2
+    tiled.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(input_ids=ids).logits, tiled(input_ids=ids).logits)
+
+
 def test_checkpointing_some_layers_gives_the_same_gradients_and_rebuilds_only_those(internlm2_dir):
     """InternLM2's own all-layer checkpointing switched on (as XTuner does), then `checkpoint_first`
     of one of two layers: that layer's forward runs twice a step, the other's once, and the loss and
