@@ -27,6 +27,7 @@
 # lean7b-fp8-lever (Unsloth's 7B at 1 twice, the stage offloaded at 2 without and with train.fp8),
 # offload-fp8 (Unsloth at 16, then micro-batch 16 with every layer checkpointed and offloaded, with and without train.fp8),
 # loss (Unsloth at 16, the default, the same with the loss's chunk math as written, the default again, with train.fp8),
+# tiles (the MLPs in slices: 4, the planner's 2 and none with train.fp8, 4 in bf16, in Unsloth's regime beside it),
 # memory (where the peak goes, benchmarks/stage_memory.py: Unsloth at 16, then its regime with train.fp8 and in bf16),
 # loss-kernels (the loss head alone: the stage's fused loss as written and compiled beside Liger Kernel's and
 # cut-cross-entropy's).
@@ -201,6 +202,19 @@ case $SUITE in
     stage "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, train.fp8$at" internlm2-1_8b \
       "{$PEERLORA, 'train': {$every, 'fp8': True}}"
     stage "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA$at" internlm2-1_8b \
+      "{$PEERLORA, 'train': {$every}}" ;;
+  tiles)  # the MLPs in slices of tokens (`tile_mlp`) on their own, in Unsloth's regime (micro-batch 16, every layer
+    # checkpointed and offloaded) with train.fp8: 4 slices, the planner's 2, none (as before), then 4 in bf16 (the
+    # 2026-12-04 call, when the planner's were 4; its bf16 run ran out of time); beside Unsloth at 16
+    [ -n "${NO_PEER:-}" ] || peer unsloth internlm2-1_8b 16
+    every="'memory_gb': 40, 'micro_batch': 16, 'activation_checkpointing': True, 'offload_activations': True"
+    for tiles in 4 2 0; do
+      CONFIG_EDIT=$([ "$tiles" = 2 ] || echo "s/'tile_mlp': 2/'tile_mlp': $tiles/") stage \
+        "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, train.fp8, MLP in $tiles slices" \
+        internlm2-1_8b "{$PEERLORA, 'train': {$every, 'fp8': True}}"
+    done
+    CONFIG_EDIT="s/'tile_mlp': 2/'tile_mlp': 4/" stage \
+      "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, MLP in 4 slices" internlm2-1_8b \
       "{$PEERLORA, 'train': {$every}}" ;;
   loss)  # the fused loss's chunk math compiled (`compile_loss`, with compiled layers), on its own: Unsloth at 16, the
     # default at 24 GB, the same with the loss as written (the rendered config's compile_loss undone), the default

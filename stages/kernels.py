@@ -212,8 +212,8 @@ def tile_mlp(model, count: int, tiles: int, compiled: bool = False) -> int:
     A checkpointed layer's backward pass first runs its forward again, and the MLP's activations, three or four
     tensors as wide as the intermediate size (8,192 at 1.8B: 537 MB each at micro-batch 16), are all alive at
     once while its backward runs: most of the training step's peak. The MLP works token by token, so each slice
-    of tokens can be rebuilt, differentiated and freed before the next: the same products, a quarter of those
-    tensors alive with four slices. In the layer's second forward the MLP only keeps its input (its output's
+    of tokens can be rebuilt, differentiated and freed before the next: the same products, half of those
+    tensors alive with two slices. In the layer's second forward the MLP only keeps its input (its output's
     value is read by nobody: the backward pass of the residual sum needs none), and the slices run in its
     backward, so the MLP still runs twice forwards as a checkpointed layer's does. `compiled`: each slice through
     torch.compile (the compiled layer stops at the MLP and resumes after it). Only where LoRA has no dropout: a

@@ -47,7 +47,7 @@ from stages.errors import fail
 GB = 1e9
 MARGIN = 0.5 * GB
 BUSY_TOKENS = 8192  # a micro-batch this large keeps an H200 busy (benchmarks/README.md, "Speed")
-TILE_BYTES = 128 << 20  # one of the MLP's widest activations in a slice of tokens (`mlp_tiles`)
+TILE_BYTES = 256 << 20  # one of the MLP's widest activations in a slice of tokens (`mlp_tiles`)
 # optimizer state bytes a LoRA parameter that PyTorch's allocator holds: AdamW's two float32 moments,
 # 8-bit AdamW's two bytes; the paged 8-bit states live in CUDA managed memory, outside PyTorch's count,
 # and page out to host memory when the card is full
@@ -125,8 +125,9 @@ def estimate(shape: dict, *, tokens: int, checkpointing: bool, quant: str, compu
 
 def mlp_tiles(tokens: int, intermediate: int, dtype_bytes: int = 2) -> int:
     """Slices of a micro-batch's tokens in which a checkpointed layer's MLP is rebuilt (stages/kernels.py
-    `tile_mlp`): each slice's activations of the intermediate width at most TILE_BYTES (8,192 tokens of the
-    1.8B shape's 8,192 wide, 4,681 of the 7B's 14,336)."""
+    `tile_mlp`): each slice's activations of the intermediate width at most TILE_BYTES (16,384 tokens of the
+    1.8B shape's 8,192 wide, 9,362 of the 7B's 14,336). Four slices at the 1.8B shape's micro-batch 16 took 1 GB
+    more off the peak than two, and 7% of the speed (benchmarks/README.md)."""
     return max(1, -(-tokens * intermediate * dtype_bytes // TILE_BYTES))
 
 
