@@ -148,7 +148,8 @@ class Train:
     offload_activations: bool = spec(
         "each checkpointed decoder layer's input kept in pinned host memory until the backward pass (as "
         "Unsloth does): 2 bytes x hidden a token a layer off the GPU, for a copy each way; every layer is then "
-        "checkpointed by the pipeline (stages/kernels.py); GPU only; not measured on a GPU yet")
+        "checkpointed by the pipeline (stages/kernels.py); GPU only; at the 1.8B shape, micro-batch 16, 11.25 to "
+        "8.54 GB for 8% of the speed on one H200 (benchmarks/README.md)")
     fp8: bool = spec(
         "the frozen 4-bit weights' matrix products (forward, and the backward's input gradient) in float8 "
         "e4m3 with per-row power-of-two scales (torch._scaled_mm; stages/fp8.py): about twice bf16's rate "
