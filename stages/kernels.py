@@ -220,11 +220,13 @@ def tile_mlp(model, count: int, tiles: int, compiled: bool = False) -> int:
     slice's second forward would not draw the same masks in its own compiled graph."""
     import torch
 
+    if tiles < 2:
+        return 0
     inner = getattr(model, model.base_model_prefix, None)
     tiled = 0
     for layer in list(getattr(inner, "layers", None) or [])[:count]:
         mlp = getattr(layer, "feed_forward", None) or getattr(layer, "mlp", None)
-        if mlp is None or tiles < 2:
+        if mlp is None:
             continue
         own = mlp.forward
         run = torch.compile(own, dynamic=False) if compiled else own
