@@ -15,7 +15,7 @@ from stages import params as P, plan, render
 from stages.recipes.internvl import config as internvl_config
 from stages.recipes.internvl import model as internvl, steps as internvl_recipe
 from stages.errors import StageError
-from tests.conftest import ROOT, env, ran, recipe_experiment, repro_in_copy
+from tests.conftest import ROOT, copy_project, env, ran, recipe_experiment, repro_in_copy
 
 PARAMS = P.validate({**P.read_yaml(ROOT / "params.yaml"), "recipe": "internvl"})  # its lora presets
 INTERNVL_STAGES = ["stand_in@tiny", "prepare", "validate", "render", "train", "select", "convert", "merge", "evaluate", "report"]
@@ -250,12 +250,10 @@ def test_lmdeploy_backend_is_one_line_without_lmdeploy(tmp_path, monkeypatch):
 def test_other_recipes_inputs_rerun_nothing_in_an_internvl_workspace(internvl_built, tmp_path):
     """The assistant's and llava's code, data and params, edited one at a time: nothing to rerun here,
     but for the one stated exception: the LLM stand-in learns from the assistant's text."""
-    import shutil
-
     from tests.test_pipeline import assert_other_recipes_isolated
 
     project = tmp_path / "internvl"
-    shutil.copytree(internvl_built[0], project, symlinks=True)
+    copy_project(internvl_built[0], project)
     assert_other_recipes_isolated(project, "internvl", allowed={"stand_in@tiny"})
 
 

@@ -16,8 +16,8 @@ from stages import params as P, plan, render
 from stages.recipes.llava import config as llava_config
 from stages.recipes.llava import model as llava, vision
 from stages.errors import StageError
-from tests.conftest import (ROOT, assert_one_line_error, env, ran, recipe_experiment, repro_in_copy, run_stage, sh,
-                            tree_digest)
+from tests.conftest import (ROOT, assert_one_line_error, copy_project, env, ran, recipe_experiment, repro_in_copy,
+                            run_stage, sh, tree_digest)
 
 GOLDEN = ROOT / "tests" / "golden"
 PARAMS = P.validate({**P.read_yaml(ROOT / "params.yaml"), "recipe": "llava"})  # its lora presets
@@ -124,7 +124,7 @@ def _models(project: Path) -> tuple[Path, Path]:
 def llava_project(llava_built, tmp_path, monkeypatch) -> Path:
     """A private copy of the built llava workspace, made the working directory."""
     dest = tmp_path / "llava"
-    shutil.copytree(llava_built[0], dest, symlinks=True)
+    copy_project(llava_built[0], dest)
     monkeypatch.chdir(dest)
     return dest
 
@@ -290,7 +290,7 @@ def test_other_recipes_inputs_rerun_nothing_in_a_llava_workspace(llava_built, tm
     from tests.test_pipeline import assert_other_recipes_isolated
 
     project = tmp_path / "llava"
-    shutil.copytree(llava_built[0], project, symlinks=True)
+    copy_project(llava_built[0], project)
     assert_other_recipes_isolated(project, "llava", allowed={"stand_in@tiny"})
 
 

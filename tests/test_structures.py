@@ -229,12 +229,10 @@ def test_doctor_names_the_structure_and_refuses_missing_remote_code(internlm2_di
 def test_the_llama_format_case_runs_the_whole_pipeline(built, tmp_path):
     """Many users bring Llama-format models: the same DAG on `stand_in.tiny.llm.architecture: llama`, by a real
     `dvc exp run`, to the report."""
-    import shutil
-
-    from tests.conftest import sh
+    from tests.conftest import copy_project, sh
 
     dest = tmp_path / "llama"
-    shutil.copytree(built, dest, symlinks=True)
+    copy_project(built, dest)
     sh("git", "add", "-A", cwd=dest)
     sh("git", "commit", "-q", "--allow-empty", "-m", "baseline", cwd=dest)
     out = sh("dvc", "exp", "run", "-S", "stand_in.tiny.llm.architecture=llama", "-S", "stand_in.tiny.llm.pretrain_steps=20",

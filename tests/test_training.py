@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.conftest import env, sh
+from tests.conftest import copy_project, env, sh
 
 pytestmark = pytest.mark.e2e
 
@@ -136,7 +136,7 @@ def uninterrupted(built, tmp_path_factory) -> tuple[dict, bytes]:
     """The uninterrupted run of the resume tests' schedule, once for both signals (their xdist group keeps
     them in one process): its metrics and its last checkpoint's bytes."""
     dest = tmp_path_factory.mktemp("uninterrupted") / "project"
-    shutil.copytree(built, dest, symlinks=True)
+    copy_project(built, dest)
     shorten(dest, RESUME_ITERS)
     sh("dvc", "repro", "train", cwd=dest)
     return json.loads((dest / "reports/train/metrics.json").read_text()), last_checkpoint(dest).read_bytes()
