@@ -29,6 +29,7 @@
 # loss (Unsloth at 16, the default, the same with the loss's chunk math as written, the default again, with train.fp8),
 # tiles (the MLPs in slices: 4, the planner's 2 and none with train.fp8, 4 in bf16, in Unsloth's regime beside it),
 # memory (where the peak goes, benchmarks/stage_memory.py: Unsloth at 16, then its regime with train.fp8 and in bf16),
+# profile-lean (Unsloth's regime with train.fp8 and the MLP in slices, its iterations profiled),
 # loss-kernels (the loss head alone: the stage's fused loss as written and compiled beside Liger Kernel's and
 # cut-cross-entropy's).
 set -uo pipefail
@@ -241,6 +242,14 @@ case $SUITE in
       "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, memory recorded" \
       internlm2-1_8b "{$PEERLORA, 'train': {$every}}"
     python3 -m benchmarks.stage_memory "$OUT/stage-memory.jsonl" ;;
+  profile-lean)  # Unsloth's regime (micro-batch 16, every layer checkpointed and offloaded, the MLP in the planner's 2
+    # slices) with train.fp8, profiled: the train stage's iterations 20-23 (stage_profile.py), where its GPU time goes
+    HOOK="s/^custom_hooks = \\[\$/from benchmarks.stage_profile import StageEdges, StageProfile\\ncustom_hooks = [dict(type=StageEdges), dict(type=StageProfile),/"
+    every="'memory_gb': 40, 'micro_batch': 16, 'activation_checkpointing': True, 'offload_activations': True"
+    STAGE_PROFILE_BARE=0 STAGE_PROFILE_OUT=$(realpath "$OUT")/stage-profile.jsonl CONFIG_EDIT="$HOOK" stage \
+      "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, train.fp8, profiled" internlm2-1_8b \
+      "{$PEERLORA, 'train': {$every, 'fp8': True}}"
+    cat "$OUT/stage-profile.jsonl" 2>/dev/null || grep -h "profile\|Error" "$OUT"/stage/*.log | tail -n 5 ;;
   loss-kernels)  # the loss head alone (benchmarks/loss_kernels.py): the stage's fused loss as written and compiled beside
     # Liger Kernel's and cut-cross-entropy's, one micro-batch of the 1.8B head, at the planner's chunk for 24 GB and up (1 GB) and for 8 GB, and
     # at twice the first (compiled, a chunk holds no float32 copy: the same memory fits twice the tokens)
