@@ -51,11 +51,9 @@ Offloaded checkpoints (`train.offload_activations`, off by default): a checkpoin
 input on the GPU until the backward pass rebuilds the layer from it: 2 bytes x hidden a token a layer,
 3.2 GB for the 1.8B shape at micro-batch 16 with every layer checkpointed. With the lever the input is
 copied to pinned host memory as the forward pass saves it, on a stream of its own beside the compute (Unsloth
-copies on the compute stream), and back on that stream one layer ahead of the backward pass: when a layer's
-input is asked for, the copy of the input of the layer the backward pass reaches next starts, so the compute waits
-for no copy but the first (one more layer input on the GPU, 134 MB at micro-batch 16 of the 1.8B shape). Neither
-direction waits for the host, so every layer is checkpointed by `checkpoint_first` (torch's reentrant checkpoint,
-whose saved inputs the copy catches). Measured: benchmarks/README.md.
+copies on the compute stream), and back on the compute stream as the backward pass needs it, neither waiting for
+the host, so every layer is checkpointed by `checkpoint_first` (torch's reentrant checkpoint, whose saved inputs
+the copy catches). Measured: benchmarks/README.md.
 
 MLPs in slices (`tile_mlp`, pipeline key `tile_mlp`: the planner's slice count where every checkpointed layer's
 LoRA has no dropout, on a GPU): a checkpointed layer's MLP is rebuilt and differentiated a slice of the tokens
@@ -365,70 +363,33 @@ def full_batches(instances, micro_batch: int, max_length: int | None = None, **k
     return default_collate_fn(rows, **kwargs)
 
 
-class _Offloaded:
-    """A checkpointed layer's saved input in host memory (`_to_host`); `before`: the offloaded inputs of the layer
-    before it in the forward pass (`checkpoint_first`), which the backward pass reaches next; `ahead`: its copy
-    back on the device once queued (`_fetch`), and `ready` the event that copy records."""
-    __slots__ = ("device", "host", "before", "ahead", "ready")
-
-    def __init__(self, device, host, before: list | None) -> None:
-        self.device, self.host, self.before, self.ahead, self.ready = device, host, before, None, None
-
-
-_PASS: list = [[]]  # [the current forward pass's offloaded inputs, a list a layer]: a new one a pass
-
-
-def _to_host(tensor, group: list | None = None, before: list | None = None):
-    """A saved tensor's copy in pinned host memory, added to `group` (its layer's). On a GPU the copy runs on a
-    stream of its own, beside the compute that follows (no wait for the host either): the stream first waits for
-    the work queued so far, which makes the tensor, and the allocator keeps the tensor's memory until the copy is
-    done (`record_stream`)."""
+def _to_host(tensor):
+    """A saved tensor's copy in pinned host memory. On a GPU the copy runs on a stream of its own, beside the
+    compute that follows (no wait for the host either): the stream first waits for the work queued so far, which
+    makes the tensor, and the allocator keeps the tensor's memory until the copy is done (`record_stream`)."""
     import torch
 
     host = torch.empty(tensor.size(), dtype=tensor.dtype, pin_memory=tensor.is_cuda)
-    record = _Offloaded(tensor.device, host, before)
-    if group is not None:
-        group.append(record)
     if not tensor.is_cuda:
         host.copy_(tensor)
-        return record
+        return tensor.device, host, None
     side = _copy_stream(tensor.device)
     side.wait_stream(torch.cuda.current_stream(tensor.device))
     with torch.cuda.stream(side):
         host.copy_(tensor, non_blocking=True)
+        done = side.record_event()
     tensor.record_stream(side)
-    return record
+    return tensor.device, host, done
 
 
-def _fetch(record) -> None:
-    """Queue `record`'s copy back to its device, once: on a GPU on the copy stream, after its copy to the host."""
-    if record.ahead is not None:
-        return
-    if not record.host.is_pinned():
-        record.ahead = record.host.to(record.device)
-        return
-    import torch
-
-    side = _copy_stream(record.device)
-    with torch.cuda.stream(side):
-        record.ahead = record.host.to(record.device, non_blocking=True)
-        record.ready = side.record_event()
-
-
-def _from_host(record):
-    """The tensor back on its device for the backward pass, and the inputs of the layer before, which it reaches
-    next, on their way: the current stream waits for this tensor's copy alone."""
-    _fetch(record)
-    for other in record.before or ():
-        _fetch(other)
-    tensor, record.ahead = record.ahead, None
-    if record.ready is not None:
+def _from_host(packed):
+    """The tensor back on its device, queued on the current stream once its copy to the host is done."""
+    device, host, done = packed
+    if done is not None:
         import torch
 
-        stream = torch.cuda.current_stream(record.device)
-        stream.wait_event(record.ready)
-        tensor.record_stream(stream)  # made on the copy stream, used and freed on this one
-    return tensor
+        torch.cuda.current_stream(device).wait_event(done)
+    return host.to(device, non_blocking=host.is_pinned())
 
 
 @functools.cache
@@ -466,18 +427,14 @@ def checkpoint_first(model, count: int, offload: bool = False) -> int:
                 # the GPU for the whole backward pass to give it a gradient that nobody reads
                 args = (args[0].detach(), *args[1:])
             if offload:  # the reentrant form saves the layer's inputs alone, through these hooks
-                layers = _PASS[0]
-                before = layers[-1] if layers and _SETTINGS.get("offload_ahead", True) else None
-                layers.append([])
-                pack = functools.partial(_to_host, group=layers[-1], before=before)
                 if not any(torch.is_tensor(a) and a.requires_grad for a in args):
                     # it gives the layer's weights gradients only when an input asks for one: a tensor of no
                     # elements that does, after the others (the layer never sees it)
                     token = torch.empty(0, device=args[0].device, requires_grad=True)
                     body = functools.partial(_without_last, _forward, kwargs)
-                    with torch.autograd.graph.saved_tensors_hooks(pack, _from_host):
+                    with torch.autograd.graph.saved_tensors_hooks(_to_host, _from_host):
                         return checkpoint(body, *args, token, use_reentrant=True)
-                with torch.autograd.graph.saved_tensors_hooks(pack, _from_host):
+                with torch.autograd.graph.saved_tensors_hooks(_to_host, _from_host):
                     return checkpoint(functools.partial(_forward, **kwargs), *args, use_reentrant=True)
             return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
 
@@ -510,12 +467,10 @@ def _without_last(forward, kwargs, *args):
 
 def _own_checkpointing_off(module, args, kwargs):
     """Before each forward of the decoder stack: its own checkpointing off, and in training no KV cache
-    (which a layer's second forward pass would append to again), as the model's own checkpointing does; a new
-    list of the pass's offloaded inputs (the last pass's backward has taken its own)."""
+    (which a layer's second forward pass would append to again), as the model's own checkpointing does."""
     module.gradient_checkpointing = False
     if module.training:
         kwargs["use_cache"] = False
-    _PASS[0] = []
     return args, kwargs
 
 
@@ -625,7 +580,7 @@ def _frozen_to(model, dtype) -> None:
 def apply(pipeline: dict) -> None:
     """Install what the rendered config's `pipeline` block asks for (`fused_loss`, `loss_chunk_mb`,
     `upcast_frozen`, `compute_dtype`, `max_length`, `compile_layers`, `compile_loss`, `gqa`, `cuda_graphs`, `checkpoint_layers`,
-    `offload_activations`, `offload_ahead`, `tile_mlp`, `fp8`, `fp8_keep`) into
+    `offload_activations`, `tile_mlp`, `fp8`, `fp8_keep`) into
     XTuner's model building; later calls change the settings."""
     import torch
     from xtuner.model import sft
@@ -639,7 +594,6 @@ def apply(pipeline: dict) -> None:
                      cuda_graphs=bool(pipeline.get("cuda_graphs")),
                      checkpoint_layers=int(pipeline.get("checkpoint_layers") or 0),
                      offload=bool(pipeline.get("offload_activations")),
-                     offload_ahead=bool(pipeline.get("offload_ahead", True)),  # a benchmark's switch: not rendered
                      tile_mlp=int(pipeline.get("tile_mlp") or 0),
                      fp8=bool(pipeline.get("fp8")), fp8_keep=bool(pipeline.get("fp8_keep", True)),
                      max_length=int(pipeline.get("max_length") or 0),

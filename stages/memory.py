@@ -24,8 +24,7 @@ The estimate is peak = weights + adapter training state + loss buffer + tokens x
   when every layer is checkpointed, with or without dropout). Checkpointing may cover some of the layers
   (the first ones: the backward pass reaches them after the others have freed their activations).
   With `offload` (train.offload_activations) a checkpointed layer's input, 2 x hidden bytes a token, is
-  in host memory: 0.8 x hidden bytes stay (not yet fitted to a measured peak), and while a layer is rebuilt the
-  input of the next one is on its way back (2 x hidden bytes a token more). With `tile_mlp` (LoRA without
+  in host memory: 0.8 x hidden bytes stay (not yet fitted to a measured peak). With `tile_mlp` (LoRA without
   dropout, on a GPU) the rebuilt layer's MLP runs in slices of tokens (`mlp_tiles`), and the rebuilt layer's
   intermediate-wide part is divided by their number.
 - with `fp8` (train.fp8) and its weights kept: 1 byte a frozen linear parameter of every layer not
@@ -118,9 +117,8 @@ def estimate(shape: dict, *, tokens: int, checkpointing: bool, quant: str, compu
     if fp8 and quant != "none":  # each kept layer's float8 weights, saved by torch.compile for the backward pass
         kept += n["linear"] * (shape["layers"] - k) / shape["layers"]
     tiles = mlp_tiles(tokens, shape["intermediate"]) if tile_mlp and k else 1
-    # fitted; the same with dropout 0; the intermediate-wide part in slices with `tile_mlp`; offloaded, the next
-    # layer's input on its way back (2 x hidden bytes a token)
-    rebuilt = tokens * ((26 if offload and k else 24) * shape["hidden"] + 11.7 * shape["intermediate"] / tiles)
+    # fitted; the same with dropout 0; the intermediate-wide part in slices with `tile_mlp`
+    rebuilt = tokens * (24 * shape["hidden"] + 11.7 * shape["intermediate"] / tiles)
     activations = kept + (max(rebuilt, loss) if k == shape["layers"] else loss)
     return weights + frozen + lora + activations + MARGIN
 

@@ -243,7 +243,7 @@ def test_cuda_graphs_put_the_host_ahead_on_one_gpu_only_without_checkpointing():
 
 def test_offloaded_activations_checkpoint_every_layer_through_the_pipeline_and_plan_for_it():
     """train.offload_activations: every checkpointed layer is the pipeline's own (the model's checkpointing
-    cannot offload), the estimate drops by the layers' inputs but one (2 bytes x hidden a token a layer), a tight
+    cannot offload), the estimate drops by the layers' inputs (2 bytes x hidden a token a layer), a tight
     budget fits where it did not (the 7B shape in 8 GB: benchmarks/README.md's lean run); never on the CPU, and
     nothing offloaded when nothing is checkpointed."""
     def resolved(**train):
@@ -255,8 +255,7 @@ def test_offloaded_activations_checkpoint_every_layer_through_the_pipeline_and_p
     off = resolved(memory_gb=24.0, micro_batch=16, activation_checkpointing=True, offload_activations=True)
     assert kept["checkpoint_layers"] is None and not kept["offload_activations"]
     assert off["checkpoint_layers"] == SHAPE_1_8B["layers"] and off["offload_activations"] and off["checkpointing"]
-    # every layer's input but one: the next layer's, on its way back while a layer is rebuilt
-    assert kept["estimate_gb"] - off["estimate_gb"] == pytest.approx(16 * 2048 * 2 * 2048 * 23 / 1e9, abs=0.05)
+    assert kept["estimate_gb"] - off["estimate_gb"] == pytest.approx(16 * 2048 * 2 * 2048 * 24 / 1e9, abs=0.1)
     shape_7b = {"hidden": 4096, "layers": 32, "intermediate": 14336, "vocab": 92544, "kv": 1024,
                 "arch": "InternLM2ForCausalLM"}
     tight, lean = (plan.resolve(replace(PARAMS, data=replace(PARAMS.data, max_length=2048), train=replace(
