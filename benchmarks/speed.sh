@@ -30,6 +30,7 @@
 # tiles (the MLPs in slices: 4, the planner's 2 and none with train.fp8, 4 in bf16, in Unsloth's regime beside it),
 # memory (where the peak goes, benchmarks/stage_memory.py: Unsloth at 16, then its regime with train.fp8 and in bf16),
 # profile-lean (Unsloth's regime with train.fp8 and the MLP in slices, its iterations profiled),
+# overlap-lean (no wait at an iteration's end in Unsloth's regime, with and without, beside Unsloth at 16),
 # loss-kernels (the loss head alone: the stage's fused loss as written and compiled beside Liger Kernel's and
 # cut-cross-entropy's).
 set -uo pipefail
@@ -242,6 +243,16 @@ case $SUITE in
       "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, memory recorded" \
       internlm2-1_8b "{$PEERLORA, 'train': {$every}}"
     python3 -m benchmarks.stage_memory "$OUT/stage-memory.jsonl" ;;
+  overlap-lean)  # no wait for the GPU at an iteration's end (stages/overlap.py) on its own, in Unsloth's regime (micro-batch
+    # 16, every layer checkpointed and offloaded, the MLP in 2 slices), where it was off before: with train.fp8 with it,
+    # without it (the hook taken out of the rendered config), then bf16 with it; beside Unsloth at 16
+    [ -n "${NO_PEER:-}" ] || peer unsloth internlm2-1_8b 16
+    every="'memory_gb': 40, 'micro_batch': 16, 'activation_checkpointing': True, 'offload_activations': True"
+    name="train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA"
+    stage "$name, train.fp8, no wait at an iteration's end" internlm2-1_8b "{$PEERLORA, 'train': {$every, 'fp8': True}}"
+    CONFIG_EDIT="/^    dict(type=Overlap),\$/d" \
+      stage "$name, train.fp8, waits (before)" internlm2-1_8b "{$PEERLORA, 'train': {$every, 'fp8': True}}"
+    stage "$name, no wait at an iteration's end" internlm2-1_8b "{$PEERLORA, 'train': {$every}}" ;;
   profile-lean)  # Unsloth's regime (micro-batch 16, every layer checkpointed and offloaded, the MLP in the planner's 2
     # slices) with train.fp8, profiled: the train stage's iterations 20-23 (stage_profile.py), where its GPU time goes
     HOOK="s/^custom_hooks = \\[\$/from benchmarks.stage_profile import StageEdges, StageProfile\\ncustom_hooks = [dict(type=StageEdges), dict(type=StageProfile),/"

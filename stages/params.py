@@ -141,7 +141,8 @@ class Train:
     cuda_graphs: bool = spec(
         "the host ahead of the GPU: each compiled decoder layer's forward and backward replayed as CUDA graphs "
         "(torch.compile's reduce-overhead mode; stages/kernels.py) and no wait for the GPU at an iteration's "
-        "end (stages/overlap.py); applies with compiled layers on one GPU, when no layer is checkpointed. At the "
+        "end (stages/overlap.py); the graphs apply with compiled layers on one GPU when no layer is checkpointed, "
+        "the no-wait part on one GPU without DeepSpeed, checkpointed layers or not. At the "
         "1.8B shape on one H200: 0.165 s an iteration against 0.192 s, a 160-iteration run with 8 checkpoints and "
         "chats trained in 80.8 s against 93.4 s; the first run on a machine compiles about 30 s longer "
         "(benchmarks/README.md)")

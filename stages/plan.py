@@ -76,6 +76,9 @@ def resolve(p: P.Params, cuda: bool, bf16: bool, card_gb: float | None = None,
             "gqa": device == "cuda",  # InternLM2's attention without K and V copied to every head (stages/kernels.py)
             "cuda_graphs": bool(compile_layers and device == "cuda" and t.cuda_graphs and world == 1
                                 and not batch["checkpointing"] and not batch["checkpoint_layers"]),
+            # no wait for the GPU at an iteration's end (stages/overlap.py): with train.cuda_graphs, on one GPU
+            # process without DeepSpeed, checkpointed layers or not
+            "overlap": bool(device == "cuda" and t.cuda_graphs and world == 1 and deepspeed == "none"),
             "fp8": fp8, "fp8_keep": bool(fp8 and batch["fp8_keep"]),
             "upcast_frozen": p.quant.upcast_frozen or p.quant.mode == "none",
             "lora_targets": targets, "max_length": p.data.max_length,
@@ -140,9 +143,8 @@ def run_settings(resolved: dict, max_iters: int | None) -> dict:
             "fused_optimizer": resolved["device"] == "cuda" and resolved["deepspeed"] == "none",
             "log_interval": 1 if resolved["device"] == "cpu" else min(10, max_iters or 10),
             "dist_backend": "nccl" if resolved["device"] == "cuda" else "gloo",
-            # with CUDA graphs (one GPU process already) and no DeepSpeed: pinned batches, no waits at an
-            # iteration's end (stages/overlap.py)
-            "overlap": bool(resolved.get("cuda_graphs")) and resolved["deepspeed"] == "none",
+            # pinned batches, no waits at an iteration's end (stages/overlap.py), where `resolve` says
+            "overlap": bool(resolved.get("overlap")),
             "cpu_ddp": resolved["device"] == "cpu" and resolved["gpus"] * resolved.get("nodes", 1) > 1}
 
 
@@ -156,7 +158,7 @@ def llava_batch(p: P.Params, resolved: dict) -> dict:
     return {**resolved, "micro_batch": micro, "grad_accum": accum, "checkpointing": False, "checkpoint_layers": None,
             "estimate_gb": None,
             "fused_loss": False, "compile_layers": False, "compile_loss": False, "gqa": False, "cuda_graphs": False,
-            "offload_activations": False, "tile_mlp": 0,
+            "overlap": False, "offload_activations": False, "tile_mlp": 0,
             "fp8": False, "fp8_keep": False}
 
 

@@ -222,9 +222,10 @@ def test_tiny_models_train_on_one_cpu_thread():
         assert out.stdout.strip() == expect, out.stderr[-500:]
 
 
-def test_cuda_graphs_put_the_host_ahead_on_one_gpu_only_without_checkpointing():
+def test_cuda_graphs_put_the_host_ahead_on_one_gpu_the_graphs_only_without_checkpointing():
     """train.cuda_graphs: compiled layers replayed as CUDA graphs and the overlap hook with pinned batches,
-    on one GPU with nothing checkpointed (the default there); otherwise, or with cuda_graphs false, neither."""
+    on one GPU with nothing checkpointed (the default there); with checkpointed layers or layers not compiled
+    the overlap hook alone; on several GPUs, on the CPU, or with cuda_graphs false, neither."""
     def rendered(**train):
         p = replace(PARAMS, data=replace(PARAMS.data, max_length=2048),
                     train=replace(PARAMS.train, global_batch=16, memory_gb=24.0, **train))
@@ -235,10 +236,15 @@ def test_cuda_graphs_put_the_host_ahead_on_one_gpu_only_without_checkpointing():
     assert not off["cuda_graphs"] and "Overlap" not in text and "pin_memory" not in text
     on, text = rendered(activation_checkpointing=False)
     assert on["cuda_graphs"] and on["compile_layers"] and "dict(type=Overlap)" in text and "pin_memory=True" in text
-    for train in (dict(activation_checkpointing=True), dict(gpus=2), dict(compile_layers=False)):
+    for train in (dict(activation_checkpointing=True), dict(compile_layers=False),
+                  dict(activation_checkpointing=True, offload_activations=True, micro_batch=16)):
         resolved, text = rendered(cuda_graphs=True, **train)
-        assert not resolved["cuda_graphs"] and "Overlap" not in text, train
-    assert not plan.resolve(replace(PARAMS, train=replace(PARAMS.train, cuda_graphs=True)), **MACHINES["cpu"])["cuda_graphs"]
+        assert not resolved["cuda_graphs"] and resolved["overlap"], train
+        assert "dict(type=Overlap)" in text and "pin_memory=True" in text, train
+    resolved, text = rendered(cuda_graphs=True, gpus=2)
+    assert not resolved["cuda_graphs"] and not resolved["overlap"] and "Overlap" not in text
+    cpu = plan.resolve(replace(PARAMS, train=replace(PARAMS.train, cuda_graphs=True)), **MACHINES["cpu"])
+    assert not cpu["cuda_graphs"] and not cpu["overlap"]
 
 
 def test_offloaded_activations_checkpoint_every_layer_through_the_pipeline_and_plan_for_it():
