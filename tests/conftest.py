@@ -234,9 +234,9 @@ def recipe_experiment(built: Path, dest: Path, recipe: str) -> tuple[Path, str]:
 
 
 # The files of a built project that nothing writes in place, which a copy of it links (a hard link, no bytes copied):
-# DVC's cache (content-addressed, read-only; DVC adds new files, never rewrites one) and the adapter weights of the
-# trainer's checkpoints (stages/background_save.py and stages/io.py write a new file and rename it into place;
-# a rerun of train or select unlinks the old ones first). A test that damages a file does it in a copied one
+# DVC's cache (content-addressed, read-only; DVC adds new files, never rewrites one) and the weights of the trainer's
+# checkpoints (stages/background_save.py writes a new file and renames it into place, stages/io.py `output_dir` a
+# new folder; DVC removes an output before its stage reruns). A test that damages a file does it in a copied one
 # (models/adapter.pth, models/adapter/, models/merged/). Linked, a copy of the built project writes 27 MB, not 190.
 LINKED = (".dvc/cache/",)
 LINKED_WEIGHTS = ("models/checkpoints/", "models/work/")
