@@ -356,6 +356,44 @@ def test_tiled_mlps_give_the_same_gradients_in_slices_of_tokens(internlm2_dir, o
         torch.testing.assert_close(plain.eval()(input_ids=ids).logits, tiled(input_ids=ids).logits)
 
 
+def test_tiled_mlps_of_a_llama_format_model_give_the_same_gradients(tmp_path):
+    """`tile_mlp` finds a Llama-format layer's MLP (`mlp`, not InternLM2's `feed_forward`): with offloaded
+    checkpoints, the loss and every LoRA gradient are the model's without them, its gate product sees a slice at
+    a time."""
+    from stages.xtuner_api import patch_stack
+
+    patch_stack()  # as the train stage runs: transformers' image utilities import torchvision's C ops otherwise
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from stages import kernels
+
+    folder = tmp_path / "llama"
+    new_causal_lm(folder, llama_config(**SHAPE), seed=0).save_pretrained(folder, safe_serialization=True)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    plain, tiled = (get_peft_model(load(folder), lora).train() for _ in range(2))
+    tiled.load_state_dict(plain.state_dict())
+    model = tiled.base_model.model
+    assert kernels.checkpoint_first(model, 2, offload=True) == 2
+    assert kernels.tile_mlp(model, 2, tiles=4) == 2
+    tiled.enable_input_require_grads()
+    seen = []
+    for layer in model.model.layers:
+        layer.mlp.gate_proj.register_forward_hook(lambda m, i, out: seen.append(i[0].shape[:-1].numel()))
+    ids = torch.randint(3, SHAPE["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
+    a, b = plain(input_ids=ids, labels=ids), tiled(input_ids=ids, labels=ids)
+    a.loss.backward(), b.loss.backward()
+    assert seen == [8] * (4 * 2 * 2)
+    torch.testing.assert_close(a.loss, b.loss)
+    grads = 0
+    for (name, p), q in zip(plain.named_parameters(), tiled.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=name)
+            grads += 1
+    assert grads == 2 * 7 * 2  # A and B of seven adapters in each layer
+
+
 def test_checkpointing_some_layers_gives_the_same_gradients_and_rebuilds_only_those(internlm2_dir):
     """InternLM2's own all-layer checkpointing switched on (as XTuner does), then `checkpoint_first`
     of one of two layers: that layer's forward runs twice a step, the other's once, and the loss and
