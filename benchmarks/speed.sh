@@ -31,6 +31,7 @@
 # memory (where the peak goes, benchmarks/stage_memory.py: Unsloth at 16, then its regime with train.fp8 and in bf16),
 # profile-lean (Unsloth's regime with train.fp8 and the MLP in slices, its iterations profiled),
 # overlap-lean (no wait at an iteration's end in Unsloth's regime, with and without, beside Unsloth at 16),
+# lean8 (the 1.8B shape at memory_gb 8: the planner's plan, then Unsloth's regime),
 # loss-kernels (the loss head alone: the stage's fused loss as written and compiled beside Liger Kernel's and
 # cut-cross-entropy's).
 set -uo pipefail
@@ -253,6 +254,11 @@ case $SUITE in
     CONFIG_EDIT="/^    dict(type=Overlap),\$/d" \
       stage "$name, train.fp8, waits (before)" internlm2-1_8b "{$PEERLORA, 'train': {$every, 'fp8': True}}"
     stage "$name, no wait at an iteration's end" internlm2-1_8b "{$PEERLORA, 'train': {$every}}" ;;
+  lean8)  # the 1.8B shape at `memory_gb: 8` in bf16: the planner's own plan (micro-batch 4, the first 19 layers
+    # checkpointed), then micro-batch 16 with every layer checkpointed and offloaded (Unsloth's regime, the MLP in 2 slices)
+    stage "train stage, 8 GB, peer LoRA, the planner's plan" internlm2-1_8b "{$PEERLORA, 'train': {'memory_gb': 8}}"
+    stage "train stage, 8 GB, peer LoRA, micro-batch 16, every layer checkpointed, offloaded" internlm2-1_8b \
+      "{$PEERLORA, 'train': {'memory_gb': 8, 'micro_batch': 16, 'activation_checkpointing': True, 'offload_activations': True}}" ;;
   profile-lean)  # Unsloth's regime (micro-batch 16, every layer checkpointed and offloaded, the MLP in the planner's 2
     # slices) with train.fp8, profiled: the train stage's iterations 20-23 (stage_profile.py), where its GPU time goes
     HOOK="s/^custom_hooks = \\[\$/from benchmarks.stage_profile import StageEdges, StageProfile\\ncustom_hooks = [dict(type=StageEdges), dict(type=StageProfile),/"
