@@ -312,20 +312,38 @@ def test_offloaded_checkpoints_give_the_same_gradients_and_keep_only_the_inputs(
     assert grads == 2 * 5 * 2  # A and B of five adapters in each layer
 
 
-@pytest.mark.parametrize("offload", [False, True])
-def test_tiled_mlps_give_the_same_gradients_in_slices_of_tokens(internlm2_dir, offload):
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("structures") / "tiny_llama"
+    new_causal_lm(folder, llama_config(**SHAPE), seed=0).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+# a structure's adapted linear layers, and its MLP's first product (InternLM2's `feed_forward`, Llama's `mlp`)
+ADAPTED = {"internlm2_dir": (["wqkv", "wo", "w1", "w2", "w3"], lambda layer: layer.feed_forward.w1),
+           "llama_dir": (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                         lambda layer: layer.mlp.gate_proj)}
+
+
+@pytest.mark.parametrize("structure,offload", [("internlm2_dir", False), ("internlm2_dir", True), ("llama_dir", True)])
+def test_tiled_mlps_give_the_same_gradients_in_slices_of_tokens(structure, offload, request):
     """`tile_mlp` (pipeline key `tile_mlp`, LoRA without dropout) in the checkpointed layers, with and without
-    offloaded checkpoints (torch's non-reentrant and reentrant checkpoint): the loss and every LoRA gradient
-    are the model's without checkpointing, the MLP never sees more than a slice of the tokens, and it runs
-    forwards twice a step as a checkpointed layer's does, the layer's second forward leaving it out; under
-    bf16 autocast, the same within bf16's rounding."""
+    offloaded checkpoints (torch's non-reentrant and reentrant checkpoint), on InternLM2's remote code and on a
+    Llama-format model: the loss and every LoRA gradient are the model's without checkpointing, the MLP never
+    sees more than a slice of the tokens, and it runs forwards twice a step as a checkpointed layer's does, the
+    layer's second forward leaving it out; under bf16 autocast, the same within bf16's rounding."""
+    from stages.xtuner_api import patch_stack
+
+    patch_stack()  # as the train stage runs: transformers' image utilities import torchvision's C ops otherwise
     import torch
     from peft import LoraConfig, get_peft_model
 
     from stages import kernels
 
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["wqkv", "wo", "w1", "w2", "w3"])
-    plain, tiled = (get_peft_model(load(internlm2_dir), lora).train() for _ in range(2))
+    targets, first_product = ADAPTED[structure]
+    folder = request.getfixturevalue(structure)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets)
+    plain, tiled = (get_peft_model(load(folder), lora).train() for _ in range(2))
     tiled.load_state_dict(plain.state_dict())
     model = tiled.base_model.model
     assert kernels.checkpoint_first(model, 2, offload=offload) == 2
@@ -333,7 +351,7 @@ def test_tiled_mlps_give_the_same_gradients_in_slices_of_tokens(internlm2_dir, o
     tiled.enable_input_require_grads()
     seen = []
     for layer in model.model.layers:
-        layer.feed_forward.w1.register_forward_hook(lambda m, i, out: seen.append(i[0].shape[:-1].numel()))
+        first_product(layer).register_forward_hook(lambda m, i, out: seen.append(i[0].shape[:-1].numel()))
     ids = torch.randint(3, SHAPE["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
     for autocast in (False, True):
         plain.zero_grad(), tiled.zero_grad()
@@ -350,48 +368,10 @@ def test_tiled_mlps_give_the_same_gradients_in_slices_of_tokens(internlm2_dir, o
                 assert q.grad is not None, name
                 torch.testing.assert_close(p.grad, q.grad, msg=name, **tol)
                 grads += 1
-        assert grads == 2 * 5 * 2
+        assert grads == 2 * len(targets) * 2  # A and B of each adapter in each layer
     tiled.eval()
     with torch.no_grad():
         torch.testing.assert_close(plain.eval()(input_ids=ids).logits, tiled(input_ids=ids).logits)
-
-
-def test_tiled_mlps_of_a_llama_format_model_give_the_same_gradients(tmp_path):
-    """`tile_mlp` finds a Llama-format layer's MLP (`mlp`, not InternLM2's `feed_forward`): with offloaded
-    checkpoints, the loss and every LoRA gradient are the model's without them, its gate product sees a slice at
-    a time."""
-    from stages.xtuner_api import patch_stack
-
-    patch_stack()  # as the train stage runs: transformers' image utilities import torchvision's C ops otherwise
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from stages import kernels
-
-    folder = tmp_path / "llama"
-    new_causal_lm(folder, llama_config(**SHAPE), seed=0).save_pretrained(folder, safe_serialization=True)
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    plain, tiled = (get_peft_model(load(folder), lora).train() for _ in range(2))
-    tiled.load_state_dict(plain.state_dict())
-    model = tiled.base_model.model
-    assert kernels.checkpoint_first(model, 2, offload=True) == 2
-    assert kernels.tile_mlp(model, 2, tiles=4) == 2
-    tiled.enable_input_require_grads()
-    seen = []
-    for layer in model.model.layers:
-        layer.mlp.gate_proj.register_forward_hook(lambda m, i, out: seen.append(i[0].shape[:-1].numel()))
-    ids = torch.randint(3, SHAPE["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
-    a, b = plain(input_ids=ids, labels=ids), tiled(input_ids=ids, labels=ids)
-    a.loss.backward(), b.loss.backward()
-    assert seen == [8] * (4 * 2 * 2)
-    torch.testing.assert_close(a.loss, b.loss)
-    grads = 0
-    for (name, p), q in zip(plain.named_parameters(), tiled.parameters()):
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=name)
-            grads += 1
-    assert grads == 2 * 7 * 2  # A and B of seven adapters in each layer
 
 
 def test_checkpointing_some_layers_gives_the_same_gradients_and_rebuilds_only_those(internlm2_dir):
