@@ -3,6 +3,7 @@ temporary git clone of the working tree; tests that change things work on copies
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import re
 import shutil
@@ -181,7 +182,9 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
 
 @pytest.fixture(scope="session")
 def built(tmp_path_factory) -> Path:
-    """A clean clone on which the real `dvc repro` has run once (once per run, whichever the processes)."""
+    """A clean clone on which the real `dvc repro` has run once (once per run, whichever the processes). At the
+    end, its files that copies link (`copy_project`) must hold the bytes they held at the start: a test that
+    wrote one in place would have written into every copy, and fails the run here, naming the file."""
 
     def build(folder: Path) -> None:
         project = clone_worktree(folder)
@@ -190,7 +193,11 @@ def built(tmp_path_factory) -> Path:
         proc = sh("dvc", "repro", cwd=project)
         repro_output(project).write_text(proc.stdout + proc.stderr, encoding="utf-8")
 
-    return built_once(tmp_path_factory, "built", build)
+    folder = built_once(tmp_path_factory, "built", build)
+    before = linked_digests(folder)
+    yield folder
+    changed = [name for name, digest in linked_digests(folder).items() if before.get(name) != digest]
+    assert not changed, f"linked files of the built project changed in place (copy_project's LINKED): {changed}"
 
 
 def compile_stages(project: Path) -> None:
@@ -242,14 +249,24 @@ LINKED = (".dvc/cache/",)
 LINKED_WEIGHTS = ("models/checkpoints/", "models/work/")
 
 
+def linked(name: str) -> bool:
+    """Whether `copy_project` links the file at `name` (relative to the project) rather than copying it."""
+    return name.startswith(LINKED) or (name.startswith(LINKED_WEIGHTS) and name.endswith(".pth"))
+
+
+def linked_digests(project: Path) -> dict:
+    """Path -> MD5 of each file of `project` that copies of it link."""
+    return {name: hashlib.md5(path.read_bytes()).hexdigest() for path in sorted(project.rglob("*"))
+            if path.is_file() and linked(name := path.relative_to(project).as_posix())}
+
+
 def copy_project(built: Path, dest: Path, leave_out: tuple[str, ...] = ()) -> Path:
     """A copy of the built project at `dest`, without the paths (relative to it) in `leave_out`; its LINKED
     files and the .pth files under LINKED_WEIGHTS are hard links to the original's."""
     left = {built / name for name in leave_out}
 
     def copy(src: str, dst: str) -> None:
-        name = os.path.relpath(src, built)
-        if name.startswith(LINKED) or (name.startswith(LINKED_WEIGHTS) and name.endswith(".pth")):
+        if linked(os.path.relpath(src, built)):
             os.link(src, dst)
         else:
             shutil.copy2(src, dst)
