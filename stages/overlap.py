@@ -8,8 +8,9 @@ while the host does the loop's own work (the next batch, the hooks, model.train(
 the 1.8B default (micro-batch 4), 12 ms of loop and 20 ms of hooks in a 185 ms iteration
 (benchmarks/README.md, "Where the stage's step goes").
 
-`Overlap` (a hook the assistant recipe's template adds with `train.cuda_graphs`, on one CUDA process) takes
-those waits out, the results and the logs unchanged:
+`Overlap` (a hook the assistant recipe's template adds with `train.cuda_graphs`, on one CUDA process without
+DeepSpeed, whether layers are checkpointed or not: the pipeline key `overlap`) takes those waits out, the
+results and the logs unchanged:
 
   batches      the loader pins them (`pin_memory=True` in the rendered config) and the data
                preprocessor copies them without blocking; an attention mask that is all ones (packed
@@ -24,7 +25,9 @@ those waits out, the results and the logs unchanged:
 Only the timing changes: the same numbers reach the same message hub keys in the same order.
 
 Measured on one H200 at the 1.8B default (micro-batch 4, benchmarks/README.md): with CUDA graphs it takes
-the iteration from 172 to 163 ms (47.5k -> 50.2k tokens/s); graphs alone changed nothing measurable. The
+the iteration from 172 to 163 ms (47.5k -> 50.2k tokens/s); graphs alone changed nothing measurable. In
+Unsloth's regime (micro-batch 16, every layer checkpointed and offloaded, no CUDA graphs) alone: 0.740 to
+0.722 s an iteration, the same loss. The
 iterations that settle the deferred work are the logged ones, so XTuner's per-iteration figure there
 reads low: the stage's tokens/s is the run's (stages/throughput.py).
 """
