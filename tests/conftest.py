@@ -244,7 +244,7 @@ def recipe_experiment(built: Path, dest: Path, recipe: str) -> tuple[Path, str]:
 # DVC's cache (content-addressed, read-only; DVC adds new files, never rewrites one) and the weights of the trainer's
 # checkpoints (stages/background_save.py writes a new file and renames it into place, stages/io.py `output_dir` a
 # new folder; DVC removes an output before its stage reruns). A test that damages a file does it in a copied one
-# (models/adapter.pth, models/adapter/, models/merged/). Linked, a copy of the built project writes 27 MB, not 190.
+# (models/adapter.pth, models/adapter/, models/merged/). Linked, a copy of the built project writes 26 MB, not 190.
 LINKED = (".dvc/cache/",)
 LINKED_WEIGHTS = ("models/checkpoints/", "models/work/")
 
