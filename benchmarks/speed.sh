@@ -84,6 +84,10 @@ levers() {  # shape, plan
   grep -h '^{' "$OUT/levers-$2.log" | cut -c1-400
 }
 PEERLORA="'lora': {'r': 64, 'alpha': 16, 'dropout': 0.0}"
+# Unsloth's regime: micro-batch 16, every layer checkpointed and offloaded (the MLP in the planner's slices)
+UNSLOTH16="'memory_gb': 40, 'micro_batch': 16, 'activation_checkpointing': True, 'offload_activations': True"
+# benchmarks/stage_profile.py's hooks added to the rendered config (CONFIG_EDIT): the stage's iterations profiled
+PROFILE_HOOK="s/^custom_hooks = \\[\$/from benchmarks.stage_profile import StageEdges, StageProfile\\ncustom_hooks = [dict(type=StageEdges), dict(type=StageProfile),/"
 checkpointed16() {  # micro-batch 16, every layer checkpointed, without and with train.offload_activations
   local every="'memory_gb': 40, 'micro_batch': 16, 'activation_checkpointing': True"
   stage "train stage, micro-batch 16, every layer checkpointed, peer LoRA" internlm2-1_8b "{$PEERLORA, 'train': {$every}}"
@@ -115,10 +119,9 @@ case $SUITE in
       stage "train stage, peer LoRA, defaults, 2 data-loading workers" internlm2-1_8b "{$PEERLORA}" ;;
   profile)  # the default at 24 GB profiled twice: the train stage's iterations 20-23 (stage_profile.py, a hook
     # added to the rendered config) and levers.py's bare model (its step: one micro-batch and the optimizer)
-    HOOK="s/^custom_hooks = \\[\$/from benchmarks.stage_profile import StageEdges, StageProfile\\ncustom_hooks = [dict(type=StageEdges), dict(type=StageProfile),/"
     # STAGE_PROFILE_BARE=N (stage_profile.py): N bare steps in the stage's own process first, to tell the
     # process's cost per op from the loop's
-    STAGE_PROFILE_BARE=${STAGE_PROFILE_BARE:-10} STAGE_PROFILE_OUT=$(realpath "$OUT")/stage-profile.jsonl CONFIG_EDIT="$HOOK" \
+    STAGE_PROFILE_BARE=${STAGE_PROFILE_BARE:-10} STAGE_PROFILE_OUT=$(realpath "$OUT")/stage-profile.jsonl CONFIG_EDIT="$PROFILE_HOOK" \
       stage "train stage, defaults at 24 GB, peer LoRA, profiled" internlm2-1_8b "{$PEERLORA}"
     cat "$OUT/stage-profile.jsonl" 2>/dev/null || grep -h "profile\|Error" "$OUT"/stage/*.log | tail -n 5
     [ -n "${STAGE_ONLY:-}" ] || levers internlm2-1_8b default ;;
@@ -210,15 +213,14 @@ case $SUITE in
     # checkpointed and offloaded) with train.fp8: 4 slices, the planner's 2, none (as before), then 4 in bf16 (the
     # 2026-12-04 call, when the planner's were 4; its bf16 run ran out of time); beside Unsloth at 16
     [ -n "${NO_PEER:-}" ] || peer unsloth internlm2-1_8b 16
-    every="'memory_gb': 40, 'micro_batch': 16, 'activation_checkpointing': True, 'offload_activations': True"
     for tiles in 4 2 0; do
       CONFIG_EDIT=$([ "$tiles" = 2 ] || echo "s/'tile_mlp': 2/'tile_mlp': $tiles/") stage \
         "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, train.fp8, MLP in $tiles slices" \
-        internlm2-1_8b "{$PEERLORA, 'train': {$every, 'fp8': True}}"
+        internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True}}"
     done
     CONFIG_EDIT="s/'tile_mlp': 2/'tile_mlp': 4/" stage \
       "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, MLP in 4 slices" internlm2-1_8b \
-      "{$PEERLORA, 'train': {$every}}" ;;
+      "{$PEERLORA, 'train': {$UNSLOTH16}}" ;;
   loss)  # the fused loss's chunk math compiled (`compile_loss`, with compiled layers), on its own: Unsloth at 16, the
     # default at 24 GB, the same with the loss as written (the rendered config's compile_loss undone), the default
     # again (the spread within a call), then with train.fp8
@@ -234,26 +236,24 @@ case $SUITE in
     # after Unsloth at micro-batch 16 (NO_PEER=1: without it)
     [ -n "${NO_PEER:-}" ] || peer unsloth internlm2-1_8b 16
     HOOK="s/^custom_hooks = \\[\$/from benchmarks.stage_memory import StageMemory\\ncustom_hooks = [dict(type=StageMemory),/"
-    every="'memory_gb': 40, 'micro_batch': 16, 'activation_checkpointing': True, 'offload_activations': True"
     STAGE_MEMORY_OUT=$(realpath "$OUT")/stage-memory.jsonl CONFIG_EDIT="$HOOK" stage \
       "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, train.fp8, memory recorded" \
-      internlm2-1_8b "{$PEERLORA, 'train': {$every, 'fp8': True}}"
+      internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True}}"
     # in bf16 too (not the default at 24 GB: its CUDA graphs allocate from a pool of their own, which the history
     # sees as one block made before it began)
     STAGE_MEMORY_OUT=$(realpath "$OUT")/stage-memory.jsonl CONFIG_EDIT="$HOOK" stage \
       "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, memory recorded" \
-      internlm2-1_8b "{$PEERLORA, 'train': {$every}}"
+      internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16}}"
     python3 -m benchmarks.stage_memory "$OUT/stage-memory.jsonl" ;;
   overlap-lean)  # no wait for the GPU at an iteration's end (stages/overlap.py) on its own, in Unsloth's regime (micro-batch
     # 16, every layer checkpointed and offloaded, the MLP in 2 slices), where it was off before: with train.fp8 with it,
     # without it (the hook taken out of the rendered config), then bf16 with it; beside Unsloth at 16
     [ -n "${NO_PEER:-}" ] || peer unsloth internlm2-1_8b 16
-    every="'memory_gb': 40, 'micro_batch': 16, 'activation_checkpointing': True, 'offload_activations': True"
     name="train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA"
-    stage "$name, train.fp8, no wait at an iteration's end" internlm2-1_8b "{$PEERLORA, 'train': {$every, 'fp8': True}}"
+    stage "$name, train.fp8, no wait at an iteration's end" internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True}}"
     CONFIG_EDIT="/^    dict(type=Overlap),\$/d" \
-      stage "$name, train.fp8, waits (before)" internlm2-1_8b "{$PEERLORA, 'train': {$every, 'fp8': True}}"
-    stage "$name, no wait at an iteration's end" internlm2-1_8b "{$PEERLORA, 'train': {$every}}" ;;
+      stage "$name, train.fp8, waits (before)" internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True}}"
+    stage "$name, no wait at an iteration's end" internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16}}" ;;
   lean8)  # the 1.8B shape at `memory_gb: 8` in bf16: the planner's own plan (micro-batch 4, the first 19 layers
     # checkpointed), then micro-batch 16 with every layer checkpointed and offloaded (Unsloth's regime, the MLP in 2 slices)
     stage "train stage, 8 GB, peer LoRA, the planner's plan" internlm2-1_8b "{$PEERLORA, 'train': {'memory_gb': 8}}"
@@ -261,11 +261,9 @@ case $SUITE in
       "{$PEERLORA, 'train': {'memory_gb': 8, 'micro_batch': 16, 'activation_checkpointing': True, 'offload_activations': True}}" ;;
   profile-lean)  # Unsloth's regime (micro-batch 16, every layer checkpointed and offloaded, the MLP in the planner's 2
     # slices) with train.fp8, profiled: the train stage's iterations 20-23 (stage_profile.py), where its GPU time goes
-    HOOK="s/^custom_hooks = \\[\$/from benchmarks.stage_profile import StageEdges, StageProfile\\ncustom_hooks = [dict(type=StageEdges), dict(type=StageProfile),/"
-    every="'memory_gb': 40, 'micro_batch': 16, 'activation_checkpointing': True, 'offload_activations': True"
-    STAGE_PROFILE_BARE=0 STAGE_PROFILE_OUT=$(realpath "$OUT")/stage-profile.jsonl CONFIG_EDIT="$HOOK" stage \
+    STAGE_PROFILE_BARE=0 STAGE_PROFILE_OUT=$(realpath "$OUT")/stage-profile.jsonl CONFIG_EDIT="$PROFILE_HOOK" stage \
       "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, train.fp8, profiled" internlm2-1_8b \
-      "{$PEERLORA, 'train': {$every, 'fp8': True}}"
+      "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True}}"
     cat "$OUT/stage-profile.jsonl" 2>/dev/null || grep -h "profile\|Error" "$OUT"/stage/*.log | tail -n 5 ;;
   loss-kernels)  # the loss head alone (benchmarks/loss_kernels.py): the stage's fused loss as written and compiled beside
     # Liger Kernel's and cut-cross-entropy's, one micro-batch of the 1.8B head, at the planner's chunk for 24 GB and up (1 GB) and for 8 GB, and
