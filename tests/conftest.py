@@ -230,14 +230,19 @@ SMALL_LLM = ("stand_in.tiny.llm.hidden_size=64", "stand_in.tiny.llm.intermediate
              "stand_in.tiny.llm.pretrain_steps=200")
 
 
-def recipe_experiment(built: Path, dest: Path, recipe: str) -> tuple[Path, str]:
-    """A copy of the built (assistant) project at `dest`, switched to `recipe` by a real
-    `dvc exp run -S recipe=...` (with SMALL_LLM); returns the copy and the command's output."""
+def experiment_in_copy(built: Path, dest: Path, name: str, *settings: str) -> str:
+    """A copy of the built project at `dest`, committed as its baseline, then a real `dvc exp run -S SETTING ...
+    -n NAME` in it; the command's output."""
     copy_project(built, dest)
     sh("git", "add", "-A", cwd=dest)
     sh("git", "commit", "-q", "--allow-empty", "-m", "baseline", cwd=dest)
-    small = [arg for setting in SMALL_LLM for arg in ("-S", setting)]
-    return dest, sh("dvc", "exp", "run", "-S", f"recipe={recipe}", *small, "-n", recipe, cwd=dest).stdout
+    return sh("dvc", "exp", "run", *[arg for setting in settings for arg in ("-S", setting)], "-n", name, cwd=dest).stdout
+
+
+def recipe_experiment(built: Path, dest: Path, recipe: str) -> tuple[Path, str]:
+    """A copy of the built (assistant) project at `dest`, switched to `recipe` by a real
+    `dvc exp run -S recipe=...` (with SMALL_LLM); returns the copy and the command's output."""
+    return dest, experiment_in_copy(built, dest, recipe, f"recipe={recipe}", *SMALL_LLM)
 
 
 # The files of a built project that nothing writes in place, which a copy of it links (a hard link, no bytes copied):

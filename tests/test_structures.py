@@ -229,14 +229,11 @@ def test_doctor_names_the_structure_and_refuses_missing_remote_code(internlm2_di
 def test_the_llama_format_case_runs_the_whole_pipeline(built, tmp_path):
     """Many users bring Llama-format models: the same DAG on `stand_in.tiny.llm.architecture: llama`, by a real
     `dvc exp run`, to the report."""
-    from tests.conftest import copy_project, sh
+    from tests.conftest import experiment_in_copy
 
     dest = tmp_path / "llama"
-    copy_project(built, dest)
-    sh("git", "add", "-A", cwd=dest)
-    sh("git", "commit", "-q", "--allow-empty", "-m", "baseline", cwd=dest)
-    out = sh("dvc", "exp", "run", "-S", "stand_in.tiny.llm.architecture=llama", "-S", "stand_in.tiny.llm.pretrain_steps=20",
-             "-S", "train.max_iters=20", "-n", "llama", cwd=dest).stdout
+    out = experiment_in_copy(built, dest, "llama", "stand_in.tiny.llm.architecture=llama",
+                             "stand_in.tiny.llm.pretrain_steps=20", "train.max_iters=20")
     for stage in ("stand_in@tiny", "train", "select", "convert", "merge", "evaluate", "report"):
         assert f"Running stage '{stage}'" in out
     cfg = json.loads((dest / "models/assistant/llm/config.json").read_text())
