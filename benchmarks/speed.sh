@@ -32,6 +32,8 @@
 # profile-lean (Unsloth's regime with train.fp8 and the MLP in slices, its iterations profiled),
 # overlap-lean (no wait at an iteration's end in Unsloth's regime, with and without, beside Unsloth at 16),
 # lean8 (the 1.8B shape at memory_gb 8: the planner's plan, then Unsloth's regime),
+# rope (InternLM2's cos and sin from a table, without and with, then with inductor's coordinate-descent tuning, in
+# Unsloth's regime with train.fp8, beside Unsloth at 16),
 # loss-kernels (the loss head alone: the stage's fused loss as written and compiled beside Liger Kernel's and
 # cut-cross-entropy's).
 set -uo pipefail
@@ -265,6 +267,16 @@ case $SUITE in
       "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, train.fp8, profiled" internlm2-1_8b \
       "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True}}"
     cat "$OUT/stage-profile.jsonl" 2>/dev/null || grep -h "profile\|Error" "$OUT"/stage/*.log | tail -n 5 ;;
+  rope)  # InternLM2's cos and sin from a table (`rope_table`) on their own, in Unsloth's regime with train.fp8 and the
+    # MLP in 2 slices: the table taken out of the rendered config (before), with it, and with it and inductor's
+    # coordinate-descent tuning of its kernels' launch settings (TORCHINDUCTOR_COORDINATE_DESCENT_TUNING); beside Unsloth
+    [ -n "${NO_PEER:-}" ] || peer unsloth internlm2-1_8b 16
+    name="train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, train.fp8"
+    CONFIG_EDIT="s/'rope_table': True/'rope_table': False/" \
+      stage "$name, cos and sin computed in every layer (before)" internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True}}"
+    stage "$name, cos and sin from a table" internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True}}"
+    TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 \
+      stage "$name, cos and sin from a table, coordinate-descent tuning" internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True}}" ;;
   loss-kernels)  # the loss head alone (benchmarks/loss_kernels.py): the stage's fused loss as written and compiled beside
     # Liger Kernel's and cut-cross-entropy's, one micro-batch of the 1.8B head, at the planner's chunk for 24 GB and up (1 GB) and for 8 GB, and
     # at twice the first (compiled, a chunk holds no float32 copy: the same memory fits twice the tokens)

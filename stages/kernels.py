@@ -31,7 +31,9 @@ Rotary embedding: InternLM2's dynamic NTK rotary embedding (`rope_scaling: dynam
 config.json) asks `max(position_ids) + 1 > max_position_embeddings` in every layer's forward: a wait
 for the GPU in every layer, and a graph break that cuts each compiled layer into six graphs. Below
 that length it is the plain rotary embedding of the same code, so a run whose sequences are no longer
-than `max_position_embeddings` trains with that class (`static_rope`).
+than `max_position_embeddings` trains with that class (`static_rope`). On a GPU its cos and sin come from a
+table of the run's positions (`rope_table`, pipeline key `rope_table`), not from two transcendentals an element
+of every head in every layer.
 
 Compiled layers: a QLoRA step is hundreds of small kernels a layer (4-bit dequantisation, LoRA's
 dropout, scale and add, norms, RoPE, SwiGLU), each launched from Python; on an H100 the GPU waits
@@ -491,6 +493,52 @@ def static_rope(model, max_length: int) -> int:
     return switched
 
 
+def rope_table(model, max_length: int) -> int:
+    """InternLM2's plain rotary embeddings (after `static_rope`) read their cos and sin from a table of the first
+    `max_length` positions in training, instead of computing them in every layer; the number switched.
+
+    The remote code computes `cos(position x inv_freq)` and its sine in each layer's forward. Compiled, inductor
+    folds them into the kernels that rotate the queries and keys, so every element of every head computes two
+    float32 transcendentals, and the backward pass, which recomputes them rather than keep them, does so twice in
+    the reduction that scales the gradient for float8 (`train.fp8`). Llama's code in transformers computes them
+    once a forward pass, outside the layers. The table holds the same float32 values, made by the same code
+    (`cos` and `sin` of the same exact products) for positions 0 to `max_length - 1`, one table for every layer
+    (the same `inv_freq`); a layer gathers its rows and casts them as the code does: the same bits. Where a
+    sequence is longer than the table (so a position may lie outside it) and in eval mode (generation, whose
+    positions grow past it), the code's own forward runs."""
+    import torch
+
+    switched, tables = 0, {}
+    for module in model.modules():
+        cls = type(module)
+        if cls.__name__ != "InternLM2RotaryEmbedding" or max_length < 1:
+            continue
+        key = (module.inv_freq.device, module.dim, module.base, getattr(module, "scaling_factor", 1.0))
+        if key not in tables:
+            with torch.no_grad():
+                pos = torch.arange(max_length, device=module.inv_freq.device)[None]
+                probe = torch.empty(0, device=module.inv_freq.device, dtype=torch.float32)
+                cos, sin = cls.forward(module, probe, pos)
+            tables[key] = (cos[0].contiguous(), sin[0].contiguous())
+        module.__class__ = _table_class(cls)
+        module.register_buffer("rope_cos", tables[key][0], persistent=False)
+        module.register_buffer("rope_sin", tables[key][1], persistent=False)
+        switched += 1
+    return switched
+
+
+@functools.cache
+def _table_class(base):
+    class RotaryTable(base):
+        def forward(self, x, position_ids):
+            if not self.training or position_ids.shape[-1] > self.rope_cos.shape[0]:
+                return super().forward(x, position_ids)
+            return self.rope_cos[position_ids].to(x.dtype), self.rope_sin[position_ids].to(x.dtype)
+
+    RotaryTable.__module__ = base.__module__
+    return RotaryTable
+
+
 def use_sdpa(model) -> int:
     """Switch a remote-code model that picks its attention class from `config.attn_implementation`
     (InternLM2's code; the released config.json says `eager`) from the eager class to the SDPA class of
@@ -579,7 +627,7 @@ def _frozen_to(model, dtype) -> None:
 
 def apply(pipeline: dict) -> None:
     """Install what the rendered config's `pipeline` block asks for (`fused_loss`, `loss_chunk_mb`,
-    `upcast_frozen`, `compute_dtype`, `max_length`, `compile_layers`, `compile_loss`, `gqa`, `cuda_graphs`, `checkpoint_layers`,
+    `upcast_frozen`, `compute_dtype`, `max_length`, `compile_layers`, `compile_loss`, `gqa`, `rope_table`, `cuda_graphs`, `checkpoint_layers`,
     `offload_activations`, `tile_mlp`, `fp8`, `fp8_keep`) into
     XTuner's model building; later calls change the settings."""
     import torch
@@ -590,7 +638,7 @@ def apply(pipeline: dict) -> None:
                      upcast_frozen=bool(pipeline.get("upcast_frozen", True)),
                      compile_layers=bool(pipeline.get("compile_layers")),
                      compile_loss=bool(pipeline.get("compile_loss")),
-                     gqa=bool(pipeline.get("gqa")),
+                     gqa=bool(pipeline.get("gqa")), rope_table=bool(pipeline.get("rope_table")),
                      cuda_graphs=bool(pipeline.get("cuda_graphs")),
                      checkpoint_layers=int(pipeline.get("checkpoint_layers") or 0),
                      offload=bool(pipeline.get("offload_activations")),
@@ -609,6 +657,8 @@ def apply(pipeline: dict) -> None:
             use_gqa(model)
         if _SETTINGS.get("max_length"):
             static_rope(model, _SETTINGS["max_length"])
+            if _SETTINGS.get("rope_table"):
+                rope_table(model, _SETTINGS["max_length"])
         if _SETTINGS["fused_loss"]:
             install_fused_loss(model)
         if _SETTINGS["fp8"]:

@@ -74,6 +74,7 @@ def resolve(p: P.Params, cuda: bool, bf16: bool, card_gb: float | None = None,
             "compile_layers": compile_layers,
             "compile_loss": bool(compile_layers and t.fused_loss),  # the fused loss's chunk math (stages/kernels.py)
             "gqa": device == "cuda",  # InternLM2's attention without K and V copied to every head (stages/kernels.py)
+            "rope_table": device == "cuda",  # InternLM2's cos and sin read from a table, not computed a layer
             "cuda_graphs": bool(compile_layers and device == "cuda" and t.cuda_graphs and world == 1
                                 and not batch["checkpointing"] and not batch["checkpoint_layers"]),
             # no wait for the GPU at an iteration's end (stages/overlap.py): with train.cuda_graphs, on one GPU
@@ -157,8 +158,8 @@ def llava_batch(p: P.Params, resolved: dict) -> dict:
     accum = max(1, t.global_batch // (micro * t.gpus * t.nodes))
     return {**resolved, "micro_batch": micro, "grad_accum": accum, "checkpointing": False, "checkpoint_layers": None,
             "estimate_gb": None,
-            "fused_loss": False, "compile_layers": False, "compile_loss": False, "gqa": False, "cuda_graphs": False,
-            "overlap": False, "offload_activations": False, "tile_mlp": 0,
+            "fused_loss": False, "compile_layers": False, "compile_loss": False, "gqa": False, "rope_table": False,
+            "cuda_graphs": False, "overlap": False, "offload_activations": False, "tile_mlp": 0,
             "fp8": False, "fp8_keep": False}
 
 

@@ -161,6 +161,58 @@ def test_static_rope_is_the_same_rotary_embedding_without_a_graph_break(internlm
     assert graphs(dynamic) > 1 and graphs(static) == 1
 
 
+def test_rope_table_gives_the_same_bits_as_the_code_and_falls_back_outside_it(internlm2_dir):
+    """`rope_table` (pipeline key `rope_table`, on a GPU): in training, cos and sin gathered from one table of the
+    run's positions are the code's own values bit for bit, so the logits and every LoRA gradient are too; one
+    graph when compiled; eval mode (generation) and a sequence longer than the table run the code's forward."""
+    import torch
+    import torch._dynamo
+
+    from stages.kernels import rope_table, static_rope, use_gqa, use_sdpa
+
+    plain, table = load(internlm2_dir).train(), load(internlm2_dir).train()
+    for model in (plain, table):
+        use_sdpa(model), use_gqa(model), static_rope(model, 24)
+    assert rope_table(table, 24) == SHAPE["num_layers"]
+    embeddings = [layer.attention.rotary_emb for layer in table.model.layers]
+    assert {type(e).__name__ for e in embeddings} == {"RotaryTable"}
+    assert embeddings[0].rope_cos is embeddings[1].rope_cos  # one table for every layer
+    assert "rope_cos" not in "".join(table.state_dict())  # not saved with the model
+    reference = plain.model.layers[0].attention.rotary_emb
+    x = torch.zeros(1, dtype=torch.bfloat16)
+    pos = torch.tensor([[0, 5, 23, 1, 2, 17]])
+    for got, want in zip(embeddings[0](x, pos), reference(x, pos)):
+        assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
+    ids = torch.randint(3, SHAPE["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0))
+    a, b = plain(input_ids=ids, labels=ids, use_cache=False), table(input_ids=ids, labels=ids, use_cache=False)
+    torch.testing.assert_close(a.logits, b.logits, atol=0, rtol=0)
+    a.loss.backward(), b.loss.backward()
+    for (name, p), q in zip(plain.named_parameters(), table.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, atol=0, rtol=0, msg=name)
+
+    calls = []
+    real = type(reference).forward
+    type(reference).forward = lambda self, *args: calls.append(1) or real(self, *args)
+    try:
+        embeddings[0](x, pos), embeddings[0](x, torch.arange(25)[None])  # the table's, then a longer sequence
+        assert len(calls) == 1
+        table.eval()
+        with torch.no_grad():
+            out = table.generate(ids[:1, :5], max_new_tokens=4, do_sample=False)
+        assert len(calls) > 1
+        plain.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(out, plain.generate(ids[:1, :5], max_new_tokens=4, do_sample=False))
+    finally:
+        type(reference).forward = real
+    torch._dynamo.reset()
+    table.train()
+    h = torch.randn(2, 16, SHAPE["hidden_size"])
+    pos = torch.arange(16)[None].expand(2, -1)
+    assert torch._dynamo.explain(table.model.layers[0])(h, attention_mask=None, position_ids=pos).graph_count == 1
+
+
 def test_kernels_dispatch_switches_attention_of_the_model_xtuner_builds(internlm2_dir, monkeypatch):
     from stages.xtuner_api import patch_stack
 
