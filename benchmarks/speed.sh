@@ -33,7 +33,9 @@
 # overlap-lean (no wait at an iteration's end in Unsloth's regime, with and without, beside Unsloth at 16),
 # lean8 (the 1.8B shape at memory_gb 8: the planner's plan, then Unsloth's regime),
 # rope (InternLM2's cos and sin from a table, without and with, then with inductor's coordinate-descent tuning, in
-# Unsloth's regime with train.fp8, beside Unsloth at 16),
+# Unsloth's regime with train.fp8, beside Unsloth at 16), reductions (the same with inductor's multi-kernel row
+# reductions, then with coordinate-descent tuning too), tuned (train.tune_kernels in Unsloth's regime with train.fp8,
+# twice, then the default at 24 GB with it, beside Unsloth at 16),
 # loss-kernels (the loss head alone: the stage's fused loss as written and compiled beside Liger Kernel's and
 # cut-cross-entropy's).
 set -uo pipefail
@@ -277,6 +279,24 @@ case $SUITE in
     stage "$name, cos and sin from a table" internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True}}"
     TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 \
       stage "$name, cos and sin from a table, coordinate-descent tuning" internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True}}" ;;
+  reductions)  # inductor's kernels for the row reductions (the float8 scaling's maxima over 2,048-8,192 columns) in
+    # Unsloth's regime with train.fp8: as they are (a loop that reads its inputs twice), with multi-kernel (a persistent
+    # variant too, kept where it is faster: TORCHINDUCTOR_MULTI_KERNEL), and with it and coordinate-descent tuning
+    [ -n "${NO_PEER:-}" ] || peer unsloth internlm2-1_8b 16
+    name="train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, train.fp8"
+    stage "$name" internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True}}"
+    TORCHINDUCTOR_MULTI_KERNEL=1 stage "$name, multi-kernel" internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True}}"
+    TORCHINDUCTOR_MULTI_KERNEL=1 TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 \
+      stage "$name, multi-kernel, coordinate-descent tuning" internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True}}" ;;
+  tuned)  # train.tune_kernels in Unsloth's regime with train.fp8 (the MLP in 2 slices), beside Unsloth at 16: twice (a
+    # second run with the same settings failed 22 s in when it found the first's graphs in inductor's cache; each run
+    # now tunes in a cache of its own), then the default at 24 GB with it
+    [ -n "${NO_PEER:-}" ] || peer unsloth internlm2-1_8b 16
+    name="train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, train.fp8, train.tune_kernels"
+    stage "$name" internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True, 'tune_kernels': True}}"
+    stage "$name, again" internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True, 'tune_kernels': True}}"
+    stage "train stage, defaults at 24 GB, peer LoRA, train.tune_kernels" internlm2-1_8b \
+      "{$PEERLORA, 'train': {'memory_gb': 24, 'tune_kernels': True}}" ;;
   loss-kernels)  # the loss head alone (benchmarks/loss_kernels.py): the stage's fused loss as written and compiled beside
     # Liger Kernel's and cut-cross-entropy's, one micro-batch of the 1.8B head, at the planner's chunk for 24 GB and up (1 GB) and for 8 GB, and
     # at twice the first (compiled, a chunk holds no float32 copy: the same memory fits twice the tokens)

@@ -80,6 +80,7 @@ def resolve(p: P.Params, cuda: bool, bf16: bool, card_gb: float | None = None,
             # no wait for the GPU at an iteration's end (stages/overlap.py): with train.cuda_graphs, on one GPU
             # process without DeepSpeed, checkpointed layers or not
             "overlap": bool(device == "cuda" and t.cuda_graphs and world == 1 and deepspeed == "none"),
+            "tune_kernels": bool(compile_layers and device == "cuda" and t.tune_kernels),
             "fp8": fp8, "fp8_keep": bool(fp8 and batch["fp8_keep"]),
             "upcast_frozen": p.quant.upcast_frozen or p.quant.mode == "none",
             "lora_targets": targets, "max_length": p.data.max_length,
@@ -159,7 +160,8 @@ def llava_batch(p: P.Params, resolved: dict) -> dict:
     return {**resolved, "micro_batch": micro, "grad_accum": accum, "checkpointing": False, "checkpoint_layers": None,
             "estimate_gb": None,
             "fused_loss": False, "compile_layers": False, "compile_loss": False, "gqa": False, "rope_table": False,
-            "cuda_graphs": False, "overlap": False, "offload_activations": False, "tile_mlp": 0,
+            "cuda_graphs": False, "overlap": False, "tune_kernels": False, "offload_activations": False,
+            "tile_mlp": 0,
             "fp8": False, "fp8_keep": False}
 
 

@@ -247,6 +247,32 @@ def test_cuda_graphs_put_the_host_ahead_on_one_gpu_the_graphs_only_without_check
     assert not cpu["cuda_graphs"] and not cpu["overlap"]
 
 
+def test_tuned_kernels_and_the_rope_table_apply_where_layers_compile_on_a_gpu(monkeypatch):
+    """train.tune_kernels (off by default) reaches the pipeline block where layers compile on a GPU, nowhere else;
+    the rope table is on wherever the train stage runs on a GPU. The kernels module then sets inductor's
+    multi-kernel reductions and coordinate-descent tuning, with a cache directory of the run's own."""
+    from torch._inductor import config
+
+    from stages import kernels
+
+    def resolved(**train):
+        return plan.resolve(replace(PARAMS, train=replace(PARAMS.train, **train)), **H100)
+
+    assert not PARAMS.train.tune_kernels and not resolved()["tune_kernels"] and resolved()["rope_table"]
+    assert resolved(tune_kernels=True)["tune_kernels"]
+    assert not resolved(tune_kernels=True, compile_layers=False)["tune_kernels"]
+    cpu = plan.resolve(replace(PARAMS, train=replace(PARAMS.train, tune_kernels=True)), **MACHINES["cpu"])
+    assert not cpu["tune_kernels"] and not cpu["rope_table"]
+    monkeypatch.delenv("PIPELINE_TUNED_CACHE", raising=False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/nonexistent/shared-cache")
+    with config.patch({"triton.multi_kernel": 0, "coordinate_descent_tuning": False}):
+        kernels.tune_kernels()
+        assert config.triton.multi_kernel == 1 and config.coordinate_descent_tuning
+    own = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    assert own == os.environ["PIPELINE_TUNED_CACHE"] != "/nonexistent/shared-cache" and os.path.isdir(own)
+    os.rmdir(own)
+
+
 def test_offloaded_activations_checkpoint_every_layer_through_the_pipeline_and_plan_for_it():
     """train.offload_activations: every checkpointed layer is the pipeline's own (the model's checkpointing
     cannot offload), the estimate drops by the layers' inputs (2 bytes x hidden a token a layer), a tight
