@@ -531,26 +531,28 @@ def rope_table(model, max_length: int) -> int:
     the reduction that scales the gradient for float8 (`train.fp8`). Llama's code in transformers computes them
     once a forward pass, outside the layers. The table holds the same float32 values, made by the same code
     (`cos` and `sin` of the same exact products) for positions 0 to `max_length - 1`, one table for every layer
-    (the same `inv_freq`); a layer gathers its rows and casts them as the code does: the same bits. Where a
-    sequence is longer than the table (so a position may lie outside it) and in eval mode (generation, whose
-    positions grow past it), the code's own forward runs."""
+    (the same `inv_freq`), held as buffers (not saved) by the first rotary module and read through it by the
+    others, so that moving the model moves one table; a layer gathers its rows and casts them as the code does: the
+    same bits. Where a sequence is longer than the table (so a position may lie outside it) and in eval mode
+    (generation, whose positions grow past it), the code's own forward runs."""
     import torch
 
-    switched, tables = 0, {}
+    switched, holders = 0, {}
     for module in model.modules():
         cls = type(module)
         if cls.__name__ != "InternLM2RotaryEmbedding" or max_length < 1:
             continue
         key = (module.inv_freq.device, module.dim, module.base, getattr(module, "scaling_factor", 1.0))
-        if key not in tables:
+        if key not in holders:
             with torch.no_grad():
                 pos = torch.arange(max_length, device=module.inv_freq.device)[None]
                 probe = torch.empty(0, device=module.inv_freq.device, dtype=torch.float32)
                 cos, sin = cls.forward(module, probe, pos)
-            tables[key] = (cos[0].contiguous(), sin[0].contiguous())
+            module.register_buffer("rope_cos", cos[0].contiguous(), persistent=False)
+            module.register_buffer("rope_sin", sin[0].contiguous(), persistent=False)
+            holders[key] = module
         module.__class__ = _table_class(cls)
-        module.register_buffer("rope_cos", tables[key][0], persistent=False)
-        module.register_buffer("rope_sin", tables[key][1], persistent=False)
+        object.__setattr__(module, "rope_holder", holders[key])  # a plain attribute: not a submodule
         switched += 1
     return switched
 
@@ -559,9 +561,10 @@ def rope_table(model, max_length: int) -> int:
 def _table_class(base):
     class RotaryTable(base):
         def forward(self, x, position_ids):
-            if not self.training or position_ids.shape[-1] > self.rope_cos.shape[0]:
+            cos, sin = self.rope_holder.rope_cos, self.rope_holder.rope_sin
+            if not self.training or position_ids.shape[-1] > cos.shape[0]:
                 return super().forward(x, position_ids)
-            return self.rope_cos[position_ids].to(x.dtype), self.rope_sin[position_ids].to(x.dtype)
+            return cos[position_ids].to(x.dtype), sin[position_ids].to(x.dtype)
 
     RotaryTable.__module__ = base.__module__
     return RotaryTable

@@ -176,7 +176,12 @@ def test_rope_table_gives_the_same_bits_as_the_code_and_falls_back_outside_it(in
     assert rope_table(table, 24) == SHAPE["num_layers"]
     embeddings = [layer.attention.rotary_emb for layer in table.model.layers]
     assert {type(e).__name__ for e in embeddings} == {"RotaryTable"}
-    assert embeddings[0].rope_cos is embeddings[1].rope_cos  # one table for every layer
+    # one table for every layer, held by the first: moving the model moves one (here to float64 and back)
+    assert all(e.rope_holder is embeddings[0] for e in embeddings)
+    assert [name for name, _ in table.named_buffers() if "rope_" in name] == [
+        "model.layers.0.attention.rotary_emb.rope_cos", "model.layers.0.attention.rotary_emb.rope_sin"]
+    table.double().float()
+    assert embeddings[1].rope_holder.rope_cos.dtype == torch.float32
     assert "rope_cos" not in "".join(table.state_dict())  # not saved with the model
     reference = plain.model.layers[0].attention.rotary_emb
     x = torch.zeros(1, dtype=torch.bfloat16)
