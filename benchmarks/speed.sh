@@ -36,7 +36,8 @@
 # Unsloth's regime with train.fp8, beside Unsloth at 16), reductions (the same with inductor's multi-kernel row
 # reductions, then with coordinate-descent tuning too), tuned (train.tune_kernels in Unsloth's regime with train.fp8,
 # then the default at 24 GB with it, beside Unsloth at 16), tuned-again (the first of those twice in a row),
-# unsloth-best (Unsloth at micro-batch 16, 24 and 32),
+# unsloth-best (Unsloth at micro-batch 16, 24 and 32), profile-tuned (profile-lean with the rotary table and
+# train.tune_kernels),
 # loss-kernels (the loss head alone: the stage's fused loss as written and compiled beside Liger Kernel's and
 # cut-cross-entropy's).
 set -uo pipefail
@@ -302,6 +303,11 @@ case $SUITE in
     name="train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, train.fp8, train.tune_kernels"
     stage "$name" internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True, 'tune_kernels': True}}"
     stage "$name, again" internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True, 'tune_kernels': True}}" ;;
+  profile-tuned)  # profile-lean's run with the rotary table (now on) and train.tune_kernels: what is left of the iteration
+    STAGE_PROFILE_BARE=0 STAGE_PROFILE_OUT=$(realpath "$OUT")/stage-profile.jsonl CONFIG_EDIT="$PROFILE_HOOK" stage \
+      "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, train.fp8, train.tune_kernels, profiled" \
+      internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True, 'tune_kernels': True}}"
+    cat "$OUT/stage-profile.jsonl" 2>/dev/null || grep -h "profile\|Error" "$OUT"/stage/*.log | tail -n 5 ;;
   unsloth-best)  # Unsloth's best within 24 GB: micro-batch 16 (what every call here has measured as its best), then 24
     # and 32 (65,536 tokens a step), which no call has measured; the target is 1.2x the best of them
     peer unsloth internlm2-1_8b 16,24,32 ;;
