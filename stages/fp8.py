@@ -26,6 +26,10 @@ InternLM2's loss curve in float8 stays as close to float32's as bf16's does, at 
 Compiled, the dequantised weight goes to float8 without its bf16 rounding in between (inductor fuses the
 casts), so compiled and eager runs round differently: both are e4m3 roundings of the same weight.
 
+Fast accumulation (pipeline key `fp8_fast_accum`): the forward product can skip Hopper's periodic promotion of
+its float8 sums to float32, as torchao's float8 training does by default for the forward; the backward's stays
+exact. Wired and tested for where it goes, off until it is measured on the GPU (`speed.sh fast-accum`).
+
 Why not torchao's float8 training (`Float8Linear`): it converts bf16 `nn.Linear` weights, not
 bitsandbytes' 4-bit ones, and computes a weight gradient this product does not need.
 """
@@ -44,14 +48,16 @@ def _to_e4m3(t, dim: int):
     return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
 
 
-def scaled_matmul(a, b, out_dtype):
+def scaled_matmul(a, b, out_dtype, fast_accum: bool = False):
     """`a @ b.T` for 2-D `a` (M x K) and `b` (N x K) through float8: `a` scaled per row, `b` per row
-    (per output column of the product)."""
+    (per output column of the product). `fast_accum`: Hopper's float8 products accumulate without their
+    periodic promotion to float32 (cuBLASLt's fast accumulation: faster, less exact over long sums; the CPU
+    ignores it)."""
     import torch
 
     aq, sa = _to_e4m3(a, 1)
     bq, sb = _to_e4m3(b, 1)
-    return torch._scaled_mm(aq, bq.t(), scale_a=sa, scale_b=sb.t(), out_dtype=out_dtype)
+    return torch._scaled_mm(aq, bq.t(), scale_a=sa, scale_b=sb.t(), out_dtype=out_dtype, use_fast_accum=fast_accum)
 
 
 def _dequantized(packed, quant_state, dtype):
@@ -82,10 +88,10 @@ def _function():
         """y = x @ W.T for a frozen 4-bit W, both products in float8; no gradient for W."""
 
         @staticmethod
-        def forward(ctx, x, packed, quant_state, keep):
+        def forward(ctx, x, packed, quant_state, keep, fast_accum):
             n, k = quant_state.shape
             w = _dequantized(packed, quant_state, x.dtype)
-            y = scaled_matmul(x.reshape(-1, k), w, x.dtype)
+            y = scaled_matmul(x.reshape(-1, k), w, x.dtype, fast_accum)
             ctx.quant_state, ctx.keep = quant_state, keep
             ctx.save_for_backward(packed)
             return y.view(*x.shape[:-1], n)
@@ -99,7 +105,7 @@ def _function():
             w = (_dequantized if ctx.keep else _dequantized_apart)(packed, ctx.quant_state, grad.dtype)
             # grad_x = grad @ W: W's rows of this product are its input columns
             grad_x = scaled_matmul(grad.reshape(-1, n), w.t().contiguous(), grad.dtype)
-            return grad_x.view(*grad.shape[:-1], k), None, None, None
+            return grad_x.view(*grad.shape[:-1], k), None, None, None, None
 
     return FrozenFP8
 
@@ -107,14 +113,15 @@ def _function():
 _FN = None
 
 
-def frozen_fp8(x, packed, quant_state, keep: bool = True):
+def frozen_fp8(x, packed, quant_state, keep: bool = True, fast_accum: bool = False):
     """`x @ W.T` for the 4-bit `packed` weight, both products in float8. `keep`: compiled, the backward's
     float8 weight is kept from the forward pass (1 byte a parameter until the backward; faster), else the
-    backward dequantises it again (QLoRA's memory)."""
+    backward dequantises it again (QLoRA's memory). `fast_accum`: the forward product with fast accumulation
+    (`scaled_matmul`), as torchao's float8 training does by default; the backward's stays exact."""
     global _FN
     if _FN is None:
         _FN = _function()
-    return _FN.apply(x, packed, quant_state, keep)
+    return _FN.apply(x, packed, quant_state, keep, fast_accum)
 
 
 def fits(x, quant_state) -> bool:
@@ -137,6 +144,7 @@ def _fp8_class():
             """bitsandbytes' Linear4bit whose training-mode products run in float8 (`frozen_fp8`)."""
 
             keep_fp8 = True
+            fast_accum = False
 
             def forward(self, x):
                 state = self.weight.quant_state
@@ -145,23 +153,23 @@ def _fp8_class():
                         or not fits(x, state)):
                     return super().forward(x)
                 # the parameter itself: bitsandbytes' `.data` of it recurses under torch.compile
-                return frozen_fp8(x.to(dtype), self.weight, state, self.keep_fp8).to(x.dtype)
+                return frozen_fp8(x.to(dtype), self.weight, state, self.keep_fp8, self.fast_accum).to(x.dtype)
 
         _CLASS = FP8Linear4bit
     return _CLASS
 
 
-def install(model, keep: bool = True) -> int:
+def install(model, keep: bool = True, fast_accum: bool = False) -> int:
     """Every bitsandbytes `Linear4bit` of `model` (the frozen base layers peft's LoRA wraps) runs its
     training-mode products in float8 where the shapes fit (`fits`); in eval mode (chats, generation)
-    bitsandbytes' own path. `keep`: as `frozen_fp8`'s. Returns how many layers were switched."""
+    bitsandbytes' own path. `keep`, `fast_accum`: as `frozen_fp8`'s. Returns how many layers were switched."""
     import bitsandbytes as bnb
 
     cls, switched = _fp8_class(), 0
     for module in model.modules():
         if type(module) is bnb.nn.Linear4bit:
             module.__class__ = cls
-            module.keep_fp8 = keep
+            module.keep_fp8, module.fast_accum = keep, fast_accum
             switched += 1
     return switched
 

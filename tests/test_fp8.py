@@ -60,6 +60,26 @@ def test_the_frozen_product_and_its_input_gradient_in_float8_against_bitsandbyte
     assert layer.weight.grad is None
 
 
+def test_fast_accumulation_reaches_the_forward_product_only(monkeypatch):
+    """`fp8_fast_accum` (pipeline key; off until measured on a GPU): an installed layer's forward product asks
+    cuBLASLt for fast accumulation, as torchao's float8 training does by default, and the backward's input
+    gradient stays exact. The CPU ignores the flag, so the values are those without it."""
+    calls = []
+    real = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(k["use_fast_accum"]) or real(*a, **k))
+    x = torch.randn(2, 16, 64, dtype=torch.bfloat16, requires_grad=True)
+    results = {}
+    for fast in (False, True):
+        layer = linear4bit(96, 64, 5)
+        assert fp8.install(torch.nn.Sequential(layer), fast_accum=fast) == 1
+        layer.train()
+        y = layer(x)
+        (y.float() ** 2).sum().backward()
+        results[fast], x.grad = (y, x.grad), None
+    assert calls == [False, False, True, False]  # forward, backward; forward fast, backward exact
+    assert torch.equal(results[True][0], results[False][0]) and torch.equal(results[True][1], results[False][1])
+
+
 def test_installed_the_layers_train_in_float8_and_chat_as_bitsandbytes():
     from stages.xtuner_api import patch_stack
 
