@@ -259,3 +259,27 @@ def test_fp8_on_a_gpu_without_float8_stops_with_one_line_naming_the_key(xtuner_b
     with pytest.raises(StageError, match=r"^train\.fp8: true, but this machine's GPU cannot multiply float8: "
                                          r"NVIDIA A100.*; set train\.fp8: false$"):
         xtuner_lora_model(xtuner_builds_with_apply, tmp_path)
+
+
+def test_tuned_kernels_compile_into_a_cache_of_the_runs_own_removed_at_its_end(tmp_path):
+    """`train.tune_kernels`: the process's inductor cache is a directory of its own (a second tuned run that read
+    the first's cache failed on the GPU machine), which inductor writes to and which is gone when the process ends;
+    the cache the user set stays untouched. Inductor on the CPU here (its C++ kernels use the same cache)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    shared = tmp_path / "shared-cache"
+    shared.mkdir()
+    code = ("import os, torch; from stages import kernels; kernels.tune_kernels(); "
+            "f = torch.compile(lambda x: x.sin() * 2 + 1); f(torch.randn(64)); "
+            "own = os.environ['TORCHINDUCTOR_CACHE_DIR']; print(own); print(sum(len(f) for _, _, f in os.walk(own)))")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(shared)}
+    env.pop("PIPELINE_TUNED_CACHE", None)
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    own, files = out.stdout.split()[-2:]
+    assert own != str(shared) and int(files) > 0  # inductor wrote its kernels there
+    assert not os.path.exists(own) and not any(shared.iterdir())  # gone at the end; the user's cache untouched
