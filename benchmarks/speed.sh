@@ -93,12 +93,16 @@ levers() {  # shape, plan
 PEERLORA="'lora': {'r': 64, 'alpha': 16, 'dropout': 0.0}"
 # Unsloth's regime: micro-batch 16, every layer checkpointed and offloaded (the MLP in the planner's slices)
 UNSLOTH16="'memory_gb': 40, 'micro_batch': 16, 'activation_checkpointing': True, 'offload_activations': True"
+# the train stage's parameters in that regime with train.fp8 (the usual setting of the suites below), and its runs' name
+LEAN_FP8="{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True}}"
+LEAN_TUNED="{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True, 'tune_kernels': True}}"
+LEAN_NAME="train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA"
 # benchmarks/stage_profile.py's hooks added to the rendered config (CONFIG_EDIT): the stage's iterations profiled
 PROFILE_HOOK="s/^custom_hooks = \\[\$/from benchmarks.stage_profile import StageEdges, StageProfile\\ncustom_hooks = [dict(type=StageEdges), dict(type=StageProfile),/"
 checkpointed16() {  # micro-batch 16, every layer checkpointed, without and with train.offload_activations
   local every="'memory_gb': 40, 'micro_batch': 16, 'activation_checkpointing': True"
   stage "train stage, micro-batch 16, every layer checkpointed, peer LoRA" internlm2-1_8b "{$PEERLORA, 'train': {$every}}"
-  stage "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA" internlm2-1_8b \
+  stage "$LEAN_NAME" internlm2-1_8b \
     "{$PEERLORA, 'train': {$every, 'offload_activations': True}}"
 }
 lean7b_offloaded() {  # LEAN7B_MB: its micro-batch (2; a divisor of the global batch, 16); LEAN7B_FP8=1: with train.fp8
@@ -212,9 +216,9 @@ case $SUITE in
     [ -n "${NO_PEER:-}" ] || peer unsloth internlm2-1_8b 16
     gb=${OFFLOAD_GB:-40}; at=${OFFLOAD_GB:+, memory_gb $OFFLOAD_GB}
     every="'memory_gb': $gb, 'micro_batch': 16, 'activation_checkpointing': True, 'offload_activations': True"
-    stage "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, train.fp8$at" internlm2-1_8b \
+    stage "$LEAN_NAME, train.fp8$at" internlm2-1_8b \
       "{$PEERLORA, 'train': {$every, 'fp8': True}}"
-    stage "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA$at" internlm2-1_8b \
+    stage "$LEAN_NAME$at" internlm2-1_8b \
       "{$PEERLORA, 'train': {$every}}" ;;
   tiles)  # the MLPs in slices of tokens (`tile_mlp`) on their own, in Unsloth's regime (micro-batch 16, every layer
     # checkpointed and offloaded) with train.fp8: 4 slices, the planner's 2, none (as before), then 4 in bf16 (the
@@ -222,11 +226,11 @@ case $SUITE in
     [ -n "${NO_PEER:-}" ] || peer unsloth internlm2-1_8b 16
     for tiles in 4 2 0; do
       CONFIG_EDIT=$([ "$tiles" = 2 ] || echo "s/'tile_mlp': 2/'tile_mlp': $tiles/") stage \
-        "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, train.fp8, MLP in $tiles slices" \
-        internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True}}"
+        "$LEAN_NAME, train.fp8, MLP in $tiles slices" \
+        internlm2-1_8b "$LEAN_FP8"
     done
     CONFIG_EDIT="s/'tile_mlp': 2/'tile_mlp': 4/" stage \
-      "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, MLP in 4 slices" internlm2-1_8b \
+      "$LEAN_NAME, MLP in 4 slices" internlm2-1_8b \
       "{$PEERLORA, 'train': {$UNSLOTH16}}" ;;
   loss)  # the fused loss's chunk math compiled (`compile_loss`, with compiled layers), on its own: Unsloth at 16, the
     # default at 24 GB, the same with the loss as written (the rendered config's compile_loss undone), the default
@@ -244,22 +248,22 @@ case $SUITE in
     [ -n "${NO_PEER:-}" ] || peer unsloth internlm2-1_8b 16
     HOOK="s/^custom_hooks = \\[\$/from benchmarks.stage_memory import StageMemory\\ncustom_hooks = [dict(type=StageMemory),/"
     STAGE_MEMORY_OUT=$(realpath "$OUT")/stage-memory.jsonl CONFIG_EDIT="$HOOK" stage \
-      "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, train.fp8, memory recorded" \
-      internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True}}"
+      "$LEAN_NAME, train.fp8, memory recorded" \
+      internlm2-1_8b "$LEAN_FP8"
     # in bf16 too (not the default at 24 GB: its CUDA graphs allocate from a pool of their own, which the history
     # sees as one block made before it began)
     STAGE_MEMORY_OUT=$(realpath "$OUT")/stage-memory.jsonl CONFIG_EDIT="$HOOK" stage \
-      "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, memory recorded" \
+      "$LEAN_NAME, memory recorded" \
       internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16}}"
     python3 -m benchmarks.stage_memory "$OUT/stage-memory.jsonl" ;;
   overlap-lean)  # no wait for the GPU at an iteration's end (stages/overlap.py) on its own, in Unsloth's regime (micro-batch
     # 16, every layer checkpointed and offloaded, the MLP in 2 slices), where it was off before: with train.fp8 with it,
     # without it (the hook taken out of the rendered config), then bf16 with it; beside Unsloth at 16
     [ -n "${NO_PEER:-}" ] || peer unsloth internlm2-1_8b 16
-    name="train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA"
-    stage "$name, train.fp8, no wait at an iteration's end" internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True}}"
+    name="$LEAN_NAME"
+    stage "$name, train.fp8, no wait at an iteration's end" internlm2-1_8b "$LEAN_FP8"
     CONFIG_EDIT="/^    dict(type=Overlap),\$/d" \
-      stage "$name, train.fp8, waits (before)" internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True}}"
+      stage "$name, train.fp8, waits (before)" internlm2-1_8b "$LEAN_FP8"
     stage "$name, no wait at an iteration's end" internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16}}" ;;
   lean8)  # the 1.8B shape at `memory_gb: 8` in bf16: the planner's own plan (micro-batch 4, the first 19 layers
     # checkpointed), then micro-batch 16 with every layer checkpointed and offloaded (Unsloth's regime, the MLP in 2 slices)
@@ -269,54 +273,54 @@ case $SUITE in
   profile-lean)  # Unsloth's regime (micro-batch 16, every layer checkpointed and offloaded, the MLP in the planner's 2
     # slices) with train.fp8, profiled: the train stage's iterations 20-23 (stage_profile.py), where its GPU time goes
     STAGE_PROFILE_BARE=0 STAGE_PROFILE_OUT=$(realpath "$OUT")/stage-profile.jsonl CONFIG_EDIT="$PROFILE_HOOK" stage \
-      "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, train.fp8, profiled" internlm2-1_8b \
-      "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True}}"
+      "$LEAN_NAME, train.fp8, profiled" internlm2-1_8b \
+      "$LEAN_FP8"
     cat "$OUT/stage-profile.jsonl" 2>/dev/null || grep -h "profile\|Error" "$OUT"/stage/*.log | tail -n 5 ;;
   rope)  # InternLM2's cos and sin from a table (`rope_table`) on their own, in Unsloth's regime with train.fp8 and the
     # MLP in 2 slices: the table taken out of the rendered config (before), with it, and with it and inductor's
     # coordinate-descent tuning of its kernels' launch settings (TORCHINDUCTOR_COORDINATE_DESCENT_TUNING); beside Unsloth
     [ -n "${NO_PEER:-}" ] || peer unsloth internlm2-1_8b 16
-    name="train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, train.fp8"
+    name="$LEAN_NAME, train.fp8"
     CONFIG_EDIT="s/'rope_table': True/'rope_table': False/" \
-      stage "$name, cos and sin computed in every layer (before)" internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True}}"
-    stage "$name, cos and sin from a table" internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True}}"
+      stage "$name, cos and sin computed in every layer (before)" internlm2-1_8b "$LEAN_FP8"
+    stage "$name, cos and sin from a table" internlm2-1_8b "$LEAN_FP8"
     TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 \
-      stage "$name, cos and sin from a table, coordinate-descent tuning" internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True}}" ;;
+      stage "$name, cos and sin from a table, coordinate-descent tuning" internlm2-1_8b "$LEAN_FP8" ;;
   reductions)  # inductor's kernels for the row reductions (the float8 scaling's maxima over 2,048-8,192 columns) in
     # Unsloth's regime with train.fp8: as they are (a loop that reads its inputs twice), with multi-kernel (a persistent
     # variant too, kept where it is faster: TORCHINDUCTOR_MULTI_KERNEL), and with it and coordinate-descent tuning
     [ -n "${NO_PEER:-}" ] || peer unsloth internlm2-1_8b 16
-    name="train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, train.fp8"
-    stage "$name" internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True}}"
-    TORCHINDUCTOR_MULTI_KERNEL=1 stage "$name, multi-kernel" internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True}}"
+    name="$LEAN_NAME, train.fp8"
+    stage "$name" internlm2-1_8b "$LEAN_FP8"
+    TORCHINDUCTOR_MULTI_KERNEL=1 stage "$name, multi-kernel" internlm2-1_8b "$LEAN_FP8"
     TORCHINDUCTOR_MULTI_KERNEL=1 TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 \
-      stage "$name, multi-kernel, coordinate-descent tuning" internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True}}" ;;
+      stage "$name, multi-kernel, coordinate-descent tuning" internlm2-1_8b "$LEAN_FP8" ;;
   tuned)  # train.tune_kernels in Unsloth's regime with train.fp8 (the MLP in 2 slices) beside Unsloth at 16, then the
     # default at 24 GB with it (2026-12-04's call also ran the first again between them: it failed 22 s in, having found
     # the first's graphs in inductor's cache; each run now tunes in a cache of its own: tuned-again checks that)
     [ -n "${NO_PEER:-}" ] || peer unsloth internlm2-1_8b 16
-    stage "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, train.fp8, train.tune_kernels" \
-      internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True, 'tune_kernels': True}}"
+    stage "$LEAN_NAME, train.fp8, train.tune_kernels" \
+      internlm2-1_8b "$LEAN_TUNED"
     stage "train stage, defaults at 24 GB, peer LoRA, train.tune_kernels" internlm2-1_8b \
       "{$PEERLORA, 'train': {'memory_gb': 24, 'tune_kernels': True}}" ;;
   tuned-again)  # the same tuned run twice in a row on one machine (ITERS 8 will do: each compiles and tunes for about
     # 3 minutes), the second once failed when it read the first's cache
-    name="train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, train.fp8, train.tune_kernels"
-    stage "$name" internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True, 'tune_kernels': True}}"
-    stage "$name, again" internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True, 'tune_kernels': True}}" ;;
+    name="$LEAN_NAME, train.fp8, train.tune_kernels"
+    stage "$name" internlm2-1_8b "$LEAN_TUNED"
+    stage "$name, again" internlm2-1_8b "$LEAN_TUNED" ;;
   profile-tuned)  # profile-lean's run with the rotary table (now on) and train.tune_kernels: what is left of the iteration
     STAGE_PROFILE_BARE=0 STAGE_PROFILE_OUT=$(realpath "$OUT")/stage-profile.jsonl CONFIG_EDIT="$PROFILE_HOOK" stage \
-      "train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, train.fp8, train.tune_kernels, profiled" \
-      internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True, 'tune_kernels': True}}"
+      "$LEAN_NAME, train.fp8, train.tune_kernels, profiled" \
+      internlm2-1_8b "$LEAN_TUNED"
     cat "$OUT/stage-profile.jsonl" 2>/dev/null || grep -h "profile\|Error" "$OUT"/stage/*.log | tail -n 5 ;;
   fast-accum)  # the forward float8 products with cuBLASLt's fast accumulation (pipeline key fp8_fast_accum, off until
     # this measures it; torchao's float8 training uses it for the forward): Unsloth at 16, then Unsloth's regime with
     # train.fp8 without and with it, then the default at 24 GB with train.fp8 without and with it
     [ -n "${NO_PEER:-}" ] || peer unsloth internlm2-1_8b 16
-    name="train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA, train.fp8"
-    stage "$name" internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True}}"
+    name="$LEAN_NAME, train.fp8"
+    stage "$name" internlm2-1_8b "$LEAN_FP8"
     CONFIG_EDIT="s/'fp8_fast_accum': False/'fp8_fast_accum': True/" \
-      stage "$name, fast accumulation" internlm2-1_8b "{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True}}"
+      stage "$name, fast accumulation" internlm2-1_8b "$LEAN_FP8"
     stage "train stage, defaults at 24 GB, peer LoRA, train.fp8" internlm2-1_8b "{$PEERLORA, 'train': {'fp8': True}}"
     CONFIG_EDIT="s/'fp8_fast_accum': False/'fp8_fast_accum': True/" stage \
       "train stage, defaults at 24 GB, peer LoRA, train.fp8, fast accumulation" internlm2-1_8b "{$PEERLORA, 'train': {'fp8': True}}" ;;

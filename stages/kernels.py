@@ -537,10 +537,12 @@ def rope_table(model, max_length: int) -> int:
     (generation, whose positions grow past it), the code's own forward runs."""
     import torch
 
+    if max_length < 1:
+        return 0
     switched, holders = 0, {}
     for module in model.modules():
         cls = type(module)
-        if cls.__name__ != "InternLM2RotaryEmbedding" or max_length < 1:
+        if cls.__name__ != "InternLM2RotaryEmbedding":
             continue
         key = (module.inv_freq.device, module.dim, module.base, getattr(module, "scaling_factor", 1.0))
         if key not in holders:
