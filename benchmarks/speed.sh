@@ -37,8 +37,8 @@
 # reductions, then with coordinate-descent tuning too), tuned (train.tune_kernels in Unsloth's regime with train.fp8,
 # then the default at 24 GB with it, beside Unsloth at 16), tuned-again (the first of those twice in a row),
 # unsloth-best (Unsloth at micro-batch 16, 24 and 32), profile-tuned (profile-lean with the rotary table and
-# train.tune_kernels), fast-accum (the forward float8 products with fast accumulation, without and with, in Unsloth's
-# regime and at the default, beside Unsloth at 16),
+# train.tune_kernels), fast-accum (the float8 products with fast accumulation: without, forward, forward and backward,
+# in Unsloth's regime, beside Unsloth at 16, 24 and 32),
 # loss-kernels (the loss head alone: the stage's fused loss as written and compiled beside Liger Kernel's and
 # cut-cross-entropy's).
 set -uo pipefail
@@ -313,17 +313,17 @@ case $SUITE in
       "$LEAN_NAME, train.fp8, train.tune_kernels, profiled" \
       internlm2-1_8b "$LEAN_TUNED"
     cat "$OUT/stage-profile.jsonl" 2>/dev/null || grep -h "profile\|Error" "$OUT"/stage/*.log | tail -n 5 ;;
-  fast-accum)  # the forward float8 products with cuBLASLt's fast accumulation (pipeline key fp8_fast_accum, off until
-    # this measures it; torchao's float8 training uses it for the forward): Unsloth at 16, then Unsloth's regime with
-    # train.fp8 without and with it, then the default at 24 GB with train.fp8 without and with it
-    [ -n "${NO_PEER:-}" ] || peer unsloth internlm2-1_8b 16
+  fast-accum)  # the float8 products with cuBLASLt's fast accumulation (pipeline keys fp8_fast_accum, the forward's,
+    # as torchao's float8 training has it, and fp8_fast_accum_grad, the backward's; off until this measures them) in
+    # Unsloth's regime with train.fp8: without, forward, forward and backward; beside Unsloth at 16, 24 and 32
+    # (unsloth-best's, to know its best within 24 GB in the same call)
+    [ -n "${NO_PEER:-}" ] || peer unsloth internlm2-1_8b 16,24,32
     name="$LEAN_NAME, train.fp8"
     stage "$name" internlm2-1_8b "$LEAN_FP8"
     CONFIG_EDIT="s/'fp8_fast_accum': False/'fp8_fast_accum': True/" \
-      stage "$name, fast accumulation" internlm2-1_8b "$LEAN_FP8"
-    stage "train stage, defaults at 24 GB, peer LoRA, train.fp8" internlm2-1_8b "{$PEERLORA, 'train': {'fp8': True}}"
-    CONFIG_EDIT="s/'fp8_fast_accum': False/'fp8_fast_accum': True/" stage \
-      "train stage, defaults at 24 GB, peer LoRA, train.fp8, fast accumulation" internlm2-1_8b "{$PEERLORA, 'train': {'fp8': True}}" ;;
+      stage "$name, fast accumulation forward" internlm2-1_8b "$LEAN_FP8"
+    CONFIG_EDIT="s/'fp8_fast_accum': False, 'fp8_fast_accum_grad': False/'fp8_fast_accum': True, 'fp8_fast_accum_grad': True/" \
+      stage "$name, fast accumulation forward and backward" internlm2-1_8b "$LEAN_FP8" ;;
   unsloth-best)  # Unsloth's best within 24 GB: micro-batch 16 (what every call here has measured as its best), then 24
     # and 32 (65,536 tokens a step), which no call has measured; the target is 1.2x the best of them
     peer unsloth internlm2-1_8b 16,24,32 ;;

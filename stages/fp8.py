@@ -20,15 +20,16 @@ What stays in bf16: the LoRA branch (its A and B and their gradients), the norms
 head and the loss. What differs from the bf16 products is rounding only: a product is 3.8% off the float32
 one where bf16's is 0.23% (`tests/test_fp8.py` measures it on the CPU's `_scaled_mm`), and over 30 steps
 on one H200 the losses stayed within 0.1% of the bf16 run's (`benchmarks/README.md`). A released model's
-outlier channels are what per-token scales handle worst: with channels 30 to 1e4 times the rest the tiny
-InternLM2's loss curve in float8 stays as close to float32's as bf16's does, at 1e6 it does not (e4m3's range,
-`tests/test_fp8.py`). Not checked on a released model's weights: a lever the user turns on, never the default.
+outlier channels are what per-token scales handle worst: with channels 30 and 1e4 times the rest the tiny
+InternLM2's loss curve in float8 stays within 3% of float32's, about as near as bf16's (which CPU kernels move);
+at 1e6 the other channels fall below e4m3's range and out of the product (`tests/test_fp8.py`). Not checked on a released model's weights: a lever the user turns on, never the default.
 Compiled, the dequantised weight goes to float8 without its bf16 rounding in between (inductor fuses the
 casts), so compiled and eager runs round differently: both are e4m3 roundings of the same weight.
 
-Fast accumulation (pipeline key `fp8_fast_accum`): the forward product can skip Hopper's periodic promotion of
-its float8 sums to float32, as torchao's float8 training does by default for the forward; the backward's stays
-exact. Wired and tested for where it goes, off until it is measured on the GPU (`speed.sh fast-accum`).
+Fast accumulation (pipeline keys `fp8_fast_accum`, `fp8_fast_accum_grad`): the forward product, and apart from it
+the backward's, can skip Hopper's periodic promotion of their float8 sums to float32. torchao's float8 training
+does so by default for the forward only. Wired and tested for where each goes, off until they are measured on the
+GPU (`speed.sh fast-accum`).
 
 Why not torchao's float8 training (`Float8Linear`): it converts bf16 `nn.Linear` weights, not
 bitsandbytes' 4-bit ones, and computes a weight gradient this product does not need.
@@ -88,11 +89,11 @@ def _function():
         """y = x @ W.T for a frozen 4-bit W, both products in float8; no gradient for W."""
 
         @staticmethod
-        def forward(ctx, x, packed, quant_state, keep, fast_accum):
+        def forward(ctx, x, packed, quant_state, keep, fast_accum, fast_accum_grad):
             n, k = quant_state.shape
             w = _dequantized(packed, quant_state, x.dtype)
             y = scaled_matmul(x.reshape(-1, k), w, x.dtype, fast_accum)
-            ctx.quant_state, ctx.keep = quant_state, keep
+            ctx.quant_state, ctx.keep, ctx.fast_accum_grad = quant_state, keep, fast_accum_grad
             ctx.save_for_backward(packed)
             return y.view(*x.shape[:-1], n)
 
@@ -104,8 +105,8 @@ def _function():
             # product's float8 weight from the forward pass; else a call of its own, redone here
             w = (_dequantized if ctx.keep else _dequantized_apart)(packed, ctx.quant_state, grad.dtype)
             # grad_x = grad @ W: W's rows of this product are its input columns
-            grad_x = scaled_matmul(grad.reshape(-1, n), w.t().contiguous(), grad.dtype)
-            return grad_x.view(*grad.shape[:-1], k), None, None, None, None
+            grad_x = scaled_matmul(grad.reshape(-1, n), w.t().contiguous(), grad.dtype, ctx.fast_accum_grad)
+            return grad_x.view(*grad.shape[:-1], k), None, None, None, None, None
 
     return FrozenFP8
 
@@ -113,15 +114,15 @@ def _function():
 _FN = None
 
 
-def frozen_fp8(x, packed, quant_state, keep: bool = True, fast_accum: bool = False):
+def frozen_fp8(x, packed, quant_state, keep: bool = True, fast_accum: bool = False, fast_accum_grad: bool = False):
     """`x @ W.T` for the 4-bit `packed` weight, both products in float8. `keep`: compiled, the backward's
     float8 weight is kept from the forward pass (1 byte a parameter until the backward; faster), else the
     backward dequantises it again (QLoRA's memory). `fast_accum`: the forward product with fast accumulation
-    (`scaled_matmul`), as torchao's float8 training does by default; the backward's stays exact."""
+    (`scaled_matmul`), as torchao's float8 training does by default; `fast_accum_grad`: the backward's."""
     global _FN
     if _FN is None:
         _FN = _function()
-    return _FN.apply(x, packed, quant_state, keep, fast_accum)
+    return _FN.apply(x, packed, quant_state, keep, fast_accum, fast_accum_grad)
 
 
 def fits(x, quant_state) -> bool:
@@ -144,7 +145,7 @@ def _fp8_class():
             """bitsandbytes' Linear4bit whose training-mode products run in float8 (`frozen_fp8`)."""
 
             keep_fp8 = True
-            fast_accum = False
+            fast_accum = fast_accum_grad = False
 
             def forward(self, x):
                 state = self.weight.quant_state
@@ -153,23 +154,25 @@ def _fp8_class():
                         or not fits(x, state)):
                     return super().forward(x)
                 # the parameter itself: bitsandbytes' `.data` of it recurses under torch.compile
-                return frozen_fp8(x.to(dtype), self.weight, state, self.keep_fp8, self.fast_accum).to(x.dtype)
+                return frozen_fp8(x.to(dtype), self.weight, state, self.keep_fp8, self.fast_accum,
+                                  self.fast_accum_grad).to(x.dtype)
 
         _CLASS = FP8Linear4bit
     return _CLASS
 
 
-def install(model, keep: bool = True, fast_accum: bool = False) -> int:
+def install(model, keep: bool = True, fast_accum: bool = False, fast_accum_grad: bool = False) -> int:
     """Every bitsandbytes `Linear4bit` of `model` (the frozen base layers peft's LoRA wraps) runs its
     training-mode products in float8 where the shapes fit (`fits`); in eval mode (chats, generation)
-    bitsandbytes' own path. `keep`, `fast_accum`: as `frozen_fp8`'s. Returns how many layers were switched."""
+    bitsandbytes' own path. `keep`, `fast_accum`, `fast_accum_grad`: as `frozen_fp8`'s. Returns how many
+    layers were switched."""
     import bitsandbytes as bnb
 
     cls, switched = _fp8_class(), 0
     for module in model.modules():
         if type(module) is bnb.nn.Linear4bit:
             module.__class__ = cls
-            module.keep_fp8, module.fast_accum = keep, fast_accum
+            module.keep_fp8, module.fast_accum, module.fast_accum_grad = keep, fast_accum, fast_accum_grad
             switched += 1
     return switched
 

@@ -662,7 +662,7 @@ def apply(pipeline: dict) -> None:
     """Install what the rendered config's `pipeline` block asks for (`fused_loss`, `loss_chunk_mb`,
     `upcast_frozen`, `compute_dtype`, `max_length`, `compile_layers`, `compile_loss`, `gqa`, `rope_table`,
     `cuda_graphs`, `tune_kernels`, `checkpoint_layers`, `offload_activations`, `tile_mlp`, `fp8`, `fp8_keep`,
-    `fp8_fast_accum`) into
+    `fp8_fast_accum`, `fp8_fast_accum_grad`) into
     XTuner's model building; later calls change the settings."""
     import torch
     from xtuner.model import sft
@@ -679,6 +679,7 @@ def apply(pipeline: dict) -> None:
                      tile_mlp=int(pipeline.get("tile_mlp") or 0),
                      fp8=bool(pipeline.get("fp8")), fp8_keep=bool(pipeline.get("fp8_keep", True)),
                      fp8_fast_accum=bool(pipeline.get("fp8_fast_accum")),
+                     fp8_fast_accum_grad=bool(pipeline.get("fp8_fast_accum_grad")),
                      max_length=int(pipeline.get("max_length") or 0),
                      dtype=getattr(torch, pipeline.get("compute_dtype") or "float32"))
     if getattr(sft.dispatch_modules, "_pipeline", False):
@@ -703,7 +704,8 @@ def apply(pipeline: dict) -> None:
             problem = fp8.check_gpu()
             if problem:
                 fail(f"train.fp8: true, but this machine's GPU cannot multiply float8: {problem}; set train.fp8: false")
-            fp8.install(model, keep=_SETTINGS["fp8_keep"], fast_accum=_SETTINGS["fp8_fast_accum"])
+            fp8.install(model, keep=_SETTINGS["fp8_keep"], fast_accum=_SETTINGS["fp8_fast_accum"],
+                        fast_accum_grad=_SETTINGS["fp8_fast_accum_grad"])
         if _SETTINGS["tile_mlp"] and _SETTINGS["checkpoint_layers"]:
             tile_mlp(model, _SETTINGS["checkpoint_layers"], _SETTINGS["tile_mlp"], compiled=_SETTINGS["compile_layers"])
         if _SETTINGS["compile_layers"]:

@@ -82,8 +82,8 @@ def resolve(p: P.Params, cuda: bool, bf16: bool, card_gb: float | None = None,
             "overlap": bool(device == "cuda" and t.cuda_graphs and world == 1 and deepspeed == "none"),
             "tune_kernels": bool(compile_layers and device == "cuda" and t.tune_kernels),
             "fp8": fp8, "fp8_keep": bool(fp8 and batch["fp8_keep"]),
-            # the forward float8 products with fast accumulation (stages/fp8.py): off until measured on the GPU
-            "fp8_fast_accum": False,
+            # the float8 products with fast accumulation, forward and backward (stages/fp8.py): off until measured
+            "fp8_fast_accum": False, "fp8_fast_accum_grad": False,
             "upcast_frozen": p.quant.upcast_frozen or p.quant.mode == "none",
             "lora_targets": targets, "max_length": p.data.max_length,
             "cpu_threads": cpu_threads(device, (shape or {}).get("hidden"))}
@@ -164,7 +164,7 @@ def llava_batch(p: P.Params, resolved: dict) -> dict:
             "fused_loss": False, "compile_layers": False, "compile_loss": False, "gqa": False, "rope_table": False,
             "cuda_graphs": False, "overlap": False, "tune_kernels": False, "offload_activations": False,
             "tile_mlp": 0,
-            "fp8": False, "fp8_keep": False, "fp8_fast_accum": False}
+            "fp8": False, "fp8_keep": False, "fp8_fast_accum": False, "fp8_fast_accum_grad": False}
 
 
 def render_text(template: Path, ctx: dict) -> str:

@@ -60,24 +60,26 @@ def test_the_frozen_product_and_its_input_gradient_in_float8_against_bitsandbyte
     assert layer.weight.grad is None
 
 
-def test_fast_accumulation_reaches_the_forward_product_only(monkeypatch):
-    """`fp8_fast_accum` (pipeline key; off until measured on a GPU): an installed layer's forward product asks
-    cuBLASLt for fast accumulation, as torchao's float8 training does by default, and the backward's input
-    gradient stays exact. The CPU ignores the flag, so the values are those without it."""
+def test_fast_accumulation_reaches_the_products_asked_for(monkeypatch):
+    """`fp8_fast_accum`, `fp8_fast_accum_grad` (pipeline keys; off until measured on a GPU): an installed layer's
+    forward product, and apart from it the backward's input gradient, ask cuBLASLt for fast accumulation (torchao's
+    float8 training asks for the forward's only). The CPU ignores the flag, so the values are those without it."""
     calls = []
     real = torch._scaled_mm
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(k["use_fast_accum"]) or real(*a, **k))
     x = torch.randn(2, 16, 64, dtype=torch.bfloat16, requires_grad=True)
     results = {}
-    for fast in (False, True):
+    for fast, fast_grad in ((False, False), (True, False), (False, True), (True, True)):
         layer = linear4bit(96, 64, 5)
-        assert fp8.install(torch.nn.Sequential(layer), fast_accum=fast) == 1
+        assert fp8.install(torch.nn.Sequential(layer), fast_accum=fast, fast_accum_grad=fast_grad) == 1
         layer.train()
         y = layer(x)
         (y.float() ** 2).sum().backward()
-        results[fast], x.grad = (y, x.grad), None
-    assert calls == [False, False, True, False]  # forward, backward; forward fast, backward exact
-    assert torch.equal(results[True][0], results[False][0]) and torch.equal(results[True][1], results[False][1])
+        results[fast, fast_grad], x.grad = (y, x.grad), None
+    # (forward, backward) for each setting in turn
+    assert calls == [False, False, True, False, False, True, True, True]
+    for got in results.values():
+        assert torch.equal(got[0], results[False, False][0]) and torch.equal(got[1], results[False, False][1])
 
 
 def test_installed_the_layers_train_in_float8_and_chat_as_bitsandbytes():
@@ -274,17 +276,32 @@ def test_the_loss_curve_in_float8_follows_the_bf16_one_on_the_internlm2_structur
     assert gap(f8, bf16) < 0.02, (f8, bf16)
 
 
-@pytest.mark.parametrize("outliers", [30.0, 1e4, 1e6])
-def test_outlier_channels_cost_float8_no_more_than_bf16_against_float32_within_e4m3s_range(tiny_internlm2, outliers):
+@pytest.mark.parametrize("outliers", [30.0, 1e4])
+def test_with_outlier_channels_inside_e4m3s_range_the_float8_loss_curve_stays_near_float32s(tiny_internlm2, outliers):
     """Per-token scales meet their worst case where a few channels of every token are far larger than the rest
     (a released LLM's outlier features; its "massive activations" reach about 1e4 times the median): e4m3's scale
-    is set by them, and the other channels keep e4m3's 3-bit mantissa only while they stay inside its range
-    (2^-9 to 448, 2^17.8 apart). With two such channels 30 and 1e4 times the others in every layer's inputs, the
-    float8 curve stays as close to the float32 one (the same NF4 weights, computed in float32) as the bf16 curve
-    does (seen: 0.77% against 1.59%, 1.72% against 1.73%; at 1000 times, 0.78% against 0.80%). At 1e6 times the
-    other channels fall below e4m3's range and float8 is the farther one (2.26% against 1.73%): where it ends."""
+    is set by them. With two such channels 30 and 1e4 times the others in every layer's inputs, the float8 curve
+    stays within 3% of the float32 one (the same NF4 weights, computed in float32), step by step (seen: 0.77% and
+    1.0-1.7%). bf16's curve is 0.7-1.7% off at 1e4, by the CPU's bf16 kernels (with AMX nearer): not asserted."""
     f32 = loss_curve(tiny_internlm2, False, torch.float32, outliers)
-    bf16, f8 = (loss_curve(tiny_internlm2, use, outliers=outliers) for use in (False, True))
-    assert f8 != bf16 and bf16 != f32
-    within = gap(f8, f32) < 0.03 and gap(f8, f32) <= 1.1 * gap(bf16, f32)
-    assert within == (outliers < 2 ** 17.8), (gap(f8, f32), gap(bf16, f32))
+    f8 = loss_curve(tiny_internlm2, True, outliers=outliers)
+    assert f8 != f32
+    assert gap(f8, f32) < 0.03, gap(f8, f32)
+
+
+@pytest.mark.parametrize("outliers", [30.0, 1e4, 1e6])
+def test_past_e4m3s_range_the_other_channels_fall_out_of_the_float8_product(outliers):
+    """Where it ends: the other channels keep e4m3's 3-bit mantissa only while they stay inside its range
+    (2^-9 to 448, 2^17.8 apart) below the two outlier channels that set their token's scale. Their part of the
+    product (the outliers' weights zeroed) is 3.8% off float32's at 30 and 1e4 times (e4m3's rounding), and 90% at
+    1e6 (flushed to zero); bf16's 0.3% throughout (its exponent is float32's)."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 64)
+    x[:, [3, 17]] *= outliers
+    w = torch.randn(96, 64)
+    w[:, [3, 17]] = 0
+    ref = x @ w.T
+    f8 = rel(fp8.scaled_matmul(x.bfloat16(), w.bfloat16(), torch.float32), ref)
+    bf16 = rel((x.bfloat16() @ w.bfloat16().T).float(), ref)
+    assert bf16 < 0.01
+    assert (f8 < 0.05) == (outliers < 2 ** 17.8) and (f8 > 0.5) == (outliers > 2 ** 17.8), f8
