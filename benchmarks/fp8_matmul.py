@@ -1,8 +1,10 @@
 """The frozen 4-bit weights' products alone: bitsandbytes' bf16 path against `train.fp8`'s float8 one
 (stages/fp8.py), forward and the backward's input gradient, at the linear layers' shapes of the 1.8B
-and 7B InternLM2 structures, eager and compiled (as the train stage compiles its decoder layers).
+and 7B InternLM2 structures, eager and compiled (as the train stage compiles its decoder layers); the float8
+one also with cuBLASLt's fast accumulation, in the forward product (`fp8-fast`) and in both (`fp8-fast-both`:
+pipeline keys `fp8_fast_accum`, `fp8_fast_accum_grad`).
 
-    python -m benchmarks.fp8_matmul [--tokens 8192] [--out FILE]      # on a GPU of compute capability 8.9+
+    python -m benchmarks.fp8_matmul [--tokens 8192] [--paths bnb,fp8] [--out FILE]   # on a GPU of compute capability 8.9+
 
 One JSON line a shape and path: milliseconds for a forward and backward, the effective TFLOP/s
 (two products of 2 x tokens x in x out each), and the relative error (Frobenius) of the output and of
@@ -14,6 +16,7 @@ import argparse
 import json
 import time
 
+PATHS = ("bnb", "fp8", "fp8-fast", "fp8-fast-both")
 SHAPES = {  # name: (in, out) of each frozen linear in a decoder layer
     "1.8B wqkv": (2048, 4096), "1.8B wo": (2048, 2048), "1.8B w1/w3": (2048, 8192), "1.8B w2": (8192, 2048),
     "7B wqkv": (4096, 6144), "7B wo": (4096, 4096), "7B w1/w3": (4096, 14336), "7B w2": (14336, 4096),
@@ -33,6 +36,7 @@ def main(argv=None) -> None:
     parser.add_argument("--modes", default="eager,compiled")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names of SHAPES")
+    parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated names of PATHS")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -42,10 +46,13 @@ def main(argv=None) -> None:
     def bnb_path(x, w):
         return bnb.matmul_4bit(x, w, quant_state=w.quant_state)
 
-    def fp8_path(x, w):
-        return fp8.frozen_fp8(x, w, w.quant_state)
+    def fp8_path(fast, fast_grad):
+        return lambda x, w: fp8.frozen_fp8(x, w, w.quant_state, fast_accum=fast, fast_accum_grad=fast_grad)
 
-    compiled = {name: torch.compile(fn) for name, fn in (("bnb", bnb_path), ("fp8", fp8_path))}
+    paths = {"bnb": bnb_path, "fp8": fp8_path(False, False), "fp8-fast": fp8_path(True, False),
+             "fp8-fast-both": fp8_path(True, True)}
+    paths = {name: paths[name] for name in args.paths.split(",")}
+    compiled = {name: torch.compile(fn) for name, fn in paths.items()}
     lines = []
     for shape in args.shapes.split(","):
         k, n = SHAPES[shape]
@@ -56,7 +63,7 @@ def main(argv=None) -> None:
         g = torch.randn(args.tokens, n, device=dev, dtype=torch.bfloat16)
         ref_y, ref_gx = x.detach().float() @ w32.t(), g.float() @ w32
         for mode in args.modes.split(","):
-            for name, fn in (("bnb", bnb_path), ("fp8", fp8_path)):
+            for name, fn in paths.items():
                 fn = compiled[name] if mode == "compiled" else fn
 
                 def step():

@@ -38,7 +38,9 @@
 # then the default at 24 GB with it, beside Unsloth at 16), tuned-again (the first of those twice in a row),
 # unsloth-best (Unsloth at micro-batch 16, 24 and 32), profile-tuned (profile-lean with the rotary table and
 # train.tune_kernels), fast-accum (the float8 products with fast accumulation: without, forward, forward and backward,
-# in Unsloth's regime, beside Unsloth at 16, 24 and 32),
+# in Unsloth's regime, beside Unsloth at 16, 24 and 32), fast-tuned (fast accumulation with train.tune_kernels in
+# Unsloth's regime, then the default at 24 GB with both, beside Unsloth at 16 and 24), fast-again (the frozen products
+# alone with and without fast accumulation, then fast-tuned),
 # loss-kernels (the loss head alone: the stage's fused loss as written and compiled beside Liger Kernel's and
 # cut-cross-entropy's).
 set -uo pipefail
@@ -97,6 +99,9 @@ UNSLOTH16="'memory_gb': 40, 'micro_batch': 16, 'activation_checkpointing': True,
 LEAN_FP8="{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True}}"
 LEAN_TUNED="{$PEERLORA, 'train': {$UNSLOTH16, 'fp8': True, 'tune_kernels': True}}"
 LEAN_NAME="train stage, micro-batch 16, every layer checkpointed, offloaded, peer LoRA"
+# the float8 products without fast accumulation (both, the backward's: pipeline keys on with train.fp8): CONFIG_EDITs
+FAST_NONE="s/'fp8_fast_accum': True, 'fp8_fast_accum_grad': True/'fp8_fast_accum': False, 'fp8_fast_accum_grad': False/"
+FAST_FORWARD="s/'fp8_fast_accum_grad': True/'fp8_fast_accum_grad': False/"
 # benchmarks/stage_profile.py's hooks added to the rendered config (CONFIG_EDIT): the stage's iterations profiled
 PROFILE_HOOK="s/^custom_hooks = \\[\$/from benchmarks.stage_profile import StageEdges, StageProfile\\ncustom_hooks = [dict(type=StageEdges), dict(type=StageProfile),/"
 checkpointed16() {  # micro-batch 16, every layer checkpointed, without and with train.offload_activations
@@ -314,16 +319,27 @@ case $SUITE in
       internlm2-1_8b "$LEAN_TUNED"
     cat "$OUT/stage-profile.jsonl" 2>/dev/null || grep -h "profile\|Error" "$OUT"/stage/*.log | tail -n 5 ;;
   fast-accum)  # the float8 products with cuBLASLt's fast accumulation (pipeline keys fp8_fast_accum, the forward's,
-    # as torchao's float8 training has it, and fp8_fast_accum_grad, the backward's; off until this measures them) in
-    # Unsloth's regime with train.fp8: without, forward, forward and backward; beside Unsloth at 16, 24 and 32
-    # (unsloth-best's, to know its best within 24 GB in the same call)
+    # as torchao's float8 training has it, and fp8_fast_accum_grad, the backward's; both on with train.fp8 since this
+    # measured them) in Unsloth's regime with train.fp8: without, forward, forward and backward; beside Unsloth at 16,
+    # 24 and 32 (to know its best within 24 GB in the same call)
     [ -n "${NO_PEER:-}" ] || peer unsloth internlm2-1_8b 16,24,32
     name="$LEAN_NAME, train.fp8"
-    stage "$name" internlm2-1_8b "$LEAN_FP8"
-    CONFIG_EDIT="s/'fp8_fast_accum': False/'fp8_fast_accum': True/" \
-      stage "$name, fast accumulation forward" internlm2-1_8b "$LEAN_FP8"
-    CONFIG_EDIT="s/'fp8_fast_accum': False, 'fp8_fast_accum_grad': False/'fp8_fast_accum': True, 'fp8_fast_accum_grad': True/" \
-      stage "$name, fast accumulation forward and backward" internlm2-1_8b "$LEAN_FP8" ;;
+    CONFIG_EDIT="$FAST_NONE" stage "$name" internlm2-1_8b "$LEAN_FP8"
+    CONFIG_EDIT="$FAST_FORWARD" stage "$name, fast accumulation forward" internlm2-1_8b "$LEAN_FP8"
+    stage "$name, fast accumulation forward and backward" internlm2-1_8b "$LEAN_FP8" ;;
+  fast-tuned)  # fast accumulation forward and backward (train.fp8's) with train.tune_kernels in Unsloth's regime, then the
+    # default at 24 GB with train.fp8 and train.tune_kernels; beside Unsloth at 16 and 24 (its best within 24 GB in
+    # fast-accum's call). The tuned run takes 5.5 minutes: the default's did not fit in 2026-12-04's call, nor in
+    # fast-again's after the frozen products alone
+    [ -n "${NO_PEER:-}" ] || peer unsloth internlm2-1_8b 16,24
+    stage "$LEAN_NAME, train.fp8, train.tune_kernels, fast accumulation forward and backward" internlm2-1_8b "$LEAN_TUNED"
+    stage "train stage, defaults at 24 GB, peer LoRA, train.fp8, train.tune_kernels, fast accumulation forward and backward" \
+      internlm2-1_8b "{$PEERLORA, 'train': {'memory_gb': 24, 'fp8': True, 'tune_kernels': True}}" ;;
+  fast-again)  # the frozen products alone with and without fast accumulation (benchmarks/fp8_matmul.py, eager: the
+    # errors against float32), then fast-tuned (2026-12-04: the tuned run did not finish in the call's 10 minutes)
+    PYTHONPATH=$XTUNER_SITE timeout -k 5 120 python3 -m benchmarks.fp8_matmul --modes eager --tokens 16384 --reps 5 \
+      --shapes "1.8B wqkv,1.8B w1/w3,1.8B w2" --out "$RESULTS" 2>"$OUT/fp8-matmul.log" | cut -c1-260
+    bash "$0" fast-tuned "$ITERS" ;;
   unsloth-best)  # Unsloth's best within 24 GB: micro-batch 16 (what every call here has measured as its best), then 24
     # and 32 (65,536 tokens a step), which no call has measured; the target is 1.2x the best of them
     peer unsloth internlm2-1_8b 16,24,32 ;;

@@ -82,8 +82,9 @@ def resolve(p: P.Params, cuda: bool, bf16: bool, card_gb: float | None = None,
             "overlap": bool(device == "cuda" and t.cuda_graphs and world == 1 and deepspeed == "none"),
             "tune_kernels": bool(compile_layers and device == "cuda" and t.tune_kernels),
             "fp8": fp8, "fp8_keep": bool(fp8 and batch["fp8_keep"]),
-            # the float8 products with fast accumulation, forward and backward (stages/fp8.py): off until measured
-            "fp8_fast_accum": False, "fp8_fast_accum_grad": False,
+            # the float8 products with fast accumulation, forward and backward (stages/fp8.py): with train.fp8,
+            # +5.3% on one H200 at the same products' errors and loss (benchmarks/README.md)
+            "fp8_fast_accum": fp8, "fp8_fast_accum_grad": fp8,
             "upcast_frozen": p.quant.upcast_frozen or p.quant.mode == "none",
             "lora_targets": targets, "max_length": p.data.max_length,
             "cpu_threads": cpu_threads(device, (shape or {}).get("hidden"))}

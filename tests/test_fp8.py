@@ -61,9 +61,9 @@ def test_the_frozen_product_and_its_input_gradient_in_float8_against_bitsandbyte
 
 
 def test_fast_accumulation_reaches_the_products_asked_for(monkeypatch):
-    """`fp8_fast_accum`, `fp8_fast_accum_grad` (pipeline keys; off until measured on a GPU): an installed layer's
-    forward product, and apart from it the backward's input gradient, ask cuBLASLt for fast accumulation (torchao's
-    float8 training asks for the forward's only). The CPU ignores the flag, so the values are those without it."""
+    """`fp8_fast_accum`, `fp8_fast_accum_grad` (pipeline keys, on with `train.fp8`): an installed layer's forward
+    product, and apart from it the backward's input gradient, ask cuBLASLt for fast accumulation (torchao's float8
+    training asks for the forward's only). The CPU ignores the flag, so the values are those without it."""
     calls = []
     real = torch._scaled_mm
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(k["use_fast_accum"]) or real(*a, **k))
@@ -141,6 +141,10 @@ def test_fp8_applies_on_a_bf16_gpu_with_4bit_weights_only():
     gpu = dict(cuda=True, bf16=True, card_gb=141.0)
     on = replace(base, train=replace(base.train, fp8=True))
     assert resolved(on, **gpu)["fp8"] and not resolved(base, **gpu)["fp8"]
+    # fast accumulation comes with it, in both products (measured on the GPU), and never without it
+    for key in ("fp8_fast_accum", "fp8_fast_accum_grad"):
+        assert resolved(on, **gpu)[key] is True and resolved(base, **gpu)[key] is False
+        assert resolved(on, cuda=False, bf16=False)[key] is False
     assert not resolved(on, cuda=False, bf16=False)["fp8"]  # the CPU trains in float32
     assert not resolved(on, cuda=True, bf16=False, card_gb=16.0)["fp8"]  # fp16
     assert not resolved(replace(on, quant=replace(on.quant, mode="none")), **gpu)["fp8"]
