@@ -136,6 +136,23 @@ def test_loss_kernels_time_the_fused_loss_both_ways_and_check_them_against_each_
     assert str(exit.value) == "error: --impls: fused is not one of eager, compiled, liger, cce"
 
 
+def test_fp8_matmul_measures_each_path_against_float32(tmp_path):
+    """benchmarks/fp8_matmul.py on the CPU, one small shape eager: bitsandbytes' bf16 path near float32's product,
+    the float8 paths e4m3's rounding off it, and the same with fast accumulation asked for (the CPU has no such
+    mode: on the GPU the same lines say whether the sums cost anything)."""
+    from benchmarks import fp8_matmul
+
+    out = tmp_path / "fp8.jsonl"
+    fp8_matmul.main(["--device", "cpu", "--tokens", "64", "--reps", "1", "--modes", "eager", "--shapes", "1.8B wo",
+                     "--out", str(out)])
+    lines = {line["path"]: line for line in map(json.loads, out.read_text().splitlines())}
+    assert list(lines) == list(fp8_matmul.PATHS)
+    assert lines["bnb"]["rel_err_out"] < 0.01 and lines["bnb"]["rel_err_grad_in"] < 0.01
+    for path in ("fp8", "fp8-fast", "fp8-fast-both"):
+        assert 0.02 < lines[path]["rel_err_out"] < 0.06 and 0.02 < lines[path]["rel_err_grad_in"] < 0.06
+        assert lines[path]["rel_err_out"] == lines["fp8"]["rel_err_out"]
+
+
 def test_the_shell_scripts_parse():
     """The GPU host's scripts run only there (no CI machine has the GPU): `bash -n` here, so that an edit that
     breaks one shows before a device call is spent on it."""
