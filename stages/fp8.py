@@ -7,7 +7,8 @@ multiply float8 (e4m3) operands at twice bf16's rate, so with `train.fp8` both p
 `torch._scaled_mm` on float8 copies made on the fly: the weight dequantised from NF4 as before, then
 scaled to e4m3 per output row (forward) or per input column (backward); the activations and the
 gradients per row (token). Scales are powers of two, so scaling is exact and only the rounding to e4m3's
-3-bit mantissa is new; the product accumulates in float32 and comes out in bf16. The forward saves no
+3-bit mantissa is new; the product accumulates in float32 (promoted from the tensor cores' own sums less often
+with fast accumulation, below) and comes out in bf16. The forward saves no
 activation for this product (as bitsandbytes'), and nothing is kept between steps. Within a step, compiled
 layers keep more: torch.compile finds the same dequantisation in the forward and the backward, computes it
 once, and keeps the backward's float8 weight (per input column) from the forward pass, 1 byte a frozen
