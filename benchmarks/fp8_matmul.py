@@ -4,7 +4,7 @@ and 7B InternLM2 structures, eager and compiled (as the train stage compiles its
 one also with cuBLASLt's fast accumulation, in the forward product (`fp8-fast`) and in both (`fp8-fast-both`:
 pipeline keys `fp8_fast_accum`, `fp8_fast_accum_grad`).
 
-    python -m benchmarks.fp8_matmul [--tokens 8192] [--paths bnb,fp8] [--out FILE]   # on a GPU of compute capability 8.9+
+    python -m benchmarks.fp8_matmul [--tokens 8192] [--paths bnb,fp8] [--out FILE]   # compute capability 8.9+
 
 One JSON line a shape and path: milliseconds for a forward and backward, the effective TFLOP/s
 (two products of 2 x tokens x in x out each), and the relative error (Frobenius) of the output and of

@@ -329,8 +329,8 @@ case $SUITE in
     stage "$name, fast accumulation forward and backward" internlm2-1_8b "$LEAN_FP8" ;;
   fast-tuned)  # fast accumulation forward and backward (train.fp8's) with train.tune_kernels in Unsloth's regime, then the
     # default at 24 GB with train.fp8 and train.tune_kernels; beside Unsloth at 16 and 24 (its best within 24 GB in
-    # fast-accum's call). The tuned run takes 5.5 minutes: the default's did not fit in 2026-12-04's call, nor in
-    # fast-again's after the frozen products alone
+    # fast-accum's call). The tuned run takes 5.5 minutes: in 2026-12-04's call the default's run did not fit after
+    # it, and in fast-again's (after the frozen products alone) the tuned run itself did not
     [ -n "${NO_PEER:-}" ] || peer unsloth internlm2-1_8b 16,24
     stage "$LEAN_NAME, train.fp8, train.tune_kernels, fast accumulation forward and backward" internlm2-1_8b "$LEAN_TUNED"
     stage "train stage, defaults at 24 GB, peer LoRA, train.fp8, train.tune_kernels, fast accumulation forward and backward" \

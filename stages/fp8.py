@@ -23,7 +23,8 @@ one where bf16's is 0.23% (`tests/test_fp8.py` measures it on the CPU's `_scaled
 on one H200 the losses stayed within 0.1% of the bf16 run's (`benchmarks/README.md`). A released model's
 outlier channels are what per-token scales handle worst: with channels 30 and 1e4 times the rest the tiny
 InternLM2's loss curve in float8 stays within 3% of float32's, about as near as bf16's (which CPU kernels move);
-at 1e6 the other channels fall below e4m3's range and out of the product (`tests/test_fp8.py`). Not checked on a released model's weights: a lever the user turns on, never the default.
+at 1e6 the other channels fall below e4m3's range and out of the product (`tests/test_fp8.py`). Not checked on a
+released model's weights: a lever the user turns on, never the default.
 Compiled, the dequantised weight goes to float8 without its bf16 rounding in between (inductor fuses the
 casts), so compiled and eager runs round differently: both are e4m3 roundings of the same weight.
 
