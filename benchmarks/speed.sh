@@ -115,6 +115,12 @@ lean7b_offloaded() {  # LEAN7B_MB: its micro-batch (2; a divisor of the global b
   stage "train stage, lean (8 GB), peer LoRA, offloaded checkpoints, micro-batch $mb${LEAN7B_FP8:+, train.fp8}" 7b \
     "{$PEERLORA, 'train': {'memory_gb': 8, 'optimizer': 'paged_adamw8bit', 'offload_activations': True, 'micro_batch': $mb$fp8}}"
 }
+fast_tuned() {  # the fast-tuned suite (below): Unsloth at 16 and 24, then the tuned runs with fast accumulation
+  [ -n "${NO_PEER:-}" ] || peer unsloth internlm2-1_8b 16,24
+  stage "$LEAN_NAME, train.fp8, train.tune_kernels, fast accumulation forward and backward" internlm2-1_8b "$LEAN_TUNED"
+  stage "train stage, defaults at 24 GB, peer LoRA, train.fp8, train.tune_kernels, fast accumulation forward and backward" \
+    internlm2-1_8b "{$PEERLORA, 'train': {'memory_gb': 24, 'fp8': True, 'tune_kernels': True}}"
+}
 case $SUITE in
   peers) peer unsloth internlm2-1_8b 8,16; peer liger internlm2-1_8b 8,16; peer hf internlm2-1_8b 4,8 ;;
   stage) stage "train stage, defaults at 24 GB, peer LoRA" internlm2-1_8b "{$PEERLORA}" ;;
@@ -331,15 +337,12 @@ case $SUITE in
     # default at 24 GB with train.fp8 and train.tune_kernels; beside Unsloth at 16 and 24 (its best within 24 GB in
     # fast-accum's call). The tuned run takes 5.5 minutes: in 2026-12-04's call the default's run did not fit after
     # it, and in fast-again's (after the frozen products alone) the tuned run itself did not
-    [ -n "${NO_PEER:-}" ] || peer unsloth internlm2-1_8b 16,24
-    stage "$LEAN_NAME, train.fp8, train.tune_kernels, fast accumulation forward and backward" internlm2-1_8b "$LEAN_TUNED"
-    stage "train stage, defaults at 24 GB, peer LoRA, train.fp8, train.tune_kernels, fast accumulation forward and backward" \
-      internlm2-1_8b "{$PEERLORA, 'train': {'memory_gb': 24, 'fp8': True, 'tune_kernels': True}}" ;;
+    fast_tuned ;;
   fast-again)  # the frozen products alone with and without fast accumulation (benchmarks/fp8_matmul.py, eager: the
     # errors against float32), then fast-tuned (2026-12-04: the tuned run did not finish in the call's 10 minutes)
     PYTHONPATH=$XTUNER_SITE timeout -k 5 120 python3 -m benchmarks.fp8_matmul --modes eager --tokens 16384 --reps 5 \
       --shapes "1.8B wqkv,1.8B w1/w3,1.8B w2" --out "$RESULTS" 2>"$OUT/fp8-matmul.log" | cut -c1-260
-    bash "$0" fast-tuned "$ITERS" ;;
+    fast_tuned ;;
   unsloth-best)  # Unsloth's best within 24 GB: micro-batch 16 (what every call here has measured as its best), then 24
     # and 32 (65,536 tokens a step), which no call has measured; the target is 1.2x the best of them
     peer unsloth internlm2-1_8b 16,24,32 ;;
